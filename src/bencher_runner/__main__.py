@@ -1,0 +1,3 @@
+from bencher_runner.cli import main
+
+main()

@@ -1,0 +1,211 @@
+"""The `runner` command line (click): `run`, `daemon`/`up`, `kernel fetch`.
+
+Flags map one to one onto RunConfig; `BENCHER_RUNNER_*` env vars give defaults where noted.
+"""
+
+import sys
+from pathlib import Path
+
+import click
+
+from bencher_runner import __version__
+from bencher_runner.paths import cache_dir
+from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, make_run_config
+from bencher_runner.spec.errors import RunnerError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with a non-empty KEY", param_hint="--env")
+        env[name] = value
+    return env
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, prog_name="runner")
+def main() -> None:
+    """Run Bencher benchmark jobs (OCI images) inside microVMs."""
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--image", required=True, help="OCI image layout directory, optionally DIR:TAG.")
+@click.option(
+    "--entrypoint",
+    multiple=True,
+    help="Override the image ENTRYPOINT (repeat for each argument; drops the image CMD).",
+)
+@click.option("--cmd", "cmd_opts", multiple=True, help="Override the image CMD (repeat for each argument).")
+@click.argument("cmd_args", nargs=-1)
+@click.option(
+    "--env",
+    "env_opts",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Set an environment variable (repeatable; overrides the image's).",
+)
+@click.option("--vcpus", type=click.IntRange(1, 255), default=1, show_default=True, help="Guest vCPUs.")
+@click.option(
+    "--memory", type=click.IntRange(64), default=512, show_default=True, help="Guest memory in MiB."
+)
+@click.option(
+    "--disk", type=click.IntRange(64), default=1024, show_default=True, help="Root disk size in MiB."
+)
+@click.option(
+    "--timeout",
+    type=click.IntRange(1),
+    default=300,
+    show_default=True,
+    help="Seconds for boot + benchmark, per iteration.",
+)
+@click.option(
+    "--iter",
+    "iterations",
+    type=click.IntRange(0),
+    default=1,
+    show_default=True,
+    help="Run the benchmark N times, each in a fresh VM.",
+)
+@click.option("--allow-failure", is_flag=True, help="Keep iterating after a non-zero exit.")
+@click.option(
+    "--max-output-size",
+    type=click.IntRange(0),
+    default=DEFAULT_MAX_OUTPUT,
+    show_default=True,
+    help="Byte cap for stdout and for stderr.",
+)
+@click.option(
+    "--accel",
+    type=click.Choice(["auto", "kvm", "tcg"]),
+    default="auto",
+    show_default=True,
+    help="auto: KVM if it really boots a guest here, else TCG.",
+)
+@click.option(
+    "--kernel",
+    type=click.Path(path_type=Path),
+    envvar="BENCHER_RUNNER_KERNEL",
+    help="Guest kernel image (default: the fetched Debian cloud kernel).",
+)
+@click.option(
+    "--kernel-modules",
+    type=click.Path(path_type=Path),
+    envvar="BENCHER_RUNNER_KERNEL_MODULES",
+    help="Directory with the kernel's modules (.ko).",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(path_type=Path),
+    envvar="BENCHER_RUNNER_CACHE_DIR",
+    help="Cache and work directory root.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+def run(
+    image: str,
+    entrypoint: tuple[str, ...],
+    cmd_opts: tuple[str, ...],
+    cmd_args: tuple[str, ...],
+    env_opts: tuple[str, ...],
+    vcpus: int,
+    memory: int,
+    disk: int,
+    timeout: int,
+    iterations: int,
+    allow_failure: bool,
+    max_output_size: int,
+    accel: str,
+    kernel: Path | None,
+    kernel_modules: Path | None,
+    cache_dir: Path | None,
+    as_json: bool,
+    quiet: bool,
+) -> None:
+    """Run an OCI image's entrypoint/cmd inside a microVM and print its output.
+
+    Arguments after `--` replace the image CMD, like `--cmd` given once per argument.
+    """
+    from bencher_runner.run import EXIT_USAGE, run_command
+
+    if cmd_opts and cmd_args:
+        raise click.UsageError("give the command either with --cmd or after --, not both")
+    cmd = cmd_opts or cmd_args
+    try:
+        config = make_run_config(
+            image=image,
+            entrypoint=entrypoint or None,
+            cmd=cmd or None,
+            env=_parse_env(env_opts),
+            vcpus=vcpus,
+            memory_mib=memory,
+            disk_mib=disk,
+            timeout_s=timeout,
+            iterations=iterations,
+            allow_failure=allow_failure,
+            max_output_bytes=max_output_size,
+            accel=accel,
+            kernel=kernel,
+            kernel_modules=kernel_modules,
+        )
+    except RunnerError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    sys.exit(run_command(config, cache=_cache(cache_dir), as_json=as_json, quiet=quiet))
+
+
+def _cache(override: Path | None) -> Path:
+    return cache_dir(override)
+
+
+@main.command(context_settings=CONTEXT)
+def daemon() -> None:
+    """Serve a Bencher API: claim jobs, run them, report results (not implemented yet)."""
+    click.echo("runner: error: `runner daemon` is not implemented yet (see the daemon issue)", err=True)
+    sys.exit(2)
+
+
+main.add_command(daemon, name="up")
+
+
+@main.group(context_settings=CONTEXT)
+def kernel() -> None:
+    """Manage the guest kernel bundle."""
+
+
+@kernel.command("fetch", context_settings=CONTEXT)
+@click.option(
+    "--package", default="linux-image-cloud-amd64", show_default=True, help="Debian kernel package."
+)
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+def kernel_fetch(package: str, cache_dir: Path | None) -> None:
+    """Download the distribution's kernel package and unpack kernel + guest modules into the cache."""
+    from bencher_runner.sandbox.kernel import fetch_debian_bundle
+
+    try:
+        bundle = fetch_debian_bundle(_cache(cache_dir), package)
+    except RunnerError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"kernel {bundle.release}: {bundle.kernel}")
+    for module in bundle.modules:
+        click.echo(f"  module {module.name}")
+
+
+@kernel.command("show", context_settings=CONTEXT)
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+def kernel_show(cache_dir: Path | None) -> None:
+    """Print the kernel bundle `runner run` would use."""
+    from bencher_runner.sandbox.kernel import resolve_bundle
+
+    try:
+        bundle = resolve_bundle(_cache(cache_dir), None, None)
+    except RunnerError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"kernel {bundle.release}: {bundle.kernel}")
+    for module in bundle.modules:
+        click.echo(f"  module {module}")

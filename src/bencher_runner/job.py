@@ -1,0 +1,326 @@
+"""One job, from RunConfig to RunResult: image -> rootfs -> VM per iteration -> results.
+
+Everything a job creates lives in one work directory that is removed on every exit path. Every
+failure becomes a RunResult with status "failed" and the error's user-facing text; partial results
+(earlier iterations, output produced before a timeout) are kept.
+"""
+
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bencher_runner.oci.layout import LocalImage, open_layout
+from bencher_runner.oci.unpack import unpack_layers
+from bencher_runner.paths import work_root
+from bencher_runner.rootfs import build_rootfs
+from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
+from bencher_runner.sandbox.agent import find_agent
+from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
+from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
+from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
+from bencher_runner.sandbox.outputdisk import GuestReport, create_output_disk, read_output_disk
+from bencher_runner.sandbox.qemu import QemuVm, find_qemu
+from bencher_runner.sandbox.vm import VmSpec
+from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.errors import (
+    AgentError,
+    CanceledError,
+    GuestPanicError,
+    JobTimeoutError,
+    RunnerError,
+    SandboxError,
+)
+from bencher_runner.spec.launch import Launch, resolve_command, resolve_launch
+from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
+from bencher_runner.spec.units import MIB
+
+TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
+SERIAL_TAIL_LINES = 25
+
+
+class Reporter:
+    """Where a job says what it is doing; the CLI renders it, tests may record it."""
+
+    def phase(self, text: str) -> None:
+        pass
+
+    def warn(self, text: str) -> None:
+        pass
+
+    def iteration(self, index: int, output: IterationOutput) -> None:
+        """An iteration finished (its output is also in the final result)."""
+
+
+@dataclass
+class JobState:
+    results: list[IterationOutput] = field(default_factory=list)
+    sandbox: SandboxInfo | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def read_image_file(tree: Path, rel: str, limit: int = MIB) -> str | None:
+    """A small regular file of the unpacked image (/etc/passwd ...), never following a symlink."""
+    path = tree
+    for part in rel.split("/"):
+        path = path / part
+        try:
+            if path.is_symlink():
+                return None
+        except OSError:
+            return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(limit).decode("utf-8", errors="replace")
+
+
+def serial_tail(serial: Path) -> str:
+    try:
+        lines = serial.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return "(no serial log)"
+    return "\n".join(lines[-SERIAL_TAIL_LINES:]) or "(serial log is empty)"
+
+
+def panic_line(serial: Path) -> str | None:
+    try:
+        text = serial.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "Kernel panic" in line:
+            return line.split("]", 1)[-1].strip()
+    return None
+
+
+class Job:
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        cache: Path,
+        reporter: Reporter | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        self.config = config
+        self.cache = cache
+        self.reporter = reporter or Reporter()
+        self.cancel = cancel or threading.Event()
+        self.state = JobState()
+
+    def run(self) -> RunResult:
+        started = time.monotonic()
+        try:
+            error: RunnerError | None = self._run()
+        except RunnerError as err:
+            error = err
+        self.state.timings["total_s"] = time.monotonic() - started
+        return RunResult(
+            status="failed" if error else "completed",
+            results=self.state.results,
+            sandbox=self.state.sandbox,
+            error=str(error) if error else None,
+            timings=self.state.timings,
+            failure=error,
+        )
+
+    def _timed(self, name: str, fn: Callable[[], object]) -> None:
+        t0 = time.monotonic()
+        fn()
+        self.state.timings[f"{name}_s"] = time.monotonic() - t0
+
+    def _run(self) -> RunnerError | None:
+        cfg = self.config
+        image = open_layout(cfg.image)
+        self.reporter.phase(f"image {image.manifest_digest[:19]}… verified ({len(image.layers)} layers)")
+        resolve_command(image.config.config.entrypoint, image.config.config.cmd, cfg.entrypoint, cfg.cmd)
+        bundle = resolve_bundle(self.cache, cfg.kernel, cfg.kernel_modules)
+        agent = find_agent()
+        qemu = find_qemu()
+        accel = choose_accel(
+            cfg.accel,
+            lambda: cached_kvm_problem(
+                self.cache, qemu, bundle.kernel, lambda: probe_kvm_boot(qemu, bundle.kernel)
+            ),
+        )
+        if accel.warning:
+            self.reporter.warn(accel.warning)
+        self.state.sandbox = SandboxInfo("qemu", accel.accel, cfg.vcpus, cfg.memory_mib, cfg.disk_mib, False)
+
+        root = work_root(self.cache)
+        root.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+        try:
+            return self._run_in(work, image, bundle, agent, accel)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _run_in(
+        self, work: Path, image: LocalImage, bundle: KernelBundle, agent: Path, accel: AccelChoice
+    ) -> RunnerError | None:
+        cfg = self.config
+        tree = work / "tree"
+        tree.mkdir()
+        stats_box = []
+        self.reporter.phase("unpacking layers")
+        self._timed("unpack", lambda: stats_box.append(unpack_layers(image.layers, tree)))
+        for path in stats_box[0].skipped_devices:
+            self.reporter.warn(f"skipped device node {path} (the guest's /dev is a devtmpfs)")
+        image_cfg = image.config.config
+        launch = resolve_launch(
+            image_entrypoint=image_cfg.entrypoint,
+            image_cmd=image_cfg.cmd,
+            image_env=image_cfg.env,
+            image_working_dir=image_cfg.working_dir,
+            image_user=image_cfg.user,
+            entrypoint=cfg.entrypoint,
+            cmd=cfg.cmd,
+            env=cfg.env,
+            passwd=read_image_file(tree, "etc/passwd"),
+            group=read_image_file(tree, "etc/group"),
+        )
+        template = work / "rootfs.ext4"
+        self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
+        self._timed("mkfs", lambda: build_rootfs(tree, template, cfg.disk_mib))
+        shutil.rmtree(tree)
+        base = base_initramfs(self.cache, agent, bundle.modules)
+        job_config = encode_agent_config(self._agent_config(launch))
+
+        for index in range(cfg.iterations):
+            if self.cancel.is_set():
+                raise CanceledError("the job was canceled")
+            label = f"iteration {index + 1}/{cfg.iterations}"
+            it_dir = work / f"iter-{index + 1}"
+            it_dir.mkdir()
+            rootfs = it_dir / "rootfs.ext4"
+            if index == cfg.iterations - 1:
+                template.rename(rootfs)  # the last iteration takes the template itself
+            else:
+                copy_sparse(template, rootfs)
+            output = self._boot(it_dir, rootfs, base, bundle, job_config, accel, label)
+            self.state.results.append(output)
+            self.reporter.iteration(index, output)
+            if output.exit_code != 0 and not cfg.allow_failure:
+                return RunnerError(f"benchmark exited with non-zero exit code {output.exit_code} in {label}")
+        return None
+
+    def _agent_config(self, launch: Launch) -> AgentConfig:
+        return AgentConfig(
+            argv=launch.argv,
+            env=launch.env,
+            cwd=launch.cwd,
+            uid=launch.user.uid,
+            gid=launch.user.gid,
+            groups=launch.user.groups,
+            max_output=self.config.max_output_bytes,
+        )
+
+    def _boot(
+        self,
+        it_dir: Path,
+        rootfs: Path,
+        base: Path,
+        bundle: KernelBundle,
+        job_config: bytes,
+        accel: AccelChoice,
+        label: str,
+    ) -> IterationOutput:
+        cfg = self.config
+        initrd = it_dir / "initrd.cpio"
+        write_job_initramfs(base, job_config, initrd)
+        out_disk = it_dir / "output.img"
+        create_output_disk(out_disk, 2 * cfg.max_output_bytes + 4 * MIB)
+        spec = VmSpec(
+            kernel=bundle.kernel,
+            initrd=initrd,
+            rootfs=rootfs,
+            output_disk=out_disk,
+            serial_log=it_dir / "serial.log",
+            vcpus=cfg.vcpus,
+            memory_mib=cfg.memory_mib,
+            accel=accel.accel,
+        )
+        self.reporter.phase(f"{label}: booting VM ({cfg.vcpus} vCPU, {cfg.memory_mib} MiB, {accel.accel})")
+        t0 = time.monotonic()
+        deadline = t0 + cfg.timeout_s
+        timed_out = canceled = False
+        with QemuVm(spec, it_dir / "qemu.log") as vm:
+            status = None
+            while status is None:
+                status = vm.wait(min(deadline, time.monotonic() + 0.1))
+                if status is None and self.cancel.is_set():
+                    canceled = True
+                    break
+                if status is None and time.monotonic() >= deadline:
+                    timed_out = True
+                    break
+            vm.kill()
+            qemu_log = vm.qemu_log()
+        self.state.timings["vm_s"] = self.state.timings.get("vm_s", 0.0) + time.monotonic() - t0
+        report = read_output_disk(out_disk, max_output=cfg.max_output_bytes)
+        self._record_guest_timings(report)
+        if canceled:
+            raise CanceledError("the job was canceled while the benchmark ran")
+        if timed_out:
+            self.state.results.append(IterationOutput(TIMEOUT_EXIT_CODE, report.stdout, report.stderr))
+            raise JobTimeoutError(
+                f"the benchmark timed out after {cfg.timeout_s} s ({label}, boot included) and was stopped; "
+                "raise --timeout if it needs longer"
+            )
+        if report.exit is None:
+            raise self._no_result_error(report, spec.serial_log, status, qemu_log)
+        return IterationOutput(
+            exit_code=report.exit.exit_code,
+            stdout=report.stdout,
+            stderr=report.stderr,
+            output=dict(report.files),
+            stdout_truncated=report.stdout_total > len(report.stdout),
+            stderr_truncated=report.stderr_total > len(report.stderr),
+        )
+
+    def _record_guest_timings(self, report: GuestReport) -> None:
+        if report.exit is not None:
+            self.state.timings["boot_to_command_s"] = report.exit.start_ns / 1e9
+            self.state.timings["command_s"] = (report.exit.end_ns - report.exit.start_ns) / 1e9
+
+    @staticmethod
+    def _no_result_error(
+        report: GuestReport, serial: Path, status: int | None, qemu_log: str
+    ) -> SandboxError:
+        if report.errors:
+            return AgentError(f"the guest agent failed: {'; '.join(report.errors)}")
+        panic = panic_line(serial)
+        if panic:
+            return GuestPanicError(
+                f"the guest kernel panicked: {panic}\nserial console:\n{serial_tail(serial)}"
+            )
+        detail = f"QEMU exited with status {status}" + (f": {qemu_log}" if qemu_log else "")
+        return SandboxError(
+            f"the VM stopped without reporting a result ({detail})\nserial console:\n{serial_tail(serial)}"
+        )
+
+
+def copy_sparse(src: Path, dest: Path) -> None:
+    """A copy that shares blocks (reflink) where the filesystem can, and keeps holes everywhere."""
+    subprocess.run(
+        ["cp", "--reflink=auto", "--sparse=always", str(src), str(dest)], check=True, capture_output=True
+    )
+    fd = os.open(dest, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, src.stat().st_size)  # as the template: the guest cannot over-commit
+    finally:
+        os.close(fd)
+
+
+def run_job(
+    config: RunConfig, *, cache: Path, reporter: Reporter | None = None, cancel: threading.Event | None = None
+) -> RunResult:
+    return Job(config, cache=cache, reporter=reporter, cancel=cancel).run()

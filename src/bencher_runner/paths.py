@@ -1,0 +1,25 @@
+"""Where the runner keeps things on a host (platformdirs defaults, all overridable).
+
+cache: kernel bundle, initramfs, accel probe answer; work: per-job directories (on disk, not tmpfs,
+because a job's root disk is as large as the job asks).
+"""
+
+import os
+from pathlib import Path
+
+import platformdirs
+
+APP = "bencher-runner"
+
+
+def cache_dir(override: Path | None = None) -> Path:
+    if override is not None:
+        return override
+    env = os.environ.get("BENCHER_RUNNER_CACHE_DIR")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_cache_dir(APP))
+
+
+def work_root(cache: Path) -> Path:
+    return cache / "work"

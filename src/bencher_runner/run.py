@@ -1,0 +1,84 @@
+"""`runner run`: execute one RunConfig locally and print its result.
+
+Human mode: progress on stderr, the benchmark's stdout to stdout and its stderr to stderr, byte-exact.
+`--json`: exactly one JSON document on stdout. Exit status: 0 completed, 1 the benchmark failed
+(non-zero exit, timeout, guest failure), 2 bad usage or a bad image.
+"""
+
+import json
+import sys
+from pathlib import Path
+from typing import IO
+
+from rich.console import Console
+
+from bencher_runner.job import Reporter, run_job
+from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SandboxError, SpecError
+from bencher_runner.spec.results import IterationOutput, RunResult
+
+EXIT_COMPLETED = 0
+EXIT_BENCHMARK_FAILED = 1
+EXIT_USAGE = 2
+USAGE_ERRORS = (SpecError, ImageError, RootfsError, KernelBundleError)
+
+
+class ConsoleReporter(Reporter):
+    def __init__(self, *, echo_output: bool, quiet: bool) -> None:
+        self.console = Console(stderr=True, highlight=False)
+        self.echo_output = echo_output
+        self.quiet = quiet
+        self.echoed = 0
+
+    def say(self, text: str, style: str) -> None:
+        self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    def phase(self, text: str) -> None:
+        if not self.quiet:
+            self.say(f"runner: {text}", "dim")
+
+    def warn(self, text: str) -> None:
+        self.say(f"runner: warning: {text}", "yellow")
+
+    def iteration(self, index: int, output: IterationOutput) -> None:
+        if self.echo_output:
+            write_streams(output, sys.stdout.buffer, sys.stderr.buffer)
+            self.echoed += 1
+
+
+def write_streams(output: IterationOutput, stdout: IO[bytes], stderr: IO[bytes]) -> None:
+    stdout.write(output.stdout)
+    stdout.flush()
+    stderr.write(output.stderr)
+    stderr.flush()
+
+
+def exit_status(result: RunResult) -> int:
+    if result.status == "completed":
+        return EXIT_COMPLETED
+    if isinstance(result.failure, USAGE_ERRORS) or (
+        isinstance(result.failure, SandboxError) and not result.results and result.sandbox is None
+    ):
+        return EXIT_USAGE
+    return EXIT_BENCHMARK_FAILED
+
+
+def run_command(config: RunConfig, *, cache: Path, as_json: bool, quiet: bool) -> int:
+    reporter = ConsoleReporter(echo_output=not as_json, quiet=quiet)
+    result = run_job(config, cache=cache, reporter=reporter)
+    if as_json:
+        sys.stdout.write(json.dumps(result.to_json()) + "\n")
+        sys.stdout.flush()
+    if not as_json:
+        # Output the reporter has not shown yet (a timed-out iteration's partial output).
+        for output in result.results[reporter.echoed :]:
+            write_streams(output, sys.stdout.buffer, sys.stderr.buffer)
+    if result.status == "failed":
+        reporter.say(f"runner: error: {result.error}", "red")
+    elif not quiet:
+        total = result.timings.get("total_s", 0.0)
+        accel = result.sandbox.accel if result.sandbox else "?"
+        reporter.say(
+            f"runner: completed {len(result.results)} iteration(s) in {total:.1f} s ({accel})", "dim"
+        )
+    return exit_status(result)

@@ -1,0 +1,109 @@
+"""The QEMU backend: `qemu-system-x86_64 -M microvm` with the shared kernel, initramfs and disks.
+
+`qemu_argv` is pure (tested without a VM); `QemuVm` owns the process: started in its own session so a
+kill takes everything, stopped on every exit path.
+"""
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+
+from bencher_runner.sandbox.vm import VmSpec
+from bencher_runner.spec.errors import SandboxError
+
+QEMU_BINARY = "qemu-system-x86_64"
+MACHINE = "microvm,x-option-roms=off,isa-serial=on,rtc=off"
+
+
+def find_qemu() -> str:
+    path = os.environ.get("BENCHER_RUNNER_QEMU") or shutil.which(QEMU_BINARY)
+    if not path:
+        raise SandboxError(
+            f"{QEMU_BINARY} is not installed; install it with `apt-get install qemu-system-x86` "
+            "(or set BENCHER_RUNNER_QEMU)"
+        )
+    return path
+
+
+def _drive_path(path: Path) -> str:
+    text = str(path)
+    if "," in text:
+        raise SandboxError(f"path {text!r} contains a comma, which QEMU cannot take; use another --cache-dir")
+    return text
+
+
+def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
+    cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+    argv = [
+        qemu,
+        "-M", MACHINE,
+        *cpu,
+        "-m", str(spec.memory_mib),
+        "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
+        "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        "-serial", f"file:{_drive_path(spec.serial_log)}",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.cmdline,
+        "-no-reboot",
+    ]  # fmt: skip
+    for drive_id, disk in (("root", spec.rootfs), ("output", spec.output_disk)):
+        argv += [
+            "-drive", f"id={drive_id},file={_drive_path(disk)},format=raw,if=none,cache=unsafe",
+            "-device", f"virtio-blk-device,drive={drive_id}",
+        ]  # fmt: skip
+    return argv
+
+
+class QemuVm:
+    """One running VM. Use as a context manager: the process is gone when the block exits."""
+
+    def __init__(self, spec: VmSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.argv = qemu_argv(find_qemu(), spec)
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "QemuVm":
+        with self.log_path.open("wb") as log:
+            self._proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            )
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.kill()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def wait(self, deadline: float) -> int | None:
+        """Exit status, or None if the VM is still running at ``deadline`` (a time.monotonic value)."""
+        assert self._proc is not None
+        try:
+            return self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def qemu_log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace").strip()
+        except OSError:
+            return ""

@@ -1,0 +1,61 @@
+"""RunConfig: the one description of a job that both `runner run` and `runner daemon` execute.
+
+Validated with pydantic so that a bad value from a flag or a job message becomes a SpecError naming
+the field and the value, never a crash deep inside the pipeline.
+"""
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from bencher_runner.spec.errors import SpecError
+from bencher_runner.spec.units import MIB
+
+MIN_DISK_MIB = 64
+MIN_MEMORY_MIB = 64
+DEFAULT_MAX_OUTPUT = 25 * MIB
+
+Accel = Literal["auto", "kvm", "tcg"]
+Backend = Literal["qemu"]
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: str = Field(min_length=1)
+    entrypoint: tuple[str, ...] | None = None
+    cmd: tuple[str, ...] | None = None
+    env: dict[str, str] = Field(default_factory=dict)
+    vcpus: int = Field(default=1, ge=1, le=255)
+    memory_mib: int = Field(default=512, ge=MIN_MEMORY_MIB)
+    disk_mib: int = Field(default=1024, ge=MIN_DISK_MIB)
+    timeout_s: int = Field(default=300, ge=1)
+    iterations: int = Field(default=1, ge=0)
+    allow_failure: bool = False
+    max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0)
+    backend: Backend = "qemu"
+    accel: Accel = "auto"
+    kernel: Path | None = None
+    kernel_modules: Path | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_names(cls, env: dict[str, str]) -> dict[str, str]:
+        for name, value in env.items():
+            if not name or "=" in name or "\0" in name or "\0" in value:
+                raise ValueError(f"invalid environment variable {name!r}: use NAME=VALUE, NAME non-empty")
+        return env
+
+
+def make_run_config(**fields: Any) -> RunConfig:
+    """Build a RunConfig, turning validation failures into one readable SpecError."""
+    try:
+        return RunConfig(**fields)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "config"
+            value = e.get("input")
+            problems.append(f"{where}={value!r}: {e['msg']}")
+        raise SpecError("invalid run configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,74 @@
+"""Result types: one iteration's output and a whole run's result.
+
+`IterationOutput.to_protocol()` is the wire form of PROTOCOL.md ("Iteration output"): exit_code,
+then stdout/stderr/output only when non-empty, bytes decoded as UTF-8 with replacement. The same
+types make `runner run --json` and (later) the daemon's `completed`/`failed` messages.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bencher_runner.spec.errors import RunnerError
+
+
+def lossy(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class IterationOutput:
+    exit_code: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+    output: dict[str, bytes] = field(default_factory=dict)
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+
+    def to_protocol(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"exit_code": self.exit_code}
+        if self.stdout:
+            out["stdout"] = lossy(self.stdout)
+        if self.stderr:
+            out["stderr"] = lossy(self.stderr)
+        if self.output:
+            out["output"] = {path: lossy(data) for path, data in self.output.items()}
+        return out
+
+
+@dataclass(frozen=True)
+class SandboxInfo:
+    backend: str
+    accel: str
+    vcpus: int
+    memory_mib: int
+    disk_mib: int
+    network: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "accel": self.accel,
+            "vcpus": self.vcpus,
+            "memory_mib": self.memory_mib,
+            "disk_mib": self.disk_mib,
+            "network": self.network,
+        }
+
+
+@dataclass(frozen=True)
+class RunResult:
+    status: Literal["completed", "failed"]
+    results: list[IterationOutput]
+    sandbox: SandboxInfo | None
+    error: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    failure: RunnerError | None = field(default=None, compare=False)  # the error behind `error`
+
+    def to_json(self) -> dict[str, Any]:
+        doc: dict[str, Any] = {"status": self.status, "results": [r.to_protocol() for r in self.results]}
+        if self.error is not None:
+            doc["error"] = self.error
+        doc["sandbox"] = self.sandbox.to_json() if self.sandbox else None
+        if self.timings:
+            doc["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return doc

@@ -1,0 +1,58 @@
+from pathlib import Path
+
+import pytest
+
+from bencher_runner.sandbox.accel import choose_accel
+from bencher_runner.sandbox.qemu import qemu_argv
+from bencher_runner.sandbox.vm import VmSpec
+from bencher_runner.spec.errors import SandboxError
+
+
+def spec(accel: str = "tcg", **kw: object) -> VmSpec:
+    base: dict[str, object] = dict(
+        kernel=Path("/k"), initrd=Path("/i"), rootfs=Path("/r.ext4"), output_disk=Path("/o.img"),
+        serial_log=Path("/s.log"), vcpus=2, memory_mib=768, accel=accel,
+    )  # fmt: skip
+    base.update(kw)
+    return VmSpec(**base)  # type: ignore[arg-type]
+
+
+def test_resources_and_no_network() -> None:
+    argv = qemu_argv("qemu", spec())
+    assert argv[argv.index("-smp") + 1] == "2"
+    assert argv[argv.index("-m") + 1] == "768"
+    assert argv[argv.index("-nic") + 1] == "none"
+    assert "-nodefaults" in argv and "-no-reboot" in argv
+    assert not any("netdev" in a or "virtio-net" in a for a in argv)
+
+
+def test_accel_flags() -> None:
+    assert "tcg" in qemu_argv("q", spec("tcg"))
+    kvm = qemu_argv("q", spec("kvm"))
+    assert kvm[kvm.index("-accel") + 1] == "kvm" and kvm[kvm.index("-cpu") + 1] == "host"
+
+
+def test_both_disks_and_cmdline() -> None:
+    argv = qemu_argv("q", spec())
+    drives = [argv[i + 1] for i, a in enumerate(argv) if a == "-drive"]
+    assert any("file=/r.ext4" in d for d in drives) and any("file=/o.img" in d for d in drives)
+    cmdline = argv[argv.index("-append") + 1]
+    for word in ("norandmaps", "nokaslr", "transparent_hugepage=never", "console=ttyS0"):
+        assert word in cmdline.split()
+
+
+def test_comma_in_path_is_refused() -> None:
+    with pytest.raises(SandboxError, match="comma"):
+        qemu_argv("q", spec(rootfs=Path("/a,b/r.ext4")))
+
+
+def test_choose_accel() -> None:
+    def never() -> str | None:
+        raise AssertionError("tcg must not probe")
+
+    assert choose_accel("tcg", never).accel == "tcg"
+    auto_ok = choose_accel("auto", lambda: None)
+    assert auto_ok.accel == "kvm" and auto_ok.warning is None
+    fallback = choose_accel("auto", lambda: "nested KVM hangs")
+    assert fallback.accel == "tcg"
+    assert fallback.warning is not None and "nested KVM hangs" in fallback.warning

@@ -1,0 +1,40 @@
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bencher_runner.rootfs import build_rootfs
+from bencher_runner.spec.errors import RootfsError
+from bencher_runner.spec.units import MIB
+
+
+def test_exact_size_fully_allocated_and_populated(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hello").write_text("hi\n")
+    os.chown(tree / "etc" / "hello", 1000, 1000)
+    image = tmp_path / "root.ext4"
+    build_rootfs(tree, image, 64)
+    st = image.stat()
+    assert st.st_size == 64 * MIB
+    assert st.st_blocks * 512 >= 64 * MIB  # no holes: the host really reserved the space
+    listing = subprocess.run(
+        ["debugfs", "-R", "stat /etc/hello", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "User:  1000" in listing and "Group:  1000" in listing
+    root = subprocess.run(
+        ["debugfs", "-R", "stat /", str(image)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "Mode:  0755" in root
+
+
+def test_too_small_names_both_sizes(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    with (tree / "big").open("wb") as f:
+        f.write(os.urandom(80 * MIB))
+    with pytest.raises(RootfsError) as err:
+        build_rootfs(tree, tmp_path / "root.ext4", 64)
+    text = str(err.value)
+    assert "80 MiB" in text and "64 MiB" in text and "--disk" in text

@@ -1,0 +1,86 @@
+"""Fixtures for tests that boot real microVMs through the `runner` CLI (TCG here, KVM where it works)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bencher_runner.paths import cache_dir, work_root
+from tests.support.oci_builder import Entry, build_layout, layer_from_dir
+
+APPLETS = ("sh echo printf cat id pwd env nproc df ls sleep kill head grep awk true false wc dd yes").split()  # noqa: SIM905
+PASSWD = "root:x:0:0:root:/root:/bin/sh\nbench:x:1000:1000:Bench:/home/bench:/bin/sh\n"
+GROUP = "root:x:0:\nbench:x:1000:\nwheel:x:10:bench\n"
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def doc(self) -> dict[str, Any]:
+        return json.loads(self.stdout)  # type: ignore[no-any-return]
+
+
+def runner(*args: str, timeout: float = 240) -> Run:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bencher_runner", "run", *args],
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
+
+
+def busybox_tree(root: Path) -> Path:
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for applet in APPLETS:
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text(PASSWD)
+    (root / "etc" / "group").write_text(GROUP)
+    (root / "tmp").mkdir(mode=0o1777)
+    (root / "home" / "bench").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def busybox_layer(tmp_path_factory: pytest.TempPathFactory) -> list[Entry]:
+    return layer_from_dir(busybox_tree(tmp_path_factory.mktemp("tree")))
+
+
+@pytest.fixture(scope="session")
+def make_image(tmp_path_factory: pytest.TempPathFactory, busybox_layer: list[Entry]) -> Any:
+    """make_image(config, extra_layers=()) -> layout path (busybox base + extra layers)."""
+
+    def make(config: dict[str, Any], extra_layers: tuple[list[Entry], ...] = ()) -> str:
+        dest = tmp_path_factory.mktemp("image")
+        build_layout(dest, [busybox_layer, *extra_layers], config, tag=None)
+        return str(dest)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def plain_image(make_image: Any) -> str:
+    return make_image({"Env": ["PATH=/bin"]})  # type: ignore[no-any-return]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    """Every VM test must leave no QEMU process and no work directory behind."""
+    yield
+    work = work_root(cache_dir())
+    assert not (work.exists() and any(work.iterdir())), f"work dirs left: {list(work.iterdir())}"
+    procs = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -M microvm"], capture_output=True, text=True)
+    assert procs.stdout.strip() == "", f"QEMU still running: {procs.stdout}"

@@ -1,0 +1,157 @@
+"""`runner run` on real microVMs: the behaviours of SCENARIOS.md that this issue covers."""
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.oci_builder import Entry, build_layout
+from tests.vm.conftest import runner
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_example_image_runs_in_a_vm() -> None:
+    run = runner("--image", str(REPO / "examples/hello/oci:latest"), "--json")
+    assert run.returncode == 0, run.stderr
+    doc = run.doc
+    assert doc["status"] == "completed"
+    [result] = doc["results"]
+    assert result["exit_code"] == 0
+    assert "hello from inside the microVM" in result["stdout"]
+    assert doc["sandbox"]["backend"] == "qemu"
+    assert doc["sandbox"]["accel"] in ("kvm", "tcg")
+    if doc["sandbox"]["accel"] == "tcg":
+        assert "TCG" in run.stderr  # the user is told timings are emulated
+
+
+@pytest.mark.parametrize(
+    "script,code",
+    [("exit 0", 0), ("exit 3", 3), ("exit 42", 42), ("kill -9 $$", 137)],
+)
+def test_exit_codes_come_back_exactly(plain_image: str, script: str, code: int) -> None:
+    run = runner("--image", plain_image, "--json", "--", "/bin/sh", "-c", script)
+    assert run.doc["results"][0]["exit_code"] == code
+    if code == 0:
+        assert run.returncode == 0 and run.doc["status"] == "completed"
+    else:
+        assert run.returncode == 1 and run.doc["status"] == "failed"
+        assert f"non-zero exit code {code}" in run.doc["error"]
+
+
+def test_streams_separate_and_argv_byte_exact(plain_image: str) -> None:
+    args = ["a b", "", "'single'", '"double"', "$HOME", "line\nbreak", "naïve ✓", "--flag=x"]
+    script = 'echo out1; echo err1 >&2; for a in "$@"; do printf "[%s]" "$a"; done; echo; echo err2 >&2'
+    run = runner("--image", plain_image, "--json", "--", "/bin/sh", "-c", script, "sh", *args)
+    assert run.returncode == 0, run.stderr
+    result = run.doc["results"][0]
+    expected = "out1\n" + "".join(f"[{a}]" for a in args) + "\n"
+    assert result["stdout"] == expected
+    assert result["stderr"] == "err1\nerr2\n"
+
+
+def test_human_mode_prints_streams_to_their_own_fds(plain_image: str) -> None:
+    run = runner("--image", plain_image, "--", "/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2")
+    assert run.returncode == 0
+    assert run.stdout == b"to-stdout\n"
+    assert "to-stderr" in run.stderr and "to-stdout" not in run.stderr
+
+
+def test_env_workdir_and_user_from_image(make_image: Any) -> None:
+    image = make_image(
+        {
+            "Env": ["PATH=/bin", "FROM_IMAGE=image", "OVERRIDDEN=image", "WITH_EQ=a=b"],
+            "WorkingDir": "/home/bench",
+            "User": "bench",
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ['id -u; id -g; id -G; pwd; echo "$FROM_IMAGE|$OVERRIDDEN|$WITH_EQ|$HOME|$NEW"'],
+        }
+    )
+    run = runner("--image", image, "--json", "--env", "OVERRIDDEN=job value=x", "--env", "NEW=1")
+    assert run.returncode == 0, run.stderr
+    lines = run.doc["results"][0]["stdout"].splitlines()
+    assert lines == ["1000", "1000", "1000 10", "/home/bench", "image|job value=x|a=b|/home/bench|1"]
+
+
+def test_numeric_user_and_default_workdir(make_image: Any) -> None:
+    image = make_image(
+        {"Env": ["PATH=/bin"], "User": "4242:77", "Cmd": ["/bin/sh", "-c", "id -u; id -g; pwd"]}
+    )
+    run = runner("--image", image, "--json")
+    assert run.doc["results"][0]["stdout"].splitlines() == ["4242", "77", "/"]
+
+
+def test_resources_and_no_network(plain_image: str) -> None:
+    script = (
+        "nproc; grep MemTotal /proc/meminfo | awk '{print $2}'; "
+        "df -k / | awk 'NR==2 {print $2}'; ls /sys/class/net"
+    )
+    run = runner(
+        "--image", plain_image, "--json", "--vcpus", "2", "--memory", "384", "--disk", "256",
+        "--", "/bin/sh", "-c", script,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    nproc, mem_kib, disk_kib, *ifaces = run.doc["results"][0]["stdout"].split()
+    assert int(nproc) == 2
+    assert 384 * 1024 * 0.75 <= int(mem_kib) <= 384 * 1024
+    assert 256 * 1024 * 0.85 <= int(disk_kib) <= 256 * 1024
+    assert ifaces == ["lo"]
+    assert run.doc["sandbox"] | {"accel": None} == {
+        "backend": "qemu", "accel": None, "vcpus": 2, "memory_mib": 384, "disk_mib": 256, "network": False,
+    }  # fmt: skip
+
+
+def test_timeout_kills_the_vm_and_keeps_output(plain_image: str) -> None:
+    started = time.monotonic()
+    run = runner(
+        "--image", plain_image, "--json", "--timeout", "5", "--", "/bin/sh", "-c", "echo started; sleep 600"
+    )
+    elapsed = time.monotonic() - started
+    assert elapsed < 60
+    assert run.returncode == 1
+    assert run.doc["status"] == "failed"
+    assert "timed out after 5 s" in run.doc["error"]
+
+
+def test_missing_binary_is_127_with_a_message(plain_image: str) -> None:
+    run = runner("--image", plain_image, "--json", "--", "/no/such/program", "arg")
+    result = run.doc["results"][0]
+    assert result["exit_code"] == 127
+    assert "/no/such/program" in result["stderr"]
+    assert run.returncode == 1
+
+
+def test_missing_image_is_a_one_line_usage_error(tmp_path: Path) -> None:
+    run = runner("--image", str(tmp_path / "nope"))
+    assert run.returncode == 2
+    assert "nope" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert len([line for line in run.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_image_without_command_fails_before_boot(make_image: Any) -> None:
+    image = make_image({"Env": ["PATH=/bin"]})
+    run = runner("--image", image, "--json")
+    assert run.returncode == 2
+    assert "no ENTRYPOINT or CMD" in run.doc["error"]
+    assert run.doc["results"] == []
+    assert "booting" not in run.stderr
+
+
+def test_too_small_disk_names_both_sizes(make_image: Any) -> None:
+    big = Entry("big.bin", data=bytes(70 * 1024 * 1024))
+    image = make_image({"Env": ["PATH=/bin"], "Cmd": ["/bin/true"]}, ([big],))
+    run = runner("--image", image, "--json", "--disk", "64")
+    assert run.returncode == 2
+    error = run.doc["error"]
+    assert "64 MiB" in error and "--disk" in error and "70 MiB" in error
+
+
+def test_tagged_layout_with_several_images(tmp_path: Path, busybox_layer: list[Entry]) -> None:
+    dest = tmp_path / "layout"
+    build_layout(dest, [busybox_layer], {"Cmd": ["/bin/echo", "first"]}, tag="one")
+    build_layout(dest, [busybox_layer], {"Cmd": ["/bin/echo", "second"]}, tag="two")
+    assert runner("--image", f"{dest}:two", "--json").doc["results"][0]["stdout"] == "second\n"
+    ambiguous = runner("--image", str(dest), "--json")
+    assert ambiguous.returncode == 2 and "one" in ambiguous.doc["error"] and "two" in ambiguous.doc["error"]
