@@ -9,7 +9,7 @@ trap 'rm -rf "$tree"' EXIT
 
 mkdir -p "$tree/bin" "$tree/etc" "$tree/tmp" "$tree/bench"
 cp /bin/busybox "$tree/bin/busybox"
-for applet in sh date echo printf uname nproc cat ls; do ln -s busybox "$tree/bin/$applet"; done
+for applet in sh awk echo printf uname nproc cat ls id; do ln -s busybox "$tree/bin/$applet"; done
 cp "$here/bench.sh" "$tree/bench/bench.sh"
 printf 'root:x:0:0:root:/root:/bin/sh\nbench:x:1000:1000:bench:/bench:/bin/sh\n' > "$tree/etc/passwd"
 printf 'root:x:0:\nbench:x:1000:\n' > "$tree/etc/group"

@@ -26,7 +26,7 @@ from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
 from bencher_runner.sandbox.outputdisk import GuestReport, create_output_disk, read_output_disk
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
-from bencher_runner.sandbox.vm import VmSpec
+from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import (
     AgentError,
@@ -247,6 +247,7 @@ class Job:
             vcpus=cfg.vcpus,
             memory_mib=cfg.memory_mib,
             accel=accel.accel,
+            cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),
         )
         self.reporter.phase(f"{label}: booting VM ({cfg.vcpus} vCPU, {cfg.memory_mib} MiB, {accel.accel})")
         t0 = time.monotonic()

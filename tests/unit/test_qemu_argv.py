@@ -4,7 +4,7 @@ import pytest
 
 from bencher_runner.sandbox.accel import choose_accel
 from bencher_runner.sandbox.qemu import qemu_argv
-from bencher_runner.sandbox.vm import VmSpec
+from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, host_tsc_khz
 from bencher_runner.spec.errors import SandboxError
 
 
@@ -56,3 +56,18 @@ def test_choose_accel() -> None:
     fallback = choose_accel("auto", lambda: "nested KVM hangs")
     assert fallback.accel == "tcg"
     assert fallback.warning is not None and "nested KVM hangs" in fallback.warning
+
+
+CPUINFO = "processor\t: 0\ncpu MHz\t\t: 2599.998\nflags\t\t: fpu tsc constant_tsc nonstop_tsc\n"
+
+
+def test_host_tsc_khz() -> None:
+    assert host_tsc_khz(CPUINFO) == 2599998
+    assert host_tsc_khz(CPUINFO.replace("constant_tsc ", "")) is None
+    assert host_tsc_khz("nothing") is None
+
+
+def test_tcg_gets_the_tsc_frequency_kvm_does_not() -> None:
+    assert "tsc_early_khz=2600000" in guest_cmdline("tcg", 2600000)
+    assert "tsc_early_khz" not in guest_cmdline("kvm", 2600000)
+    assert "tsc_early_khz" not in guest_cmdline("tcg", None)

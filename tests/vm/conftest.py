@@ -82,5 +82,5 @@ def no_leftovers() -> Iterator[None]:
     yield
     work = work_root(cache_dir())
     assert not (work.exists() and any(work.iterdir())), f"work dirs left: {list(work.iterdir())}"
-    procs = subprocess.run(["pgrep", "-f", "qemu-system-x86_64 -M microvm"], capture_output=True, text=True)
+    procs = subprocess.run(["pgrep", "-f", f"qemu-system.*{work}"], capture_output=True, text=True)
     assert procs.stdout.strip() == "", f"QEMU still running: {procs.stdout}"

@@ -5,6 +5,7 @@ kill takes everything, stopped on every exit path.
 """
 
 import contextlib
+import ctypes
 import os
 import shutil
 import signal
@@ -61,8 +62,21 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
     return argv
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL QEMU if the runner (the spawning thread) dies first."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class QemuVm:
-    """One running VM. Use as a context manager: the process is gone when the block exits."""
+    """One running VM. Use as a context manager: the process is gone when the block exits.
+
+    QEMU runs in its own session (a kill takes all of it) and dies with the thread that started it,
+    so a runner that is killed never leaves a VM behind. Start and wait from the same thread.
+    """
 
     def __init__(self, spec: VmSpec, log_path: Path) -> None:
         self.spec = spec
@@ -73,7 +87,12 @@ class QemuVm:
     def __enter__(self) -> "QemuVm":
         with self.log_path.open("wb") as log:
             self._proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         return self
 

@@ -26,3 +26,37 @@ class VmSpec:
     memory_mib: int
     accel: ConcreteAccel
     cmdline: str = GUEST_CMDLINE
+
+
+def host_tsc_khz(cpuinfo: str) -> int | None:
+    """The host's TSC frequency in kHz when it is constant (``constant_tsc``), from /proc/cpuinfo."""
+    lines = cpuinfo.splitlines()
+    flags = next((line for line in lines if line.startswith("flags")), "")
+    mhz = next((line for line in lines if line.startswith("cpu MHz")), "")
+    if "constant_tsc" not in flags.split() or ":" not in mhz:
+        return None
+    try:
+        return round(float(mhz.split(":", 1)[1]) * 1000)
+    except ValueError:
+        return None
+
+
+def read_host_tsc_khz() -> int | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return host_tsc_khz(f.read())
+    except OSError:
+        return None
+
+
+def guest_cmdline(accel: ConcreteAccel, tsc_khz: int | None) -> str:
+    """The kernel command line for this accelerator.
+
+    Under TCG the guest's TSC is the host's, but the kernel calibrates it against the emulated PIT,
+    which fails when the host is busy ("tsc: Unable to calibrate against PIT") and then stalls the
+    boot for good (seen here in most boots at a load of 2 on 2 cores). Giving the frequency
+    (tsc_early_khz) skips that calibration. KVM guests get their clock from kvm-clock.
+    """
+    if accel == "tcg" and tsc_khz:
+        return f"{GUEST_CMDLINE} tsc_early_khz={tsc_khz}"
+    return GUEST_CMDLINE

@@ -1,0 +1,254 @@
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bencher_runner.oci.imageconfig import parse_image_config
+from bencher_runner.oci.layout import open_layout, parse_layout_ref
+from bencher_runner.spec.errors import DigestMismatchError, ImageError
+from tests.support.oci_builder import (
+    DOCKER_CONFIG,
+    DOCKER_LAYER_GZIP,
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    Layer,
+    blob_path,
+    build_layout,
+    file,
+    manifest_of,
+    read_index,
+    read_json_blob,
+    replace_manifest,
+    write_index,
+)
+
+CONFIG = {"Entrypoint": ["/bin/bench"], "Cmd": ["--fast"], "Env": ["A=1"], "WorkingDir": "/w", "User": "1000"}
+LAYERS = [[file("a", "one")], [file("b", "two")]]
+
+
+def make(tmp_path: Path, **kw: Any) -> Path:
+    layout = tmp_path / "img"
+    build_layout(layout, LAYERS, CONFIG, arch="amd64", **kw)
+    return layout
+
+
+def test_open_by_tag_and_without_tag(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag="v1")
+    digest = read_index(layout)[0]["digest"]
+    for ref in (str(layout), f"{layout}:v1"):
+        image = open_layout(ref, arch="amd64")
+        assert image.manifest_digest == digest
+        assert image.layout_dir == layout
+        assert image.config.architecture == "amd64" and image.config.os == "linux"
+        cfg = image.config.config
+        assert (cfg.entrypoint, cfg.cmd, cfg.env, cfg.working_dir, cfg.user) == (
+            ["/bin/bench"],
+            ["--fast"],
+            ["A=1"],
+            "/w",
+            "1000",
+        )
+        assert len(image.layers) == 2
+        for layer in image.layers:
+            assert layer.path == blob_path(layout, layer.digest) and layer.path.stat().st_size == layer.size
+            assert layer.media_type == "application/vnd.oci.image.layer.v1.tar+gzip"
+        _, manifest = manifest_of(layout)
+        assert image.config_digest == manifest["config"]["digest"]
+
+
+def test_untagged_single_image(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag=None)
+    assert open_layout(str(layout), arch="amd64").layers
+
+
+def test_ambiguous_without_tag_lists_tags(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag="one")
+    build_layout(layout, LAYERS, CONFIG, arch="amd64", tag="two")
+    with pytest.raises(ImageError) as err:
+        open_layout(str(layout), arch="amd64")
+    assert "one, two" in str(err.value) and "DIR:TAG" in str(err.value)
+    assert open_layout(f"{layout}:two", arch="amd64").manifest_digest
+
+
+def test_unknown_tag_lists_available(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag="v1")
+    with pytest.raises(ImageError) as err:
+        open_layout(f"{layout}:v2", arch="amd64")
+    assert "'v2'" in str(err.value) and "available tags: v1" in str(err.value)
+
+
+def test_parse_layout_ref(tmp_path: Path) -> None:
+    odd = tmp_path / "dir:with:colons"
+    odd.mkdir()
+    assert parse_layout_ref(str(odd)) == (odd, None)
+    assert parse_layout_ref(f"{odd}:tag") == (odd, "tag")
+    assert parse_layout_ref(f"{tmp_path}:v1.2") == (tmp_path, "v1.2")
+    with pytest.raises(ImageError, match=r"image layout not found: .*nowhere"):
+        parse_layout_ref(str(tmp_path / "nowhere"))
+    with pytest.raises(ImageError, match="image layout not found"):
+        parse_layout_ref(str(tmp_path / "nowhere:tag"))
+
+
+def test_not_a_layout(tmp_path: Path) -> None:
+    with pytest.raises(ImageError, match="not an OCI image layout"):
+        open_layout(str(tmp_path))
+    layout = make(tmp_path)
+    (layout / "oci-layout").write_text(json.dumps({"imageLayoutVersion": "2.0.0"}))
+    with pytest.raises(ImageError, match=r"imageLayoutVersion '2\.0\.0'"):
+        open_layout(str(layout), arch="amd64")
+
+
+@pytest.mark.parametrize("docker", [False, True])
+def test_index_picks_platform(tmp_path: Path, docker: bool) -> None:
+    layout = tmp_path / "img"
+    top = build_layout(
+        layout, LAYERS, CONFIG, platforms=[("linux", "amd64"), ("linux", "arm64")], docker_media_types=docker
+    )
+    index = read_json_blob(layout, top)
+    assert index["mediaType"] == (DOCKER_LIST if docker else "application/vnd.oci.image.index.v1+json")
+    by_arch = {m["platform"]["architecture"]: m["digest"] for m in index["manifests"]}
+    amd = open_layout(str(layout), arch="amd64")
+    assert amd.manifest_digest == by_arch["amd64"] and amd.config.architecture == "amd64"
+    arm = open_layout(str(layout), arch="arm64")
+    assert arm.manifest_digest == by_arch["arm64"] and arm.config.architecture == "arm64"
+    with pytest.raises(ImageError) as err:
+        open_layout(str(layout), arch="s390x")
+    assert "linux/s390x" in str(err.value) and "linux/amd64, linux/arm64" in str(err.value)
+
+
+def test_docker_v2_media_types(tmp_path: Path) -> None:
+    layout = make(tmp_path, docker_media_types=True)
+    entry, manifest = manifest_of(layout)
+    assert entry["mediaType"] == DOCKER_MANIFEST and manifest["config"]["mediaType"] == DOCKER_CONFIG
+    image = open_layout(str(layout), arch="amd64")
+    assert [layer.media_type for layer in image.layers] == [DOCKER_LAYER_GZIP] * 2
+
+
+@pytest.mark.parametrize("which", ["layer", "config", "manifest"])
+def test_corrupted_blob_names_both_digests(tmp_path: Path, which: str) -> None:
+    layout = make(tmp_path)
+    entry, manifest = manifest_of(layout)
+    digest = {"layer": manifest["layers"][1]["digest"], "config": manifest["config"]["digest"]}.get(
+        which, entry["digest"]
+    )
+    path = blob_path(layout, digest)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20  # same size, different bytes
+    path.write_bytes(bytes(data))
+    with pytest.raises(DigestMismatchError) as err:
+        open_layout(str(layout), arch="amd64")
+    assert digest in str(err.value) and err.value.actual in str(err.value) and err.value.actual != digest
+    assert which in str(err.value)
+
+
+def test_missing_blob_names_digest(tmp_path: Path) -> None:
+    layout = make(tmp_path)
+    _, manifest = manifest_of(layout)
+    digest = manifest["layers"][0]["digest"]
+    blob_path(layout, digest).unlink()
+    with pytest.raises(ImageError) as err:
+        open_layout(str(layout), arch="amd64")
+    assert digest in str(err.value) and "missing" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "media_type",
+    [
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+        "application/octet-stream",
+    ],
+)
+def test_unsupported_layer_media_type(tmp_path: Path, media_type: str) -> None:
+    layout = tmp_path / "img"
+    build_layout(layout, [Layer([file("a")], media_type=media_type)], CONFIG, arch="amd64")
+    with pytest.raises(ImageError, match=media_type.replace("+", r"\+")):
+        open_layout(str(layout), arch="amd64")
+
+
+def test_unsupported_config_and_manifest_media_types(tmp_path: Path) -> None:
+    layout = tmp_path / "img"
+
+    def edit(manifest: dict[str, Any]) -> None:
+        manifest["config"]["mediaType"] = "application/vnd.example.config+json"
+
+    build_layout(layout, LAYERS, CONFIG, arch="amd64", edit_manifest=edit)
+    with pytest.raises(ImageError, match=r"application/vnd\.example\.config\+json"):
+        open_layout(str(layout), arch="amd64")
+
+    other = tmp_path / "other"
+    build_layout(other, LAYERS, CONFIG, arch="amd64")
+    entries = read_index(other)
+    entries[0]["mediaType"] = "application/vnd.docker.distribution.manifest.v1+json"
+    write_index(other, entries)
+    with pytest.raises(ImageError, match=r"manifest\.v1\+json"):
+        open_layout(str(other), arch="amd64")
+
+
+def test_oversized_manifest(tmp_path: Path) -> None:
+    layout = make(tmp_path, manifest_annotations={"junk": "x" * (5 * 1024 * 1024)})
+    with pytest.raises(ImageError, match="more than the 4 MiB limit"):
+        open_layout(str(layout), arch="amd64")
+
+
+def test_manifest_size_mismatch(tmp_path: Path) -> None:
+    layout = make(tmp_path)
+    entries = read_index(layout)
+    entries[0]["size"] += 1
+    write_index(layout, entries)
+    with pytest.raises(ImageError, match="size mismatch") as err:
+        open_layout(str(layout), arch="amd64")
+    assert entries[0]["digest"] in str(err.value)
+
+
+def test_layer_size_mismatch(tmp_path: Path) -> None:
+    layout = make(tmp_path)
+    _, manifest = manifest_of(layout)
+    manifest["layers"][0]["size"] -= 1
+    replace_manifest(layout, manifest)
+    with pytest.raises(ImageError, match="size mismatch") as err:
+        open_layout(str(layout), arch="amd64")
+    assert manifest["layers"][0]["digest"] in str(err.value)
+
+
+def test_digest_path_injection_refused(tmp_path: Path) -> None:
+    layout = make(tmp_path)
+    _, manifest = manifest_of(layout)
+    (tmp_path / "evil").write_bytes(b"{}")
+    manifest["config"]["digest"] = "sha256:../../../evil"
+    replace_manifest(layout, manifest)
+    with pytest.raises(ImageError, match="not a valid digest"):
+        open_layout(str(layout), arch="amd64")
+
+
+def test_malformed_manifest_json(tmp_path: Path) -> None:
+    layout = make(tmp_path)
+    _, manifest = manifest_of(layout)
+    del manifest["layers"]
+    replace_manifest(layout, manifest)
+    with pytest.raises(ImageError, match="layers"):
+        open_layout(str(layout), arch="amd64")
+
+
+def test_image_config_nulls_and_unknown_fields() -> None:
+    blob = parse_image_config(
+        json.dumps(
+            {
+                "architecture": "arm64",
+                "os": "linux",
+                "extra": {"x": 1},
+                "config": {"Entrypoint": None, "Cmd": None, "Env": None, "Labels": {"a": "b"}},
+            }
+        ).encode()
+    )
+    assert blob.config.entrypoint is None and blob.config.cmd is None and blob.config.env == []
+    assert parse_image_config(b'{"architecture": "amd64", "os": "linux"}').config.env == []
+    for bad in (
+        b"not json",
+        b"[]",
+        b'{"os": "linux"}',
+        b'{"architecture": "a", "os": "l", "config": {"Cmd": "x"}}',
+    ):
+        with pytest.raises(ImageError, match="image config"):
+            parse_image_config(bad)
