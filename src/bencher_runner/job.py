@@ -169,10 +169,11 @@ class Job:
         cfg = self.config
         tree = work / "tree"
         tree.mkdir()
-        stats_box = []
         self.reporter.phase("unpacking layers")
-        self._timed("unpack", lambda: stats_box.append(unpack_layers(image.layers, tree)))
-        for path in stats_box[0].skipped_devices:
+        t0 = time.monotonic()
+        stats = unpack_layers(image.layers, tree)
+        self.state.timings["unpack_s"] = time.monotonic() - t0
+        for path in stats.skipped_devices:
             self.reporter.warn(f"skipped device node {path} (the guest's /dev is a devtmpfs)")
         image_cfg = image.config.config
         launch = resolve_launch(

@@ -14,7 +14,7 @@ from rich.console import Console
 
 from bencher_runner.job import Reporter, run_job
 from bencher_runner.spec.config import RunConfig
-from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SandboxError, SpecError
+from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SpecError
 from bencher_runner.spec.results import IterationOutput, RunResult
 
 EXIT_COMPLETED = 0
@@ -56,9 +56,7 @@ def write_streams(output: IterationOutput, stdout: IO[bytes], stderr: IO[bytes])
 def exit_status(result: RunResult) -> int:
     if result.status == "completed":
         return EXIT_COMPLETED
-    if isinstance(result.failure, USAGE_ERRORS) or (
-        isinstance(result.failure, SandboxError) and not result.results and result.sandbox is None
-    ):
+    if isinstance(result.failure, USAGE_ERRORS):
         return EXIT_USAGE
     return EXIT_BENCHMARK_FAILED
 

@@ -113,6 +113,8 @@ def test_timeout_kills_the_vm_and_keeps_output(plain_image: str) -> None:
     assert run.returncode == 1
     assert run.doc["status"] == "failed"
     assert "timed out after 5 s" in run.doc["error"]
+    [partial] = run.doc["results"]
+    assert partial["stdout"] == "started\n"  # output produced before the timeout is kept
 
 
 def test_missing_binary_is_127_with_a_message(plain_image: str) -> None:
