@@ -7,7 +7,7 @@ the field and the value, never a crash deep inside the pipeline.
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.units import MIB
@@ -34,6 +34,15 @@ class RunConfig(BaseModel):
     iterations: int = Field(default=1, ge=0)
     allow_failure: bool = False
     max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0)
+    output_paths: tuple[str, ...] = ()
+    max_file_count: int = Field(default=255, ge=0)
+    grace_period_s: int = Field(default=1, ge=1, le=900)
+    network: bool = False
+    # Registry pulls (image given as host[:port]/repo[:tag][@digest]); never logged.
+    token: SecretStr | None = None
+    registry_username: str | None = None
+    registry_password: SecretStr | None = None
+    insecure_registry: bool = False
     backend: Backend = "qemu"
     accel: Accel = "auto"
     kernel: Path | None = None
