@@ -14,7 +14,9 @@
  *   if it has no '/'), env (repeated "NAME=VALUE": the command's complete environment), cwd
  *   (absolute), uid, gid (decimal), groups (comma-separated decimal gids, may be empty),
  *   max_output (decimal bytes: cap for stdout, for stderr and for each output file), output
- *   (repeated, optional: files to collect after exit, relative to cwd).
+ *   (repeated, optional: files to collect after exit, relative to cwd), net_addr (optional,
+ *   "A.B.C.D/PREFIX": configure eth0 with it), net_gw (default route via this IPv4 address),
+ *   net_dns (the nameserver written to /etc/resolv.conf).
  *
  * OUTPUT DISK (host decoder: bencher_runner/sandbox/outputdisk.py). All integers little-endian.
  *   Header block (host-written, 4096 bytes): "BRUNOUT1", u32 version = 1, zeros. The output disk
@@ -51,7 +53,10 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <linux/fs.h>
+#include <arpa/inet.h>
 #include <net/if.h>
+#include <net/route.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -92,6 +97,7 @@ struct job {
 	gid_t gid;
 	uint64_t max_output;
 	int have_uid, have_gid, have_max;
+	const char *net_addr, *net_gw, *net_dns;
 };
 
 static int log_fd = 2;
@@ -351,6 +357,12 @@ static const char *read_job(struct job *j)
 			if (parse_u64(val, UINT64_MAX, &j->max_output) < 0)
 				return "job config: invalid max_output";
 			j->have_max = 1;
+		} else if (!strcmp(key, "net_addr")) {
+			j->net_addr = val;
+		} else if (!strcmp(key, "net_gw")) {
+			j->net_gw = val;
+		} else if (!strcmp(key, "net_dns")) {
+			j->net_dns = val;
 		} else if (!strcmp(key, "output")) {
 			if (strlen(val) >= PATH_MAX)
 				return "job config: output path too long";
@@ -514,6 +526,63 @@ static void loopback_up(void)
 	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
 		fail("bring up lo: %s", strerror(errno));
 	close(s);
+}
+
+/* eth0 from the job's net_* keys: address/prefix, default route, resolv.conf. */
+static void network_up(const struct job *j)
+{
+	struct ifreq ifr = {0};
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	char addr[32];
+	unsigned prefix;
+	const char *slash = strchr(j->net_addr, '/');
+	if (!slash || (size_t)(slash - j->net_addr) >= sizeof addr || sscanf(slash + 1, "%u", &prefix) != 1 ||
+	    prefix > 32)
+		fail("job config: net_addr \"%s\" is not A.B.C.D/PREFIX", j->net_addr);
+	memcpy(addr, j->net_addr, (size_t)(slash - j->net_addr));
+	addr[slash - j->net_addr] = '\0';
+	int s = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+	if (s < 0)
+		fail("socket: %s", strerror(errno));
+	strcpy(ifr.ifr_name, "eth0");
+	for (int i = 0; ioctl(s, SIOCGIFFLAGS, &ifr) < 0; i++) { /* virtio_net probes asynchronously */
+		if (i == 500)
+			fail("network requested but eth0 did not appear: %s", strerror(errno));
+		usleep(10000);
+	}
+	sin->sin_family = AF_INET;
+	if (inet_pton(AF_INET, addr, &sin->sin_addr) != 1 || ioctl(s, SIOCSIFADDR, &ifr) < 0)
+		fail("set eth0 address %s: %s", addr, strerror(errno));
+	sin->sin_addr.s_addr = prefix ? htonl(0xFFFFFFFFu << (32 - prefix)) : 0;
+	if (ioctl(s, SIOCSIFNETMASK, &ifr) < 0)
+		fail("set eth0 netmask /%u: %s", prefix, strerror(errno));
+	if (ioctl(s, SIOCGIFFLAGS, &ifr) < 0)
+		fail("get flags of eth0: %s", strerror(errno));
+	ifr.ifr_flags |= IFF_UP;
+	if (ioctl(s, SIOCSIFFLAGS, &ifr) < 0)
+		fail("bring up eth0: %s", strerror(errno));
+	if (j->net_gw) {
+		struct rtentry rt = {0};
+		struct sockaddr_in *gw = (struct sockaddr_in *)&rt.rt_gateway;
+		((struct sockaddr_in *)&rt.rt_dst)->sin_family = AF_INET;
+		((struct sockaddr_in *)&rt.rt_genmask)->sin_family = AF_INET;
+		gw->sin_family = AF_INET;
+		if (inet_pton(AF_INET, j->net_gw, &gw->sin_addr) != 1)
+			fail("job config: net_gw \"%s\" is not an IPv4 address", j->net_gw);
+		rt.rt_flags = RTF_UP | RTF_GATEWAY;
+		rt.rt_dev = (char *)"eth0";
+		if (ioctl(s, SIOCADDRT, &rt) < 0)
+			fail("add default route via %s: %s", j->net_gw, strerror(errno));
+	}
+	close(s);
+	if (j->net_dns) {
+		/* The image's resolv.conf may be a dangling symlink (systemd-resolved): replace it. */
+		if (mkdir_ok("/etc", 0755) < 0 || (unlink("/etc/resolv.conf") < 0 && errno != ENOENT))
+			fail("replace /etc/resolv.conf: %s", strerror(errno));
+		int fd = open("/etc/resolv.conf", O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+		if (fd < 0 || dprintf(fd, "nameserver %s\n", j->net_dns) < 0 || close(fd) < 0)
+			fail("write /etc/resolv.conf: %s", strerror(errno));
+	}
 }
 
 /* ---- the command ------------------------------------------------------------------------ */
@@ -759,6 +828,8 @@ int main(void)
 
 	enter_root(root, out_name);
 	loopback_up();
+	if (job.net_addr)
+		network_up(&job);
 	run_command(&job);
 	kill(-1, SIGKILL); /* stop leftover background processes before reading their files */
 	for (size_t i = 0; i < job.noutputs; i++)

@@ -79,6 +79,35 @@ def main() -> None:
     help="Byte cap for stdout and for stderr.",
 )
 @click.option(
+    "--output",
+    "outputs",
+    multiple=True,
+    metavar="PATH",
+    help="Guest file to collect after the benchmark (repeatable; relative to the working dir).",
+)
+@click.option(
+    "--output-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Also save stdout, stderr and output files byte-exact under DIR/iter-N/.",
+)
+@click.option(
+    "--max-file-count",
+    type=click.IntRange(0),
+    default=255,
+    show_default=True,
+    help="Most output files a job may request.",
+)
+@click.option(
+    "--grace-period",
+    type=click.IntRange(1, 900),
+    default=1,
+    show_default=True,
+    help="Seconds the guest gets to write results after the command exits.",
+)
+@click.option(
+    "--network", is_flag=True, help="Give the guest a NAT'd network interface (default: none at all)."
+)
+@click.option(
     "--accel",
     type=click.Choice(["auto", "kvm", "tcg"]),
     default="auto",
@@ -118,6 +147,11 @@ def run(
     iterations: int,
     allow_failure: bool,
     max_output_size: int,
+    outputs: tuple[str, ...],
+    output_dir: Path | None,
+    max_file_count: int,
+    grace_period: int,
+    network: bool,
     accel: str,
     kernel: Path | None,
     kernel_modules: Path | None,
@@ -147,6 +181,10 @@ def run(
             iterations=iterations,
             allow_failure=allow_failure,
             max_output_bytes=max_output_size,
+            output_paths=outputs,
+            max_file_count=max_file_count,
+            grace_period_s=grace_period,
+            network=network,
             accel=accel,
             kernel=kernel,
             kernel_modules=kernel_modules,
@@ -154,7 +192,9 @@ def run(
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(EXIT_USAGE)
-    sys.exit(run_command(config, cache=_cache(cache_dir), as_json=as_json, quiet=quiet))
+    sys.exit(
+        run_command(config, cache=_cache(cache_dir), as_json=as_json, quiet=quiet, output_dir=output_dir)
+    )
 
 
 def _cache(override: Path | None) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bencher_runner.oci.layout import LocalImage, open_layout
-from bencher_runner.oci.unpack import unpack_layers
+from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
 from bencher_runner.paths import work_root
 from bencher_runner.rootfs import build_rootfs
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
@@ -24,17 +24,20 @@ from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
-from bencher_runner.sandbox.outputdisk import GuestReport, create_output_disk, read_output_disk
+from bencher_runner.sandbox.network import user_nat
+from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_output_disk, read_output_disk
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import (
     AgentError,
     CanceledError,
+    GuestOutOfMemoryError,
     GuestPanicError,
     JobTimeoutError,
     RunnerError,
     SandboxError,
+    SpecError,
 )
 from bencher_runner.spec.launch import Launch, resolve_command, resolve_launch
 from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
@@ -64,30 +67,24 @@ class JobState:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def read_image_file(tree: Path, rel: str, limit: int = MIB) -> str | None:
-    """A small regular file of the unpacked image (/etc/passwd ...), never following a symlink."""
-    path = tree
-    for part in rel.split("/"):
-        path = path / part
-        try:
-            if path.is_symlink():
-                return None
-        except OSError:
-            return None
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        return f.read(limit).decode("utf-8", errors="replace")
-
-
 def serial_tail(serial: Path) -> str:
     try:
         lines = serial.read_text(errors="replace").strip().splitlines()
     except OSError:
         return "(no serial log)"
     return "\n".join(lines[-SERIAL_TAIL_LINES:]) or "(serial log is empty)"
+
+
+def oom_line(serial: Path) -> str | None:
+    """The kernel's "Out of memory: Killed process …" line, if the guest OOM killer fired."""
+    try:
+        text = serial.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if "Out of memory: Killed process" in line:
+            return line.split("]", 1)[-1].strip()
+    return None
 
 
 def panic_line(serial: Path) -> str | None:
@@ -142,6 +139,11 @@ class Job:
         image = open_layout(cfg.image)
         self.reporter.phase(f"image {image.manifest_digest[:19]}… verified ({len(image.layers)} layers)")
         resolve_command(image.config.config.entrypoint, image.config.config.cmd, cfg.entrypoint, cfg.cmd)
+        if len(cfg.output_paths) > cfg.max_file_count:
+            raise SpecError(
+                f"{len(cfg.output_paths)} output files requested, more than the limit of "
+                f"{cfg.max_file_count}; request fewer files or raise --max-file-count"
+            )
         bundle = resolve_bundle(self.cache, cfg.kernel, cfg.kernel_modules)
         agent = find_agent()
         qemu = find_qemu()
@@ -153,7 +155,9 @@ class Job:
         )
         if accel.warning:
             self.reporter.warn(accel.warning)
-        self.state.sandbox = SandboxInfo("qemu", accel.accel, cfg.vcpus, cfg.memory_mib, cfg.disk_mib, False)
+        self.state.sandbox = SandboxInfo(
+            "qemu", accel.accel, cfg.vcpus, cfg.memory_mib, cfg.disk_mib, cfg.network
+        )
 
         root = work_root(self.cache)
         root.mkdir(parents=True, exist_ok=True)
@@ -188,6 +192,7 @@ class Job:
             passwd=read_image_file(tree, "etc/passwd"),
             group=read_image_file(tree, "etc/group"),
         )
+        ensure_directory(tree, launch.cwd)
         template = work / "rootfs.ext4"
         self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
         self._timed("mkfs", lambda: build_rootfs(tree, template, cfg.disk_mib))
@@ -222,6 +227,8 @@ class Job:
             gid=launch.user.gid,
             groups=launch.user.groups,
             max_output=self.config.max_output_bytes,
+            outputs=self.config.output_paths,
+            network=user_nat().guest if self.config.network else None,
         )
 
     def _boot(
@@ -238,7 +245,7 @@ class Job:
         initrd = it_dir / "initrd.cpio"
         write_job_initramfs(base, job_config, initrd)
         out_disk = it_dir / "output.img"
-        create_output_disk(out_disk, 2 * cfg.max_output_bytes + 4 * MIB)
+        create_output_disk(out_disk, (2 + len(cfg.output_paths)) * cfg.max_output_bytes + 4 * MIB)
         spec = VmSpec(
             kernel=bundle.kernel,
             initrd=initrd,
@@ -249,20 +256,31 @@ class Job:
             memory_mib=cfg.memory_mib,
             accel=accel.accel,
             cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),
+            network=user_nat() if cfg.network else None,
         )
         self.reporter.phase(f"{label}: booting VM ({cfg.vcpus} vCPU, {cfg.memory_mib} MiB, {accel.accel})")
         t0 = time.monotonic()
         deadline = t0 + cfg.timeout_s
-        timed_out = canceled = False
+        timed_out = canceled = grace_expired = False
+        watcher = ExitWatcher(out_disk)
+        grace_deadline: float | None = None
         with QemuVm(spec, it_dir / "qemu.log") as vm:
             status = None
             while status is None:
-                status = vm.wait(min(deadline, time.monotonic() + 0.1))
-                if status is None and self.cancel.is_set():
-                    canceled = True
+                status = vm.wait(min(deadline, grace_deadline or deadline, time.monotonic() + 0.1))
+                if status is not None:
                     break
-                if status is None and time.monotonic() >= deadline:
+                now = time.monotonic()
+                if self.cancel.is_set():
+                    canceled = True
+                elif grace_deadline is None and watcher.poll():
+                    # The command has exited: the guest gets the grace period to write its results.
+                    grace_deadline = now + cfg.grace_period_s + self._collect_allowance()
+                elif grace_deadline is not None and now >= grace_deadline:
+                    grace_expired = True
+                elif now >= deadline:
                     timed_out = True
+                if canceled or grace_expired or timed_out:
                     break
             vm.kill()
             qemu_log = vm.qemu_log()
@@ -279,14 +297,47 @@ class Job:
             )
         if report.exit is None:
             raise self._no_result_error(report, spec.serial_log, status, qemu_log)
-        return IterationOutput(
+        if grace_expired and not report.done:
+            self.reporter.warn(
+                f"{label}: the guest did not finish writing results within the {cfg.grace_period_s} s grace "
+                "period; output files may be missing (raise --grace-period)"
+            )
+        oom = oom_line(spec.serial_log) if report.exit.exit_code == 128 + 9 else None
+        if oom:
+            self.reporter.warn(f"{label}: the guest ran out of memory: {oom}")
+        truncated = [
+            name
+            for name, total, kept in (
+                ("stdout", report.stdout_total, len(report.stdout)),
+                ("stderr", report.stderr_total, len(report.stderr)),
+            )
+            if total > kept
+        ]
+        truncated += [p for p, data in report.files.items() if report.file_sizes.get(p, 0) > len(data)]
+        missing = {p: os.strerror(err) for p, err in report.missing.items()}
+        if not report.done and not grace_expired:
+            missing.update(
+                {p: "not collected" for p in cfg.output_paths if p not in report.files and p not in missing}
+            )
+        output = IterationOutput(
             exit_code=report.exit.exit_code,
             stdout=report.stdout,
             stderr=report.stderr,
             output=dict(report.files),
-            stdout_truncated=report.stdout_total > len(report.stdout),
-            stderr_truncated=report.stderr_total > len(report.stderr),
+            missing=missing,
+            truncated=tuple(truncated),
         )
+        if oom:
+            self.state.results.append(output)
+            raise GuestOutOfMemoryError(
+                f"the benchmark was killed because the guest ran out of memory ({cfg.memory_mib} MiB): "
+                f"{oom}; raise --memory or reduce what the benchmark allocates"
+            )
+        return output
+
+    def _collect_allowance(self) -> float:
+        """Time to read and write the requested output files at the slowest disk speed we plan for."""
+        return len(self.config.output_paths) * self.config.max_output_bytes / (50 * MIB)
 
     def _record_guest_timings(self, report: GuestReport) -> None:
         if report.exit is not None:

@@ -7,7 +7,7 @@ Human mode: progress on stderr, the benchmark's stdout to stdout and its stderr 
 
 import json
 import sys
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO
 
 from rich.console import Console
@@ -61,9 +61,33 @@ def exit_status(result: RunResult) -> int:
     return EXIT_BENCHMARK_FAILED
 
 
-def run_command(config: RunConfig, *, cache: Path, as_json: bool, quiet: bool) -> int:
+def save_outputs(result: RunResult, output_dir: Path) -> None:
+    """stdout, stderr and every output file, byte-exact, under DIR/iter-N/ (files/ keeps guest paths)."""
+    for index, output in enumerate(result.results, start=1):
+        base = output_dir / f"iter-{index}"
+        files = base / "files"
+        files.mkdir(parents=True, exist_ok=True)
+        (base / "stdout").write_bytes(output.stdout)
+        (base / "stderr").write_bytes(output.stderr)
+        for guest_path, data in output.output.items():
+            parts = [p if p != ".." else "__" for p in PurePosixPath(guest_path).parts if p not in ("/", ".")]
+            target = files.joinpath(*parts) if parts else files / "__"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(data)
+
+
+def run_command(
+    config: RunConfig, *, cache: Path, as_json: bool, quiet: bool, output_dir: Path | None = None
+) -> int:
     reporter = ConsoleReporter(echo_output=not as_json, quiet=quiet)
     result = run_job(config, cache=cache, reporter=reporter)
+    if output_dir is not None:
+        save_outputs(result, output_dir)
+    for index, output in enumerate(result.results, start=1):
+        for path, why in output.missing.items():
+            reporter.warn(f"iteration {index}: output file {path} was not collected: {why}")
+        if output.truncated:
+            reporter.warn(f"iteration {index}: cut at --max-output-size: {', '.join(output.truncated)}")
     if as_json:
         sys.stdout.write(json.dumps(result.to_json()) + "\n")
         sys.stdout.flush()

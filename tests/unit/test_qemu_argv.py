@@ -71,3 +71,12 @@ def test_tcg_gets_the_tsc_frequency_kvm_does_not() -> None:
     assert "tsc_early_khz=2600000" in guest_cmdline("tcg", 2600000)
     assert "tsc_early_khz" not in guest_cmdline("kvm", 2600000)
     assert "tsc_early_khz" not in guest_cmdline("tcg", None)
+
+
+def test_network_adds_one_virtio_nic() -> None:
+    from bencher_runner.sandbox.network import user_nat
+
+    argv = qemu_argv("q", spec(network=user_nat()))
+    assert "-nic" not in argv
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices.count("virtio-net-device,netdev=net0") == 1

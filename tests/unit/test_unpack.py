@@ -474,3 +474,39 @@ def test_unpack_layer_stream_directly(env: Env) -> None:
         stats=stats,
     )
     assert (stats.files, budget.used) == (2, 3)
+
+
+class TestImageFiles:
+    """Reading /etc/passwd and creating the working dir resolve inside the tree, as the guest would."""
+
+    def test_read_follows_symlinks_inside_the_tree(self, tmp_path: Path) -> None:
+        from bencher_runner.oci.unpack import read_image_file
+
+        root = tmp_path / "root"
+        (root / "real").mkdir(parents=True)
+        (root / "real" / "passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+        (root / "etc").symlink_to("/real")  # absolute: means <root>/real, not the host's /real
+        assert read_image_file(root, "/etc/passwd") == "root:x:0:0::/root:/bin/sh\n"
+        (root / "real" / "group").symlink_to("../../../../etc/group")  # climbs stop at the root
+        assert read_image_file(root, "/etc/group") is None
+        assert read_image_file(root, "/nope/x") is None
+
+    def test_read_never_reads_host_files(self, tmp_path: Path) -> None:
+        from bencher_runner.oci.unpack import read_image_file
+
+        root = tmp_path / "root"
+        root.mkdir()
+        (root / "etc").symlink_to("/etc")
+        assert read_image_file(root, "/etc/passwd") is None  # the host's /etc/passwd exists; not read
+
+    def test_working_dir_is_created_inside_the_tree(self, tmp_path: Path) -> None:
+        from bencher_runner.oci.unpack import ensure_directory
+
+        root = tmp_path / "root"
+        outside = tmp_path / "outside"
+        root.mkdir()
+        outside.mkdir()
+        (root / "work").symlink_to(str(outside))
+        ensure_directory(root, "/work/sub")
+        assert (root / str(outside).lstrip("/") / "sub").is_dir()
+        assert list(outside.iterdir()) == []

@@ -15,7 +15,10 @@ import pytest
 from bencher_runner.paths import cache_dir, work_root
 from tests.support.oci_builder import Entry, build_layout, layer_from_dir
 
-APPLETS = ("sh echo printf cat id pwd env nproc df ls sleep kill head grep awk true false wc dd yes").split()  # noqa: SIM905
+APPLETS = [
+    *("sh", "echo", "printf", "cat", "id", "pwd", "env", "nproc", "df", "ls", "sleep", "kill", "head"),
+    *("grep", "awk", "true", "false", "wc", "dd", "yes", "wget", "tr", "mkdir", "ln"),
+]
 PASSWD = "root:x:0:0:root:/root:/bin/sh\nbench:x:1000:1000:Bench:/home/bench:/bin/sh\n"
 GROUP = "root:x:0:\nbench:x:1000:\nwheel:x:10:bench\n"
 

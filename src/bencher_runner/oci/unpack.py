@@ -593,3 +593,46 @@ def unpack_layers(
         with f:
             unpack_layer_stream(f, layer.media_type, dest, name=name, budget=budget, stats=stats)
     return stats
+
+
+def ensure_directory(dest: Path, path: str) -> None:
+    """Create ``path`` (absolute in the image) inside ``dest`` if missing, as Docker does for WorkingDir.
+
+    Resolved with the same chroot semantics as unpacking, so a planted symlink cannot lead outside.
+    """
+    tree = _Tree(dest)
+    tree.resolve_dir([p for p in path.split("/") if p], create=True, where=f"working directory {_q(path)}")
+
+
+def read_image_file(dest: Path, path: str, limit: int = 1 << 20) -> str | None:
+    """A small regular file of the unpacked image (/etc/passwd), resolved inside ``dest``; None if absent.
+
+    Symlinks (in the parents and the file itself) are followed the way the guest would follow them.
+    """
+    tree = _Tree(dest)
+    parts = [p for p in path.split("/") if p]
+    rel_parts: list[str] = parts
+    for _ in range(MAX_SYMLINKS):
+        try:
+            parent = tree.resolve_dir(rel_parts[:-1], create=False, where=_q(path))
+        except (_Missing, ImageError):
+            return None
+        full = tree.host(_join(parent, rel_parts[-1]))
+        try:
+            st = os.lstat(full)
+        except OSError:
+            return None
+        if stat.S_ISLNK(st.st_mode):
+            target = os.readlink(full)
+            base = [] if target.startswith("/") else parent.split("/") if parent else []
+            rel_parts = [*base, *(p for p in target.split("/") if p)]
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        try:
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            return None
+        with os.fdopen(fd, "rb") as f:
+            return f.read(limit).decode("utf-8", errors="replace")
+    return None

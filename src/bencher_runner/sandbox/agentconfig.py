@@ -16,11 +16,15 @@ Format (the agent's comment block in guest/agent.c documents the same)::
     max_output=N\\0           byte cap for stdout, for stderr and for each output file separately
     output=PATH\\0            repeated, optional: files to collect after exit (relative to cwd),
                               each under 4096 bytes
+    net_addr=A.B.C.D/N\\0    optional: configure eth0 with this address
+    net_gw=A.B.C.D\\0        optional: default route via this gateway
+    net_dns=A.B.C.D\\0       optional: nameserver written to /etc/resolv.conf
 
 Entries split at the FIRST '='. Strings are UTF-8 with errors="surrogateescape" (so undecodable
 bytes from the image config round-trip).
 """
 
+import ipaddress
 from dataclasses import dataclass
 
 from bencher_runner.spec.errors import SpecError
@@ -28,6 +32,13 @@ from bencher_runner.spec.errors import SpecError
 CONFIG_VERSION = 1
 PATH_MAX = 4096  # the guest's limit, including the terminating NUL
 MAX_ID = 2**32 - 2  # uid_t/gid_t are u32 in the guest and (u32)-1 means "no change" to set*id()
+
+
+@dataclass(frozen=True)
+class GuestNetwork:
+    address: str  # "A.B.C.D/PREFIX"
+    gateway: str
+    dns: str
 
 
 @dataclass(frozen=True)
@@ -40,6 +51,7 @@ class AgentConfig:
     groups: tuple[int, ...]
     max_output: int
     outputs: tuple[str, ...] = ()
+    network: GuestNetwork | None = None
 
 
 def _encode(what: str, value: str) -> bytes:
@@ -80,4 +92,14 @@ def encode_agent_config(cfg: AgentConfig) -> bytes:
     entries.append(b"groups=" + ",".join(str(g) for g in cfg.groups).encode())
     entries.append(b"max_output=%d" % cfg.max_output)
     entries += [b"output=" + _encode("output path", path) for path in cfg.outputs]
+    if cfg.network is not None:
+        net = cfg.network
+        try:
+            ipaddress.IPv4Interface(net.address)
+            ipaddress.IPv4Address(net.gateway)
+            ipaddress.IPv4Address(net.dns)
+        except ValueError as err:
+            raise SpecError(f"invalid guest network settings: {err}") from None
+        entries += [f"net_addr={net.address}".encode(), f"net_gw={net.gateway}".encode()]
+        entries.append(f"net_dns={net.dns}".encode())
     return b"".join(entry + b"\0" for entry in entries)

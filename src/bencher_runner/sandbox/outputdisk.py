@@ -211,3 +211,36 @@ def read_output_disk(path: Path, *, max_output: int) -> GuestReport:
         errors=errors,
         done=done,
     )
+
+
+class ExitWatcher:
+    """Tells, while the VM runs, whether the agent has recorded the command's exit yet.
+
+    The host reads the disk file QEMU writes (guest flushes reach it at once), walking record headers
+    incrementally without checking payloads: enough to start the grace period, never trusted for
+    results (read_output_disk does that after the VM is gone).
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.offset = HEADER_SIZE
+        self.exited = False
+
+    def poll(self) -> bool:
+        if self.exited:
+            return True
+        try:
+            with self.path.open("rb") as disk:
+                size = os.fstat(disk.fileno()).st_size
+                while self.offset + RECORD_HEADER.size <= size:
+                    disk.seek(self.offset)
+                    magic, rtype, _flags, length, _crc = RECORD_HEADER.unpack(disk.read(RECORD_HEADER.size))
+                    if magic != RECORD_MAGIC or self.offset + RECORD_HEADER.size + length > size:
+                        break
+                    if rtype in (RecordType.EXIT, RecordType.DONE, RecordType.ERROR):
+                        self.exited = True
+                        break
+                    self.offset += RECORD_HEADER.size + length
+        except OSError:
+            pass
+        return self.exited

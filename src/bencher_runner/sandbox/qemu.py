@@ -46,7 +46,7 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
         *cpu,
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),
-        "-nodefaults", "-no-user-config", "-display", "none", "-nic", "none",
+        "-nodefaults", "-no-user-config", "-display", "none",
         "-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
         "-serial", f"file:{_drive_path(spec.serial_log)}",
         "-kernel", str(spec.kernel),
@@ -54,6 +54,7 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
         "-append", spec.cmdline,
         "-no-reboot",
     ]  # fmt: skip
+    argv += list(spec.network.qemu_args) if spec.network else ["-nic", "none"]
     for drive_id, disk in (("root", spec.rootfs), ("output", spec.output_disk)):
         argv += [
             "-drive", f"id={drive_id},file={_drive_path(disk)},format=raw,if=none,cache=unsafe",

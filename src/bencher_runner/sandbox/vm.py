@@ -8,11 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from bencher_runner.sandbox.network import NetworkPlan
+
 ConcreteAccel = Literal["kvm", "tcg"]
 
 # Determinism: no guest ASLR/KASLR, no THP. panic=-1 reboots at once on a panic (the host sees the
 # VM exit and finds the panic in the serial log); the agent ends a run by rebooting too.
-GUEST_CMDLINE = "console=ttyS0 quiet panic=-1 pci=off norandmaps nokaslr transparent_hugepage=never"
+GUEST_CMDLINE = "console=ttyS0 quiet panic=-1 reboot=t pci=off norandmaps nokaslr transparent_hugepage=never"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class VmSpec:
     memory_mib: int
     accel: ConcreteAccel
     cmdline: str = GUEST_CMDLINE
+    network: NetworkPlan | None = None  # None: no network device at all
 
 
 def host_tsc_khz(cpuinfo: str) -> int | None:

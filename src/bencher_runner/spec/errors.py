@@ -54,6 +54,10 @@ class GuestPanicError(SandboxError):
     """The guest kernel panicked."""
 
 
+class GuestOutOfMemoryError(SandboxError):
+    """The guest's OOM killer killed the benchmark."""
+
+
 class JobTimeoutError(RunnerError):
     """The job ran past its timeout and was stopped (named so as not to shadow the builtin)."""
 

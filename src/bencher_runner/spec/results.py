@@ -21,8 +21,8 @@ class IterationOutput:
     stdout: bytes = b""
     stderr: bytes = b""
     output: dict[str, bytes] = field(default_factory=dict)
-    stdout_truncated: bool = False
-    stderr_truncated: bool = False
+    missing: dict[str, str] = field(default_factory=dict)  # requested output file -> why it is absent
+    truncated: tuple[str, ...] = ()  # "stdout", "stderr" and output paths cut at the size limit
 
     def to_protocol(self) -> dict[str, Any]:
         out: dict[str, Any] = {"exit_code": self.exit_code}
@@ -32,6 +32,15 @@ class IterationOutput:
             out["stderr"] = lossy(self.stderr)
         if self.output:
             out["output"] = {path: lossy(data) for path, data in self.output.items()}
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        """`runner run --json`: the protocol form plus what the protocol has no field for."""
+        out = self.to_protocol()
+        if self.missing:
+            out["missing"] = dict(self.missing)
+        if self.truncated:
+            out["truncated"] = list(self.truncated)
         return out
 
 
@@ -65,7 +74,7 @@ class RunResult:
     failure: RunnerError | None = field(default=None, compare=False)  # the error behind `error`
 
     def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {"status": self.status, "results": [r.to_protocol() for r in self.results]}
+        doc: dict[str, Any] = {"status": self.status, "results": [r.to_json() for r in self.results]}
         if self.error is not None:
             doc["error"] = self.error
         doc["sandbox"] = self.sandbox.to_json() if self.sandbox else None

@@ -1,0 +1,152 @@
+"""The `runner daemon` click command (registered as `runner daemon` and `runner up` by cli.py)."""
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+import platformdirs
+
+from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
+from bencher_runner.paths import APP
+from bencher_runner.paths import cache_dir as default_cache_dir
+from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT
+from bencher_runner.spec.errors import RunnerError
+from bencher_runner.spec.jobspec import JobOptions
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+@click.command(context_settings=CONTEXT)
+@click.option(
+    "--host",
+    envvar="BENCHER_HOST",
+    default="https://api.bencher.dev",
+    show_default=True,
+    help="Bencher API URL (env BENCHER_HOST).",
+)
+@click.option(
+    "--runner", envvar="BENCHER_RUNNER", required=True, help="Runner UUID or slug (env BENCHER_RUNNER)."
+)
+@click.option(
+    "--key",
+    envvar="BENCHER_RUNNER_KEY",
+    required=True,
+    show_envvar=False,
+    help="Runner key bencher_runner_... (env BENCHER_RUNNER_KEY; never logged).",
+)
+@click.option(
+    "--poll-timeout",
+    type=click.IntRange(1, 900),
+    default=55,
+    show_default=True,
+    help="Seconds the server may hold a `ready` before answering `no_job`.",
+)
+@click.option("--danger-allow-no-sandbox", is_flag=True, help="Accept jobs whose spec has no sandbox.")
+@click.option("--no-auto-update", is_flag=True, help="Do not send version metadata or exit for updates.")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="Cache directory.")
+@click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="State directory (holds the outbox of unacknowledged results).",
+)
+@click.option(
+    "--max-output-size",
+    type=click.IntRange(0),
+    default=DEFAULT_MAX_OUTPUT,
+    show_default=True,
+    help="Byte cap for a job's stdout and for its stderr.",
+)
+@click.option(
+    "--max-message-size",
+    type=click.IntRange(64 * 1024),
+    default=DEFAULT_MAX_MESSAGE_BYTES,
+    show_default=True,
+    help="Byte cap for one result message (outputs are truncated to fit).",
+)
+@click.option(
+    "--max-file-count",
+    type=click.IntRange(0),
+    default=255,
+    show_default=True,
+    help="Most output files a job may request.",
+)
+@click.option(
+    "--grace-period",
+    type=click.IntRange(1, 900),
+    default=1,
+    show_default=True,
+    help="Seconds between asking the guest to stop and killing it.",
+)
+@click.option(
+    "--on-shutdown",
+    type=click.Choice(["cancel", "finish"]),
+    default="cancel",
+    show_default=True,
+    help="On SIGTERM/SIGINT, cancel the running job or let it finish.",
+)
+@click.option(
+    "--image-layout",
+    type=click.Choice(["bencher", "legacy"]),
+    default="bencher",
+    show_default=True,
+    help="Image reference form: {registry}/{project}@{digest} or legacy {registry}/{project}/images@...",
+)
+@click.option(
+    "--accel",
+    type=click.Choice(["auto", "kvm", "tcg"]),
+    default="auto",
+    show_default=True,
+    help="VM accelerator.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (the key is still never logged).")
+def daemon_command(
+    host: str,
+    runner: str,
+    key: str,
+    poll_timeout: int,
+    danger_allow_no_sandbox: bool,
+    no_auto_update: bool,
+    cache_dir: Path | None = None,
+    state_dir: Path | None = None,
+    max_output_size: int = DEFAULT_MAX_OUTPUT,
+    max_message_size: int = DEFAULT_MAX_MESSAGE_BYTES,
+    max_file_count: int = 255,
+    grace_period: int = 1,
+    on_shutdown: str = "cancel",
+    image_layout: str = "bencher",
+    accel: str = "auto",
+    verbose: bool = False,
+) -> None:
+    """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
+    cache = default_cache_dir(cache_dir)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("bencher_runner.daemon.ws").setLevel(logging.INFO)  # handshake headers hold the key
+    settings = DaemonSettings(
+        host=host,
+        runner=runner,
+        key=key,
+        state_dir=state_dir or Path(platformdirs.user_state_dir(APP)),
+        poll_timeout=poll_timeout,
+        auto_update=not no_auto_update,
+        on_shutdown="finish" if on_shutdown == "finish" else "cancel",
+        max_message_bytes=max_message_size,
+        job_options=JobOptions(
+            allow_no_sandbox=danger_allow_no_sandbox,
+            image_layout="legacy" if image_layout == "legacy" else "bencher",
+            max_output_bytes=max_output_size,
+            max_file_count=max_file_count,
+            grace_period_s=grace_period,
+            accel="kvm" if accel == "kvm" else "tcg" if accel == "tcg" else "auto",
+        ),
+    )
+    try:
+        code = run_daemon(settings, default_executor(cache))
+    except RunnerError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(1)
+    sys.exit(code)

@@ -1,0 +1,403 @@
+"""The asyncio driver of `runner daemon`: moves frames and timers for the sans-IO RunnerProtocol.
+
+One event queue feeds the protocol: frames from the current connection, job results from the worker
+thread, connection events and the shutdown request. The job itself runs in a worker thread, so the event
+loop keeps sending heartbeats whatever the job does; a cancel sets the job's threading.Event.
+"""
+
+import asyncio
+import contextlib
+import logging
+import platform
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from bencher_runner import __version__
+from bencher_runner.daemon.outbox import Outbox
+from bencher_runner.protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    Action,
+    CancelJob,
+    DropTerminal,
+    Log,
+    PersistTerminal,
+    ProtocolSettings,
+    Reconnect,
+    RunnerProtocol,
+    Send,
+    StartJob,
+    Stop,
+    UpdateAvailable,
+    encode,
+)
+from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.errors import RunnerError, SpecError
+from bencher_runner.spec.jobspec import JobOptions
+from bencher_runner.spec.results import RunResult
+
+log = logging.getLogger("bencher_runner.daemon")
+
+Executor = Callable[[RunConfig, threading.Event], RunResult]
+"""Runs one job to its end; must return soon after the event is set (the default kills the VM)."""
+
+KEY_PATTERN = re.compile(r"^bencher_runner_[A-Za-z0-9]{30}$")
+EXIT_OK = 0
+QUICK_CLOSE_S = 2.0  # a close this soon after the upgrade, with no message, counts as a rejection
+QUICK_CLOSES_BEFORE_WARNING = 3
+
+
+class AuthError(RunnerError):
+    """The server refused the runner key (HTTP 401/403 on the upgrade)."""
+
+
+def validate_key(key: str) -> None:
+    if not KEY_PATTERN.match(key):
+        raise SpecError(
+            "the runner key is malformed: expected `bencher_runner_` followed by 30 letters or digits "
+            "(45 characters); copy it again from the runner's page (--key or BENCHER_RUNNER_KEY)"
+        )
+
+
+def channel_url(host: str, runner: str) -> str:
+    """`{host}/v0/runners/{runner}/channel` with http->ws, https->wss and any path prefix kept."""
+    parts = urlsplit(host.strip())
+    if parts.scheme not in ("http", "https", "ws", "wss") or not parts.netloc:
+        raise SpecError(f"--host={host!r}: expected an http:// or https:// URL")
+    if not runner or "/" in runner:
+        raise SpecError(f"--runner={runner!r}: expected the runner's UUID or slug")
+    scheme = "wss" if parts.scheme in ("https", "wss") else "ws"
+    path = parts.path.rstrip("/") + f"/v0/runners/{quote(runner, safe='')}/channel"
+    return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+def runner_metadata() -> dict[str, Any]:
+    machine = platform.machine().lower()
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(machine, machine)
+    return {"os": "linux", "arch": arch, "version": __version__}
+
+
+class Backoff:
+    """Exponential backoff with jitter: base * 2**n, capped, then a uniform pick in [d/2, d]."""
+
+    def __init__(self, base: float, cap: float, rng: random.Random | None = None) -> None:
+        self.base, self.cap, self.attempts = base, cap, 0
+        self.rng = rng or random.Random()
+
+    def next(self) -> float:
+        delay = min(self.cap, self.base * 2 ** min(self.attempts, 30))
+        self.attempts += 1
+        return float(delay / 2 + self.rng.random() * delay / 2)
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+@dataclass
+class DaemonSettings:
+    host: str
+    runner: str
+    key: str = field(repr=False)
+    state_dir: Path
+    poll_timeout: int = 55
+    auto_update: bool = True
+    on_shutdown: Literal["cancel", "finish"] = "cancel"
+    job_options: JobOptions = field(default_factory=JobOptions)
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    heartbeat_interval: float = 1.0
+    ack_timeout: float = 5.0
+    poll_margin: float = 30.0
+    backoff_base: float = 1.0
+    backoff_cap: float = 60.0
+    open_timeout: float = 10.0
+
+
+def default_executor(cache: Path) -> Executor:
+    """The real executor: `job.run_job` with the cache dir (imported lazily: it pulls in the VM stack)."""
+
+    def run(config: RunConfig, cancel: threading.Event) -> RunResult:
+        from bencher_runner.job import run_job
+
+        return run_job(config, cache=cache, cancel=cancel)
+
+    return run
+
+
+def _crash_result(err: BaseException) -> RunResult:
+    text = str(err) if isinstance(err, RunnerError) else f"internal error: {type(err).__name__}: {err}"
+    return RunResult(status="failed", results=[], sandbox=None, error=text)
+
+
+class Daemon:
+    """`await Daemon(settings, executor).run()` serves jobs until shutdown; returns the exit status."""
+
+    def __init__(self, settings: DaemonSettings, executor: Executor) -> None:
+        validate_key(settings.key)
+        self.settings = settings
+        self.url = channel_url(settings.host, settings.runner)
+        self.executor = executor
+        self.outbox = Outbox(settings.state_dir / "outbox")
+        self.protocol = RunnerProtocol(
+            ProtocolSettings(
+                poll_timeout=settings.poll_timeout,
+                runner_metadata=runner_metadata() if settings.auto_update else None,
+                auto_update=settings.auto_update,
+                heartbeat_interval=settings.heartbeat_interval,
+                ack_timeout=settings.ack_timeout,
+                poll_margin=settings.poll_margin,
+                max_message_bytes=settings.max_message_bytes,
+                shutdown_cancels=settings.on_shutdown == "cancel",
+                job_options=settings.job_options,
+            ),
+            pending=self.outbox.load(),
+        )
+        self.backoff = Backoff(settings.backoff_base, settings.backoff_cap)
+        self._events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._ws: ClientConnection | None = None
+        self._conn_id = 0
+        self._connect_task: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
+        self._quick_closes = 0
+        self._connected_at = 0.0
+        self._got_message = False
+        self._fatal: BaseException | None = None
+        self.sent: list[tuple[float, dict[str, Any]]] = []  # for tests and debugging
+
+    # -- public --------------------------------------------------------------------------------------
+    def request_shutdown(self) -> None:
+        """Safe to call from a signal handler running in the loop."""
+        self._events.put_nowait(("shutdown",))
+
+    async def run(self, *, handle_signals: bool = False) -> int:
+        loop = asyncio.get_running_loop()
+        if handle_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_shutdown)
+        try:
+            if self.protocol.pending:
+                log.info(
+                    "%d unacknowledged result(s) in the outbox will be resent", len(self.protocol.pending)
+                )
+            self._start_connect(0.0)
+            return await self._loop()
+        finally:
+            if handle_signals:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
+            await self._teardown()
+
+    # -- main loop -----------------------------------------------------------------------------------
+    async def _loop(self) -> int:
+        while True:
+            deadline = self.protocol.next_timer()
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                event = await asyncio.wait_for(self._events.get(), timeout)
+            except TimeoutError:
+                event = ("tick",)
+            now = time.monotonic()
+            kind = event[0]
+            if kind == "tick":
+                actions = self.protocol.tick(now)
+            elif kind == "frame":
+                if event[1] != self._conn_id:
+                    continue
+                self._got_message = True
+                actions = self.protocol.received(event[2], now)
+            elif kind == "connected":
+                actions = self.protocol.connect(now)
+            elif kind == "closed":
+                if event[1] != self._conn_id:
+                    continue
+                actions = self._on_closed(now, event[2])
+            elif kind == "finished":
+                actions = self.protocol.job_finished(event[1], event[2], now)
+            elif kind == "shutdown":
+                log.info("shutdown requested")
+                actions = self.protocol.shutdown(now)
+            elif kind == "fatal":
+                raise event[1]
+            else:  # pragma: no cover
+                continue
+            code = await self._execute(actions)
+            if code is not None:
+                return code
+
+    def _on_closed(self, now: float, why: str) -> list[Action]:
+        self._ws = None
+        quick = not self._got_message and now - self._connected_at < QUICK_CLOSE_S
+        if quick:
+            self._quick_closes += 1
+            if self._quick_closes >= QUICK_CLOSES_BEFORE_WARNING:
+                log.warning(
+                    "the server closed the connection right after the upgrade %d times in a row: "
+                    "the runner key or the runner id (--runner) is probably wrong",
+                    self._quick_closes,
+                )
+        else:
+            self._quick_closes = 0
+        if self._got_message:
+            self.backoff.reset()
+        log.info("connection closed: %s", why)
+        actions = self.protocol.disconnected(now)
+        if not self.protocol.stopped:
+            self._start_connect(self.backoff.next())
+        return actions
+
+    async def _execute(self, actions: list[Action]) -> int | None:
+        for action in actions:
+            if isinstance(action, Send):
+                await self._send(action.message)
+            elif isinstance(action, PersistTerminal):
+                await asyncio.to_thread(self.outbox.put, action.job, action.message)
+            elif isinstance(action, DropTerminal):
+                await asyncio.to_thread(self.outbox.remove, action.job)
+            elif isinstance(action, StartJob):
+                self._start_job(action.job, action.config)
+            elif isinstance(action, CancelJob):
+                entry = self._jobs.get(action.job)
+                if entry is not None:
+                    entry[1].set()
+            elif isinstance(action, Log):
+                log.log(action.level, "%s", action.text)
+            elif isinstance(action, Reconnect):
+                await self._drop_connection()
+                # _on_closed runs when the reader reports the close; it schedules the reconnect.
+            elif isinstance(action, UpdateAvailable):
+                log.warning(
+                    "runner update available: version %s at %s (sha256 %s)",
+                    action.version,
+                    action.url,
+                    action.checksum,
+                )
+            elif isinstance(action, Stop):
+                if action.error:
+                    log.warning("stopping: %s", action.error)
+                return action.exit_code
+        return None
+
+    # -- connection ----------------------------------------------------------------------------------
+    def _start_connect(self, delay: float) -> None:
+        if self._connect_task is not None and not self._connect_task.done():
+            return
+        self._connect_task = asyncio.create_task(self._connect(delay))
+
+    async def _connect(self, delay: float) -> None:
+        while True:
+            if delay > 0:
+                log.info("reconnecting in %.1f s", delay)
+                await asyncio.sleep(delay)
+            try:
+                ws = await connect(
+                    self.url,
+                    additional_headers={"Authorization": f"Bearer {self.settings.key}"},
+                    open_timeout=self.settings.open_timeout,
+                    max_size=None,
+                    ping_interval=20,
+                    ping_timeout=20,
+                    logger=log.getChild("ws"),
+                    user_agent_header=f"bencher-runner/{__version__}",
+                )
+            except InvalidStatus as err:
+                status = err.response.status_code
+                if status in (401, 403):
+                    self._events.put_nowait(
+                        (
+                            "fatal",
+                            AuthError(
+                                f"the server refused the runner key for runner {self.settings.runner!r} "
+                                f"(HTTP {status}): check --key/BENCHER_RUNNER_KEY and --runner"
+                            ),
+                        )
+                    )
+                    return
+                log.warning("connecting to %s failed: HTTP %d", self.url, status)
+            except (OSError, InvalidHandshake, TimeoutError) as err:
+                log.warning("connecting to %s failed: %s", self.url, err or type(err).__name__)
+            else:
+                self._conn_id += 1
+                self._ws = ws
+                self._connected_at = time.monotonic()
+                self._got_message = False
+                log.info("connected to %s", self.url)
+                self._events.put_nowait(("connected",))
+                self._reader = asyncio.create_task(self._read(ws, self._conn_id))
+                return
+            delay = self.backoff.next()
+
+    async def _read(self, ws: ClientConnection, conn_id: int) -> None:
+        why = "closed"
+        try:
+            async for frame in ws:
+                self._events.put_nowait(("frame", conn_id, frame))
+        except ConnectionClosed as err:
+            why = str(err)
+        except Exception as err:  # any socket failure means the connection is gone
+            why = f"{type(err).__name__}: {err}"
+        else:
+            why = f"closed by the server ({ws.close_code} {ws.close_reason or ''})".rstrip()
+        self._events.put_nowait(("closed", conn_id, why))
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        ws = self._ws
+        if ws is None:
+            return
+        self.sent.append((time.monotonic(), message))
+        with contextlib.suppress(ConnectionClosed):  # the reader reports the close
+            await ws.send(encode(message))
+        log.debug("sent %s", message.get("event"))
+
+    async def _drop_connection(self) -> None:
+        ws = self._ws
+        if ws is not None:
+            ws.transport.abort()
+
+    # -- jobs ----------------------------------------------------------------------------------------
+    def _start_job(self, job: str, config: RunConfig) -> None:
+        cancel = threading.Event()
+        task = asyncio.create_task(self._run_job(job, config, cancel))
+        self._jobs[job] = (task, cancel)
+
+    async def _run_job(self, job: str, config: RunConfig, cancel: threading.Event) -> None:
+        try:
+            result = await asyncio.to_thread(self.executor, config, cancel)
+        except Exception as err:  # a crashing executor fails the job, not the daemon
+            log.exception("job %s: the executor raised", job)
+            result = _crash_result(err)
+        self._jobs.pop(job, None)
+        self._events.put_nowait(("finished", job, result))
+
+    async def _teardown(self) -> None:
+        for _, cancel in self._jobs.values():
+            cancel.set()
+        for task, _ in list(self._jobs.values()):
+            with contextlib.suppress(Exception):
+                await task
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._connect_task
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(ws.close(1000, "runner shutting down"), 2.0)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+
+
+def run_daemon(settings: DaemonSettings, executor: Executor) -> int:
+    """Blocking entry point: serve until SIGTERM/SIGINT or an update; the process exit status."""
+    return asyncio.run(Daemon(settings, executor).run(handle_signals=True))

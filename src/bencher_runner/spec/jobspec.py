@@ -1,0 +1,186 @@
+"""The `job` message of the runner protocol, and its translation into the RunConfig a job runs with.
+
+Resources come only from the job (spec.cpu, spec.memory/disk in bytes rounded up to MiB, spec.network):
+the runner adds no defaults of its own. Anything invalid or not supported becomes a SpecError whose text
+goes into the `failed` message, so a bad job never crashes the daemon.
+"""
+
+import re
+from collections.abc import Sized
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+
+from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, Accel, RunConfig, make_run_config
+from bencher_runner.spec.errors import SpecError
+from bencher_runner.spec.units import bytes_to_mib
+
+MAX_ENTRYPOINT_LEN = 64
+MAX_CMD_LEN = 64
+MAX_ENV_LEN = 255
+MAX_FILE_PATHS_LEN = 255
+SANDBOXES = ("firecracker",)
+NO_SANDBOX_ERROR = (
+    "Job requires non-sandboxed execution but runner was not started with --danger-allow-no-sandbox"
+)
+_DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
+_PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+ImageLayout = Literal["bencher", "legacy"]
+
+
+class JobSpec(BaseModel):
+    """`job.spec`: the hardware spec the job was queued for (unknown fields ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    uuid: str | None = None
+    name: str | None = None
+    os: str | None = None
+    architecture: str | None = None
+    sandbox: str | None = None
+    cpu: int
+    memory: int
+    disk: int
+    network: bool = False
+
+
+class JobConfig(BaseModel):
+    """`job.config`: what to run (unknown fields such as average/fold/backdate ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    registry: str
+    project: str
+    digest: str
+    image: str | None = None
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    env: dict[str, str] | None = None
+    timeout: int
+    file_paths: list[str] | None = None
+    build_time: bool | None = None
+    file_size: bool | None = None
+    iter: int | None = None
+    allow_failure: bool | None = None
+
+
+class ClaimedJob(BaseModel):
+    """The `job` message without its `event` tag."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    uuid: str
+    spec: JobSpec
+    config: JobConfig
+    oci_token: SecretStr | None = None
+    timeout: int | None = None
+    created: str | None = None
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What the runner's own flags add to every job."""
+
+    allow_no_sandbox: bool = False
+    image_layout: ImageLayout = "bencher"
+    max_output_bytes: int = DEFAULT_MAX_OUTPUT
+    max_file_count: int = 255
+    grace_period_s: int = 1
+    accel: Accel = "auto"
+
+
+def parse_job(message: dict[str, Any]) -> ClaimedJob:
+    """Validate a `job` message (the `event` key is ignored); SpecError names every bad field."""
+    try:
+        return ClaimedJob.model_validate(message)
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            where = ".".join(str(p) for p in e["loc"]) or "job"
+            problems.append(f"{where}: {e['msg']}")
+        raise SpecError("invalid job message: " + "; ".join(problems)) from None
+
+
+def image_reference(config: JobConfig, layout: ImageLayout = "bencher") -> tuple[str, bool]:
+    """`{registry host[:port]}/{project}@{digest}` (legacy: `.../{project}/images@{digest}`) and
+    whether the registry speaks plain HTTP."""
+    registry = config.registry.strip()
+    insecure = False
+    if registry.startswith("http://"):
+        insecure, registry = True, registry[len("http://") :]
+    elif registry.startswith("https://"):
+        registry = registry[len("https://") :]
+    registry = registry.rstrip("/")
+    if not registry or "://" in registry or any(c.isspace() for c in registry):
+        raise SpecError(f"config.registry={config.registry!r}: expected a registry URL such as https://host")
+    if not _PROJECT.match(config.project):
+        raise SpecError(f"config.project={config.project!r}: expected the project UUID")
+    if not _DIGEST.match(config.digest):
+        raise SpecError(
+            f"config.digest={config.digest!r}: expected sha256:<64 hex> or sha512:<128 hex> (lowercase)"
+        )
+    repo = f"{config.project}/images" if layout == "legacy" else config.project
+    return f"{registry}/{repo}@{config.digest}", insecure
+
+
+def _check_len(name: str, items: Sized | None, limit: int) -> None:
+    if items is not None and len(items) > limit:
+        raise SpecError(f"config.{name} has {len(items)} items; at most {limit} are allowed")
+
+
+def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
+    """The RunConfig of a claimed job; SpecError (with a user-facing text) when it cannot run here."""
+    spec, config = job.spec, job.config
+    if spec.sandbox is None:
+        if not options.allow_no_sandbox:
+            raise SpecError(NO_SANDBOX_ERROR)
+    elif spec.sandbox not in SANDBOXES:
+        raise SpecError(f"spec.sandbox={spec.sandbox!r} is not supported; this runner supports firecracker")
+    if spec.cpu < 1:
+        raise SpecError(f"spec.cpu={spec.cpu}: a job needs at least 1 CPU")
+    if spec.memory < 1:
+        raise SpecError(f"spec.memory={spec.memory}: memory must be at least 1 byte")
+    if spec.disk < 1:
+        raise SpecError(f"spec.disk={spec.disk}: disk must be at least 1 byte")
+    if config.timeout < 1:
+        raise SpecError(f"config.timeout={config.timeout}: the timeout must be at least 1 second")
+    _check_len("entrypoint", config.entrypoint, MAX_ENTRYPOINT_LEN)
+    _check_len("cmd", config.cmd, MAX_CMD_LEN)
+    _check_len("env", config.env, MAX_ENV_LEN)
+    _check_len("file_paths", config.file_paths, MAX_FILE_PATHS_LEN)
+    if config.build_time:
+        raise SpecError("config.build_time is not supported yet by this runner")
+    if config.file_size:
+        raise SpecError("config.file_size is not supported yet by this runner")
+    iterations = 1 if config.iter is None else config.iter
+    if iterations < 0:
+        raise SpecError(f"config.iter={iterations}: the iteration count cannot be negative")
+    file_paths = config.file_paths or []
+    if len(file_paths) > options.max_file_count:
+        raise SpecError(
+            f"config.file_paths has {len(file_paths)} items; this runner allows at most "
+            f"{options.max_file_count} (--max-file-count)"
+        )
+    image, insecure = image_reference(config, options.image_layout)
+    return make_run_config(
+        image=image,
+        insecure_registry=insecure,
+        token=job.oci_token,
+        entrypoint=tuple(config.entrypoint) if config.entrypoint is not None else None,
+        cmd=tuple(config.cmd) if config.cmd is not None else None,
+        env=dict(config.env or {}),
+        vcpus=spec.cpu,
+        memory_mib=bytes_to_mib(spec.memory),
+        disk_mib=bytes_to_mib(spec.disk),
+        network=spec.network,
+        timeout_s=config.timeout,
+        iterations=iterations,
+        allow_failure=bool(config.allow_failure),
+        output_paths=tuple(file_paths),
+        max_output_bytes=options.max_output_bytes,
+        max_file_count=options.max_file_count,
+        grace_period_s=options.grace_period_s,
+        accel=options.accel,
+    )
