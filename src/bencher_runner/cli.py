@@ -108,6 +108,20 @@ def main() -> None:
     "--network", is_flag=True, help="Give the guest a NAT'd network interface (default: none at all)."
 )
 @click.option(
+    "--sandbox",
+    type=click.Choice(["qemu", "none"]),
+    default="qemu",
+    show_default=True,
+    help="qemu: a microVM; none: directly on this host from the unpacked image (no isolation).",
+)
+@click.option(
+    "--max-symlinks",
+    type=click.IntRange(0),
+    default=40,
+    show_default=True,
+    help="With --sandbox none: symlinks followed resolving a path in the image.",
+)
+@click.option(
     "--accel",
     type=click.Choice(["auto", "kvm", "tcg"]),
     default="auto",
@@ -152,6 +166,8 @@ def run(
     max_file_count: int,
     grace_period: int,
     network: bool,
+    sandbox: str,
+    max_symlinks: int,
     accel: str,
     kernel: Path | None,
     kernel_modules: Path | None,
@@ -167,6 +183,13 @@ def run(
 
     if cmd_opts and cmd_args:
         raise click.UsageError("give the command either with --cmd or after --, not both")
+    source = click.get_current_context().get_parameter_source
+    if sandbox == "none" and network:
+        raise click.UsageError(
+            "--network needs a sandbox: with --sandbox none the command uses the host's network"
+        )
+    if sandbox == "qemu" and source("max_symlinks") == click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--max-symlinks applies to --sandbox none only")
     cmd = cmd_opts or cmd_args
     try:
         config = make_run_config(
@@ -185,6 +208,8 @@ def run(
             max_file_count=max_file_count,
             grace_period_s=grace_period,
             network=network,
+            backend=sandbox,
+            max_symlinks=max_symlinks,
             accel=accel,
             kernel=kernel,
             kernel_modules=kernel_modules,

@@ -22,6 +22,7 @@ from bencher_runner.rootfs import build_rootfs
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
+from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
 from bencher_runner.sandbox.network import user_nat
@@ -144,6 +145,10 @@ class Job:
                 f"{len(cfg.output_paths)} output files requested, more than the limit of "
                 f"{cfg.max_file_count}; request fewer files or raise --max-file-count"
             )
+        if cfg.backend == "none":
+            self.state.sandbox = SandboxInfo("none", "none", cfg.vcpus, cfg.memory_mib, cfg.disk_mib, True)
+            self.reporter.warn("--sandbox none: the benchmark runs directly on this host, unisolated")
+            return self._in_work_dir(lambda work: self._run_on_host(work, image))
         bundle = resolve_bundle(self.cache, cfg.kernel, cfg.kernel_modules)
         agent = find_agent()
         qemu = find_qemu()
@@ -159,17 +164,19 @@ class Job:
             "qemu", accel.accel, cfg.vcpus, cfg.memory_mib, cfg.disk_mib, cfg.network
         )
 
+        return self._in_work_dir(lambda work: self._run_in(work, image, bundle, agent, accel))
+
+    def _in_work_dir(self, body: Callable[[Path], RunnerError | None]) -> RunnerError | None:
         root = work_root(self.cache)
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="job-", dir=root))
         try:
-            return self._run_in(work, image, bundle, agent, accel)
+            return body(work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _run_in(
-        self, work: Path, image: LocalImage, bundle: KernelBundle, agent: Path, accel: AccelChoice
-    ) -> RunnerError | None:
+    def _unpack(self, work: Path, image: LocalImage) -> tuple[Path, Launch]:
+        """Unpack the image into work/tree and resolve what to run (Docker rules, image's passwd)."""
         cfg = self.config
         tree = work / "tree"
         tree.mkdir()
@@ -193,6 +200,60 @@ class Job:
             group=read_image_file(tree, "etc/group"),
         )
         ensure_directory(tree, launch.cwd)
+        return tree, launch
+
+    def _run_on_host(self, work: Path, image: LocalImage) -> RunnerError | None:
+        cfg = self.config
+        template, launch = self._unpack(work, image)
+        for index in range(cfg.iterations):
+            if self.cancel.is_set():
+                raise CanceledError("the job was canceled")
+            label = f"iteration {index + 1}/{cfg.iterations}"
+            tree = work / f"iter-{index + 1}"
+            if index == cfg.iterations - 1:
+                template.rename(tree)
+            else:
+                subprocess.run(["cp", "-a", "--reflink=auto", str(template), str(tree)], check=True)
+            self.reporter.phase(f"{label}: running on the host (no sandbox)")
+            run = run_on_host(
+                tree,
+                launch,
+                timeout_s=cfg.timeout_s,
+                max_output=cfg.max_output_bytes,
+                outputs=cfg.output_paths,
+                max_symlinks=cfg.max_symlinks,
+                cancel=self.cancel,
+            )
+            self.state.timings["command_s"] = run.elapsed_s
+            output = IterationOutput(
+                exit_code=TIMEOUT_EXIT_CODE if run.timed_out else run.exit_code,
+                stdout=bytes(run.stdout.data),
+                stderr=bytes(run.stderr.data),
+                output=run.files,
+                missing=run.missing,
+                truncated=tuple(
+                    [n for n, s in (("stdout", run.stdout), ("stderr", run.stderr)) if s.total > len(s.data)]
+                    + [p for p, data in run.files.items() if run.file_sizes[p] > len(data)]
+                ),
+            )
+            self.state.results.append(output)
+            if self.cancel.is_set():
+                raise CanceledError("the job was canceled while the benchmark ran")
+            if run.timed_out:
+                raise JobTimeoutError(
+                    f"the benchmark timed out after {cfg.timeout_s} s ({label}) and was killed; "
+                    "raise --timeout if it needs longer"
+                )
+            self.reporter.iteration(index, output)
+            if output.exit_code != 0 and not cfg.allow_failure:
+                return RunnerError(f"benchmark exited with non-zero exit code {output.exit_code} in {label}")
+        return None
+
+    def _run_in(
+        self, work: Path, image: LocalImage, bundle: KernelBundle, agent: Path, accel: AccelChoice
+    ) -> RunnerError | None:
+        cfg = self.config
+        tree, launch = self._unpack(work, image)
         template = work / "rootfs.ext4"
         self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
         self._timed("mkfs", lambda: build_rootfs(tree, template, cfg.disk_mib))

@@ -6,6 +6,7 @@ Human mode: progress on stderr, the benchmark's stdout to stdout and its stderr 
 """
 
 import json
+import signal
 import sys
 from pathlib import Path, PurePosixPath
 from typing import IO
@@ -76,10 +77,16 @@ def save_outputs(result: RunResult, output_dir: Path) -> None:
             target.write_bytes(data)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run_command(
     config: RunConfig, *, cache: Path, as_json: bool, quiet: bool, output_dir: Path | None = None
 ) -> int:
     reporter = ConsoleReporter(echo_output=not as_json, quiet=quiet)
+    # SIGTERM unwinds like Ctrl-C, so the VM is killed and the work directory removed.
+    signal.signal(signal.SIGTERM, _terminate)
     result = run_job(config, cache=cache, reporter=reporter)
     if output_dir is not None:
         save_outputs(result, output_dir)

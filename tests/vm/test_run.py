@@ -161,3 +161,26 @@ def test_tagged_layout_with_several_images(tmp_path: Path, busybox_layer: list[E
     assert runner("--image", f"{dest}:two", "--json").doc["results"][0]["stdout"] == "second\n"
     ambiguous = runner("--image", str(dest), "--json")
     assert ambiguous.returncode == 2 and "one" in ambiguous.doc["error"] and "two" in ambiguous.doc["error"]
+
+
+def test_sigterm_stops_the_vm_and_cleans_up(plain_image: str) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from bencher_runner.paths import cache_dir, work_root
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bencher_runner", "run", "--image", plain_image, "--", "/bin/sleep", "600"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    work = work_root(cache_dir())
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not list(work.glob("*/iter-1/serial.log")):
+        time.sleep(0.2)
+    time.sleep(1)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    # the autouse fixture checks that no VM and no work directory is left

@@ -200,8 +200,9 @@ class _Missing(Exception):
 class _Tree:
     """``dest`` seen as a root filesystem: resolves paths with chroot semantics, never leaves it."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, max_symlinks: int = MAX_SYMLINKS) -> None:
         self.root = os.fspath(root)
+        self.max_symlinks = max_symlinks
         self._dirs: set[str] = set()  # real (non-symlink) directories seen, as relative paths
 
     def host(self, rel: str) -> str:
@@ -244,9 +245,9 @@ class _Tree:
                 continue
             if stat.S_ISLNK(st.st_mode):
                 links += 1
-                if links > MAX_SYMLINKS:
+                if links > self.max_symlinks:
                     raise UnsafeImageError(
-                        f"{where}: more than {MAX_SYMLINKS} symbolic links while resolving "
+                        f"{where}: more than {self.max_symlinks} symbolic links while resolving "
                         f"{_q('/'.join(parts))} (a symlink loop?); {_HOSTILE}"
                     )
                 target = os.readlink(path)
@@ -604,35 +605,49 @@ def ensure_directory(dest: Path, path: str) -> None:
     tree.resolve_dir([p for p in path.split("/") if p], create=True, where=f"working directory {_q(path)}")
 
 
-def read_image_file(dest: Path, path: str, limit: int = 1 << 20) -> str | None:
-    """A small regular file of the unpacked image (/etc/passwd), resolved inside ``dest``; None if absent.
+def resolve_in_tree(dest: Path, path: str, *, max_symlinks: int = MAX_SYMLINKS) -> Path | None:
+    """Where ``path`` (absolute in the image, symlinks followed as the image sees them) lies in ``dest``.
 
-    Symlinks (in the parents and the file itself) are followed the way the guest would follow them.
+    None when it does not exist; UnsafeImageError past ``max_symlinks`` links. Never outside ``dest``.
     """
-    tree = _Tree(dest)
+    tree = _Tree(dest, max_symlinks)
     parts = [p for p in path.split("/") if p]
-    rel_parts: list[str] = parts
-    for _ in range(MAX_SYMLINKS):
+    for _ in range(max_symlinks + 1):
+        if not parts:
+            return Path(tree.root)
         try:
-            parent = tree.resolve_dir(rel_parts[:-1], create=False, where=_q(path))
-        except (_Missing, ImageError):
+            parent = tree.resolve_dir(parts[:-1], create=False, where=_q(path))
+        except _Missing:
             return None
-        full = tree.host(_join(parent, rel_parts[-1]))
+        if parts[-1] == "..":
+            parts = [*(parent.split("/")[:-1] if parent else [])]
+            continue
+        full = tree.host(_join(parent, parts[-1]))
         try:
             st = os.lstat(full)
         except OSError:
             return None
-        if stat.S_ISLNK(st.st_mode):
-            target = os.readlink(full)
-            base = [] if target.startswith("/") else parent.split("/") if parent else []
-            rel_parts = [*base, *(p for p in target.split("/") if p)]
-            continue
-        if not stat.S_ISREG(st.st_mode):
+        if not stat.S_ISLNK(st.st_mode):
+            return Path(full)
+        target = os.readlink(full)
+        base = [] if target.startswith("/") else parent.split("/") if parent else []
+        parts = [*base, *(p for p in target.split("/") if p)]
+    raise UnsafeImageError(f"more than {max_symlinks} symbolic links while resolving {_q(path)}")
+
+
+def read_image_file(dest: Path, path: str, limit: int = 1 << 20) -> str | None:
+    """A small regular file of the unpacked image (/etc/passwd), resolved inside ``dest``; None if absent."""
+    try:
+        full = resolve_in_tree(dest, path)
+    except ImageError:
+        return None
+    if full is None:
+        return None
+    try:
+        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
             return None
-        try:
-            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-        except OSError:
-            return None
-        with os.fdopen(fd, "rb") as f:
-            return f.read(limit).decode("utf-8", errors="replace")
-    return None
+        return f.read(limit).decode("utf-8", errors="replace")

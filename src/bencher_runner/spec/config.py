@@ -17,7 +17,7 @@ MIN_MEMORY_MIB = 64
 DEFAULT_MAX_OUTPUT = 25 * MIB
 
 Accel = Literal["auto", "kvm", "tcg"]
-Backend = Literal["qemu"]
+Backend = Literal["qemu", "none"]  # "none": on the host, no sandbox
 
 
 class RunConfig(BaseModel):
@@ -37,6 +37,7 @@ class RunConfig(BaseModel):
     output_paths: tuple[str, ...] = ()
     max_file_count: int = Field(default=255, ge=0)
     grace_period_s: int = Field(default=1, ge=1, le=900)
+    max_symlinks: int = Field(default=40, ge=0)
     network: bool = False
     # Registry pulls (image given as host[:port]/repo[:tag][@digest]); never logged.
     token: SecretStr | None = None

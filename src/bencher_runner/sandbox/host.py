@@ -1,0 +1,145 @@
+"""No sandbox (`--sandbox none`): run the command directly on the host from the unpacked tree.
+
+For people testing an image quickly and for trusted jobs only (the daemon refuses such jobs unless
+started with --danger-allow-no-sandbox). The environment is cleared then set, the program and the
+working dir and output files are resolved inside the tree (symlinks followed at most --max-symlinks
+times, never out of it), the image's user is taken when the runner is root, stdout/stderr are
+capped like the guest agent caps them (read and dropped, so the command never blocks), and the
+timeout kills the whole process group.
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+from bencher_runner.oci.unpack import resolve_in_tree
+from bencher_runner.spec.errors import ImageError
+from bencher_runner.spec.launch import Launch
+
+READ_CHUNK = 64 * 1024
+
+
+@dataclass
+class CappedStream:
+    limit: int
+    data: bytearray = field(default_factory=bytearray)
+    total: int = 0
+
+    def drain(self, pipe: IO[bytes]) -> None:
+        while chunk := pipe.read1(READ_CHUNK):  # type: ignore[attr-defined]
+            self.total += len(chunk)
+            room = self.limit - len(self.data)
+            if room > 0:
+                self.data += chunk[:room]
+
+
+@dataclass(frozen=True)
+class HostRun:
+    exit_code: int
+    stdout: CappedStream
+    stderr: CappedStream
+    files: dict[str, bytes]
+    file_sizes: dict[str, int]
+    missing: dict[str, str]
+    timed_out: bool
+    elapsed_s: float
+
+
+def find_program(tree: Path, launch: Launch, max_symlinks: int) -> Path | None:
+    """argv[0] inside the tree: a path as given (relative to the working dir), else a PATH search."""
+    program = launch.argv[0]
+    if "/" in program:
+        candidates = [program if program.startswith("/") else f"{launch.cwd.rstrip('/')}/{program}"]
+    else:
+        search = dict(launch.env).get("PATH", "")
+        candidates = [f"{d.rstrip('/') or ''}/{program}" for d in search.split(":") if d.startswith("/")]
+    for candidate in candidates:
+        found = resolve_in_tree(tree, candidate, max_symlinks=max_symlinks)
+        if found is not None and found.is_file():
+            return found
+    return None
+
+
+def run_on_host(
+    tree: Path,
+    launch: Launch,
+    *,
+    timeout_s: float,
+    max_output: int,
+    outputs: tuple[str, ...],
+    max_symlinks: int,
+    cancel: threading.Event,
+) -> HostRun:
+    started = time.monotonic()
+    stdout, stderr = CappedStream(max_output), CappedStream(max_output)
+    program = find_program(tree, launch, max_symlinks)
+    cwd = resolve_in_tree(tree, launch.cwd, max_symlinks=max_symlinks)
+    if program is None or cwd is None or not cwd.is_dir():
+        what = f'exec "{launch.argv[0]}"' if program is None else f'chdir "{launch.cwd}"'
+        stderr.data += f"bencher-runner: {what}: No such file or directory\n".encode()
+        return HostRun(127, stdout, stderr, {}, {}, {}, False, 0.0)
+    as_root = os.geteuid() == 0
+    proc = subprocess.Popen(
+        list(launch.argv),  # argv[0] as given (busybox-style programs dispatch on it)
+        executable=str(program),
+        cwd=cwd,
+        env=dict(launch.env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        user=launch.user.uid if as_root else None,
+        group=launch.user.gid if as_root else None,
+        extra_groups=list(launch.user.groups) if as_root else None,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    readers = [
+        threading.Thread(target=stream.drain, args=(pipe,), daemon=True)
+        for stream, pipe in ((stdout, proc.stdout), (stderr, proc.stderr))
+    ]
+    for reader in readers:
+        reader.start()
+    deadline = started + timeout_s
+    timed_out = False
+    while proc.poll() is None:
+        if cancel.is_set() or time.monotonic() >= deadline:
+            timed_out = not cancel.is_set()
+            break
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and everything it started
+    code = proc.wait()
+    for reader in readers:
+        reader.join(timeout=2)
+    elapsed = time.monotonic() - started
+    exit_code = 128 - code if code < 0 else code
+    files, sizes, missing = collect_files(tree, launch.cwd, outputs, max_output, max_symlinks)
+    return HostRun(exit_code, stdout, stderr, files, sizes, missing, timed_out, elapsed)
+
+
+def collect_files(
+    tree: Path, cwd: str, outputs: tuple[str, ...], max_output: int, max_symlinks: int
+) -> tuple[dict[str, bytes], dict[str, int], dict[str, str]]:
+    files: dict[str, bytes] = {}
+    sizes: dict[str, int] = {}
+    missing: dict[str, str] = {}
+    for path in outputs:
+        absolute = path if path.startswith("/") else f"{cwd.rstrip('/')}/{path}"
+        try:
+            found = resolve_in_tree(tree, absolute, max_symlinks=max_symlinks)
+        except ImageError as err:  # too many symlinks: report it, do not fail the job
+            missing[path] = str(err)
+            continue
+        if found is None or not found.is_file():
+            missing[path] = "No such file or directory" if found is None else "not a regular file"
+            continue
+        with found.open("rb") as f:
+            files[path] = f.read(max_output)
+            sizes[path] = os.fstat(f.fileno()).st_size
+    return files, sizes, missing

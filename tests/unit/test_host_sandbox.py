@@ -1,0 +1,94 @@
+"""`--sandbox none`: the command runs on the host from the unpacked image, confined to its tree."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from tests.support.oci_builder import Entry, build_layout, layer_from_dir
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = tmp_path_factory.mktemp("tree")
+    (root / "bin").mkdir()
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    for applet in ("sh", "echo", "cat", "pwd", "env", "sleep", "id", "ls", "true"):
+        (root / "bin" / applet).symlink_to("busybox")
+    (root / "etc").mkdir()
+    (root / "etc" / "passwd").write_text("root:x:0:0::/root:/bin/sh\nbench:x:1000:1000::/home:/bin/sh\n")
+    extra = [
+        Entry("data/inside.txt", data=b"inside"),
+        Entry("data/escape", type="symlink", linkname="/etc/hostname"),  # the image's, not the host's
+        Entry("data/loop", type="symlink", linkname="loop"),
+    ]
+    dest = tmp_path_factory.mktemp("layout")
+    build_layout(
+        dest, [layer_from_dir(root), extra], {"Env": ["PATH=/bin", "FROM_IMAGE=1"], "WorkingDir": "/data"}
+    )
+    return str(dest)
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bencher_runner", "run", "--sandbox", "none", "--json", *args],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    return proc.returncode, json.loads(proc.stdout), proc.stderr.decode()
+
+
+def test_env_cleared_then_set_and_cwd_inside_the_tree(image: str) -> None:
+    code, doc, stderr = run(
+        "--image", image, "--env", "JOB=2", "--", "sh", "-c", "pwd; env | sort", env={"HOST_SECRET": "x"}
+    )
+    assert code == 0, stderr
+    lines = doc["results"][0]["stdout"].splitlines()
+    assert lines[0].endswith("/iter-1/data")  # the image WorkingDir, inside the job's tree
+    assert "FROM_IMAGE=1" in lines and "JOB=2" in lines
+    assert not any(line.startswith("HOST_SECRET") for line in lines)
+    assert doc["sandbox"]["backend"] == "none"
+    assert "unisolated" in stderr
+
+
+def test_program_is_found_in_the_tree_not_on_the_host(image: str) -> None:
+    code, doc, _ = run("--image", image, "--", "python3", "-c", "print(1)")  # exists on the host only
+    assert code == 1 and doc["results"][0]["exit_code"] == 127
+
+
+def test_exit_code_and_image_user(image: str) -> None:
+    code, doc, _ = run("--image", image, "--", "sh", "-c", "exit 42")
+    assert code == 1 and doc["results"][0]["exit_code"] == 42
+
+
+def test_output_files_resolve_inside_the_tree(image: str) -> None:
+    code, doc, stderr = run(
+        "--image", image, "--output", "inside.txt", "--output", "escape", "--output", "loop", "--", "true"
+    )
+    assert code == 0, stderr
+    result = doc["results"][0]
+    assert result["output"] == {"inside.txt": "inside"}
+    assert set(result["missing"]) == {"escape", "loop"}  # /etc/hostname is absent in the image
+
+
+def test_timeout_kills_the_process_group(image: str) -> None:
+    started = time.monotonic()
+    code, doc, _ = run("--image", image, "--timeout", "2", "--", "sh", "-c", "echo go; sleep 100 & sleep 100")
+    assert time.monotonic() - started < 30
+    assert code == 1 and "timed out after 2 s" in doc["error"]
+    assert doc["results"][0]["stdout"] == "go\n"
+    assert subprocess.run(["pgrep", "-f", "sleep 100"], capture_output=True).stdout == b""
+
+
+def test_network_needs_a_sandbox(image: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bencher_runner", "run", "--sandbox", "none", "--network", "--image", image],
+        capture_output=True,
+    )
+    assert proc.returncode == 2 and b"--network needs a sandbox" in proc.stderr
