@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from bencher_runner import __version__
+from bencher_runner.daemon.command import daemon_command
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, make_run_config
 from bencher_runner.spec.errors import RunnerError
@@ -226,14 +227,8 @@ def _cache(override: Path | None) -> Path:
     return cache_dir(override)
 
 
-@main.command(context_settings=CONTEXT)
-def daemon() -> None:
-    """Serve a Bencher API: claim jobs, run them, report results (not implemented yet)."""
-    click.echo("runner: error: `runner daemon` is not implemented yet (see the daemon issue)", err=True)
-    sys.exit(2)
-
-
-main.add_command(daemon, name="up")
+main.add_command(daemon_command, name="daemon")
+main.add_command(daemon_command, name="up")
 
 
 @main.group(context_settings=CONTEXT)

@@ -132,30 +132,36 @@ Action = (
 # Terminal messages
 
 
+def _wire_len(value: str) -> int:
+    return len(json.dumps(value, ensure_ascii=False).encode())
+
+
 def _truncate_largest(results: list[Message], excess: int) -> bool:
-    """Cut the largest stdout/stderr/output string by at least `excess` bytes; False if none is left."""
-    best: tuple[int, Message, str] | None = None
+    """Cut the largest (on the wire) stdout/stderr/output string by about `excess` bytes; False if
+    there is nothing left to cut."""
+    best: tuple[int, dict[str, Any], str] | None = None
     for entry in results:
-        for key in ("stdout", "stderr"):
-            value = entry.get(key)
-            if isinstance(value, str) and value and (best is None or len(value) > best[0]):
-                best = (len(value), entry, key)
+        holders: list[tuple[dict[str, Any], str]] = [(entry, k) for k in ("stdout", "stderr")]
         output = entry.get("output")
         if isinstance(output, dict):
-            for path, value in output.items():
-                if isinstance(value, str) and value and (best is None or len(value) > best[0]):
-                    best = (len(value), output, path)
+            holders += [(output, k) for k in output]
+        for holder, key in holders:
+            value = holder.get(key)
+            if isinstance(value, str) and value:
+                size = _wire_len(value)
+                if best is None or size > best[0]:
+                    best = (size, holder, key)
     if best is None:
         return False
-    length, holder, key = best
+    size, holder, key = best
     value = holder[key]
     if value.endswith(TRUNCATION_NOTE):
         value = value[: -len(TRUNCATION_NOTE)]
-        length = len(value)
-    keep = max(0, length - excess - len(TRUNCATION_NOTE) - 16)
-    keep = min(keep, length // 2) if length > 64 * 1024 else keep  # big strings: halve (escapes grow)
-    holder[key] = value[:keep] + TRUNCATION_NOTE if keep else ""
-    if not holder[key] and holder is not None and key in ("stdout", "stderr"):
+    target = size - excess - len(TRUNCATION_NOTE) - 16
+    keep = int(len(value) * target / size) if target > 0 else 0
+    keep = min(keep, len(value) - 1)
+    holder[key] = value[:keep] + TRUNCATION_NOTE if keep > 0 else ""
+    if not holder[key] and key in ("stdout", "stderr"):
         del holder[key]
     return True
 
@@ -171,8 +177,14 @@ def cap_message(message: Message, max_bytes: int) -> Message:
         return message
     msg = json.loads(encode(message))
     results: list[Message] = msg.get("results", [])
+    original_error = msg.get("error")
     dropped = 0
     for _ in range(10_000):
+        note = "outputs truncated to fit the message size limit"
+        if dropped:
+            note += f"; {dropped} iteration result(s) dropped"
+        if msg["event"] == "failed":
+            msg["error"] = f"{original_error or ''} ({note})"
         size = len(encode(msg).encode())
         if size <= max_bytes:
             break
@@ -181,11 +193,6 @@ def cap_message(message: Message, max_bytes: int) -> Message:
                 break
             results.pop()
             dropped += 1
-    note = "outputs truncated to fit the message size limit"
-    if dropped:
-        note += f"; {dropped} iteration result(s) dropped"
-    if msg["event"] == "failed":
-        msg["error"] = f"{msg.get('error', '')} ({note})"
     return dict(msg)
 
 

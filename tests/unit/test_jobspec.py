@@ -1,0 +1,100 @@
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bencher_runner.fakeserver import default_config, default_spec
+from bencher_runner.spec.errors import SpecError
+from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+from bencher_runner.spec.units import MIB
+
+UUID = "550e8400-e29b-41d4-a716-446655440000"
+
+
+def job(spec: dict[str, Any] | None = None, **config: Any) -> dict[str, Any]:
+    return {
+        "event": "job",
+        "uuid": UUID,
+        "spec": spec or default_spec(),
+        "config": default_config(**config),
+        "oci_token": "a.b.c",
+        "timeout": 60,
+        "surprise": True,
+    }
+
+
+def build(msg: dict[str, Any], **options: Any) -> Any:
+    return build_config_from_job(parse_job(msg), JobOptions(**options))
+
+
+def test_full_mapping() -> None:
+    spec = default_spec(cpu=4, memory=512 * MIB + 1, disk=2048 * MIB, network=True)
+    cfg = build(
+        job(
+            spec,
+            registry="https://registry.bencher.dev/",
+            entrypoint=["/bin/sh", "-c"],
+            cmd=["bench"],
+            env={"A": "1"},
+            file_paths=["/out.json"],
+            iter=3,
+            allow_failure=True,
+            timeout=120,
+        )
+    )
+    assert cfg.image == f"registry.bencher.dev/{default_config()['project']}@sha256:{'a' * 64}"
+    assert not cfg.insecure_registry
+    assert (cfg.vcpus, cfg.memory_mib, cfg.disk_mib, cfg.network) == (4, 513, 2048, True)
+    assert cfg.entrypoint == ("/bin/sh", "-c") and cfg.cmd == ("bench",) and cfg.env == {"A": "1"}
+    assert cfg.output_paths == ("/out.json",) and cfg.iterations == 3 and cfg.allow_failure
+    assert cfg.timeout_s == 120
+    assert cfg.token is not None and cfg.token.get_secret_value() == "a.b.c"
+
+
+def test_http_registry_and_legacy_layout() -> None:
+    cfg = build(job(registry="http://127.0.0.1:5000/"), image_layout="legacy")
+    assert cfg.insecure_registry
+    assert cfg.image.startswith("127.0.0.1:5000/11111111-2222-3333-4444-555555555555/images@sha256:")
+
+
+def test_defaults_and_iter_zero() -> None:
+    assert build(job()).iterations == 1
+    assert build(job(iter=0)).iterations == 0
+
+
+@pytest.mark.parametrize(
+    ("spec", "config", "text"),
+    [
+        ({"cpu": 0}, {}, "at least 1 CPU"),
+        ({"memory": 0}, {}, "memory"),
+        ({"sandbox": "gvisor"}, {}, "not supported"),
+        ({"sandbox": None}, {}, "--danger-allow-no-sandbox"),
+        ({}, {"entrypoint": ["x"] * 65}, "at most 64"),
+        ({}, {"cmd": ["x"] * 65}, "at most 64"),
+        ({}, {"env": {f"V{i}": "" for i in range(256)}}, "at most 255"),
+        ({}, {"file_paths": [f"/f{i}" for i in range(256)]}, "at most 255"),
+        ({}, {"build_time": True}, "not supported yet"),
+        ({}, {"file_size": True}, "not supported yet"),
+        ({}, {"digest": "sha256:short"}, "config.digest"),
+    ],
+)
+def test_invalid(spec: dict[str, Any], config: dict[str, Any], text: str) -> None:
+    with pytest.raises(SpecError, match=text.replace("-", "\\-")):
+        build(job(default_spec(**spec), **config))
+
+
+def test_no_sandbox_allowed_with_flag() -> None:
+    assert build(job(default_spec(sandbox=None)), allow_no_sandbox=True).vcpus == 1
+
+
+def test_missing_fields() -> None:
+    with pytest.raises(SpecError, match="spec"):
+        parse_job({"event": "job", "uuid": UUID, "config": default_config()})
+
+
+@given(st.integers(min_value=64 * MIB, max_value=2**40), st.integers(min_value=64 * MIB, max_value=2**40))
+def test_bytes_to_mib_through_the_job(memory: int, disk: int) -> None:
+    cfg = build(job(default_spec(memory=memory, disk=disk)))
+    assert cfg.memory_mib * MIB >= memory > (cfg.memory_mib - 1) * MIB
+    assert cfg.disk_mib * MIB >= disk > (cfg.disk_mib - 1) * MIB
