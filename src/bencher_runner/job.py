@@ -5,6 +5,8 @@ failure becomes a RunResult with status "failed" and the error's user-facing tex
 (earlier iterations, output produced before a timeout) are kept.
 """
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -170,10 +172,15 @@ class Job:
         root = work_root(self.cache)
         root.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="job-", dir=root))
+        # Held while the job lives: remove_stale_work_dirs skips locked dirs, so only a crashed
+        # runner's leftovers are removed, never a concurrent job's.
+        lock = os.open(work / LOCK_NAME, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             return body(work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+            os.close(lock)
 
     def _unpack(self, work: Path, image: LocalImage) -> tuple[Path, Launch]:
         """Unpack the image into work/tree and resolve what to run (Docker rules, image's passwd)."""
@@ -420,6 +427,37 @@ class Job:
         return SandboxError(
             f"the VM stopped without reporting a result ({detail})\nserial console:\n{serial_tail(serial)}"
         )
+
+
+LOCK_NAME = ".lock"
+STARTING_GRACE_S = 60
+
+
+def remove_stale_work_dirs(cache: Path) -> list[Path]:
+    """Remove work dirs no live job holds (left by a runner that was killed); returns them."""
+    removed = []
+    root = work_root(cache)
+    for work in sorted(root.glob("job-*")) if root.is_dir() else []:
+        try:
+            lock = os.open(work / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            lock = None  # killed before it took its lock, or a job starting right now
+            with contextlib.suppress(OSError):
+                if time.time() - work.stat().st_mtime < STARTING_GRACE_S:
+                    continue
+        except OSError:
+            continue
+        try:
+            if lock is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # a live job
+        finally:
+            if lock is not None:
+                os.close(lock)
+        shutil.rmtree(work, ignore_errors=True)
+        removed.append(work)
+    return removed
 
 
 def copy_sparse(src: Path, dest: Path) -> None:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -92,3 +93,25 @@ def test_network_needs_a_sandbox(image: str) -> None:
         capture_output=True,
     )
     assert proc.returncode == 2 and b"--network needs a sandbox" in proc.stderr
+
+
+def test_stale_work_dirs_are_removed_but_live_ones_kept(tmp_path: Path) -> None:
+    import fcntl
+
+    from bencher_runner.job import LOCK_NAME, remove_stale_work_dirs
+    from bencher_runner.paths import work_root
+
+    root = work_root(tmp_path)
+    stale, live, starting = root / "job-stale", root / "job-live", root / "job-starting"
+    for work in (stale, live, starting):
+        work.mkdir(parents=True)
+    (stale / LOCK_NAME).touch()
+    old = time.time() - 3600
+    os.utime(stale, (old, old))
+    lock = os.open(live / LOCK_NAME, os.O_CREAT | os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        assert remove_stale_work_dirs(tmp_path) == [stale]
+    finally:
+        os.close(lock)
+    assert live.exists() and starting.exists() and not stale.exists()

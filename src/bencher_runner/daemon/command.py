@@ -144,6 +144,10 @@ def daemon_command(
             accel="kvm" if accel == "kvm" else "tcg" if accel == "tcg" else "auto",
         ),
     )
+    from bencher_runner.job import remove_stale_work_dirs
+
+    for leftover in remove_stale_work_dirs(cache):  # a crashed daemon's jobs (its VMs died with it)
+        logging.getLogger("bencher_runner.daemon").info("removed a crashed job's work dir %s", leftover)
     try:
         code = run_daemon(settings, default_executor(cache))
     except RunnerError as err:
