@@ -109,6 +109,13 @@ def main() -> None:
     "--network", is_flag=True, help="Give the guest a NAT'd network interface (default: none at all)."
 )
 @click.option(
+    "--network-mode",
+    type=click.Choice(["user", "tap"]),
+    default="user",
+    show_default=True,
+    help="With --network: user-mode NAT in QEMU, or a TAP device in a per-job network namespace (root).",
+)
+@click.option(
     "--sandbox",
     type=click.Choice(["qemu", "none"]),
     default="qemu",
@@ -167,6 +174,7 @@ def run(
     max_file_count: int,
     grace_period: int,
     network: bool,
+    network_mode: str,
     sandbox: str,
     max_symlinks: int,
     accel: str,
@@ -209,6 +217,7 @@ def run(
             max_file_count=max_file_count,
             grace_period_s=grace_period,
             network=network,
+            network_mode=network_mode,
             backend=sandbox,
             max_symlinks=max_symlinks,
             accel=accel,

@@ -27,7 +27,8 @@ from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
 from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
-from bencher_runner.sandbox.network import user_nat
+from bencher_runner.sandbox.netns import JobNetwork, job_network, release_stale_network
+from bencher_runner.sandbox.network import NetworkPlan, user_nat
 from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_output_disk, read_output_disk
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
@@ -115,6 +116,7 @@ class Job:
         self.reporter = reporter or Reporter()
         self.cancel = cancel or threading.Event()
         self.state = JobState()
+        self.network: JobNetwork | None = None
 
     def run(self) -> RunResult:
         started = time.monotonic()
@@ -266,8 +268,23 @@ class Job:
         self._timed("mkfs", lambda: build_rootfs(tree, template, cfg.disk_mib))
         shutil.rmtree(tree)
         base = base_initramfs(self.cache, agent, bundle.modules)
-        job_config = encode_agent_config(self._agent_config(launch))
+        with contextlib.ExitStack() as stack:
+            if cfg.network and cfg.network_mode == "tap":
+                self.reporter.phase("creating the job's network namespace and TAP device")
+                self.network = stack.enter_context(job_network(work))
+            job_config = encode_agent_config(self._agent_config(launch))  # holds the guest's addresses
+            return self._iterations(work, template, base, bundle, job_config, accel)
 
+    def _iterations(
+        self,
+        work: Path,
+        template: Path,
+        base: Path,
+        bundle: KernelBundle,
+        job_config: bytes,
+        accel: AccelChoice,
+    ) -> RunnerError | None:
+        cfg = self.config
         for index in range(cfg.iterations):
             if self.cancel.is_set():
                 raise CanceledError("the job was canceled")
@@ -296,8 +313,11 @@ class Job:
             groups=launch.user.groups,
             max_output=self.config.max_output_bytes,
             outputs=self.config.output_paths,
-            network=user_nat().guest if self.config.network else None,
+            network=self._network_plan().guest if self.config.network else None,
         )
+
+    def _network_plan(self) -> NetworkPlan:
+        return self.network.plan if self.network is not None else user_nat()
 
     def _boot(
         self,
@@ -324,7 +344,7 @@ class Job:
             memory_mib=cfg.memory_mib,
             accel=accel.accel,
             cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),
-            network=user_nat() if cfg.network else None,
+            network=self._network_plan() if cfg.network else None,
         )
         self.reporter.phase(f"{label}: booting VM ({cfg.vcpus} vCPU, {cfg.memory_mib} MiB, {accel.accel})")
         t0 = time.monotonic()
@@ -332,7 +352,8 @@ class Job:
         timed_out = canceled = grace_expired = False
         watcher = ExitWatcher(out_disk)
         grace_deadline: float | None = None
-        with QemuVm(spec, it_dir / "qemu.log") as vm:
+        prefix = self.network.command_prefix() if self.network is not None else None
+        with QemuVm(spec, it_dir / "qemu.log", prefix) as vm:
             status = None
             while status is None:
                 status = vm.wait(min(deadline, grace_deadline or deadline, time.monotonic() + 0.1))
@@ -455,6 +476,7 @@ def remove_stale_work_dirs(cache: Path) -> list[Path]:
         finally:
             if lock is not None:
                 os.close(lock)
+        release_stale_network(work)
         shutil.rmtree(work, ignore_errors=True)
         removed.append(work)
     return removed

@@ -79,10 +79,11 @@ def test_network_reaches_a_host_loopback_server(
 
 def test_no_network_cannot_reach_the_host(plain_image: str, counting_server: tuple[int, list[str]]) -> None:
     port, hits = counting_server
-    run = runner(
-        "--image", plain_image, "--json", "--", "/bin/sh", "-c", f"wget -T 3 -qO- http://10.0.2.2:{port}/"
-    )
-    assert run.doc["results"][0]["exit_code"] != 0
+    script = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc 10.0.2.2 {port}; echo rc=$?"
+    run = runner("--image", plain_image, "--json", "--", "/bin/sh", "-c", script)
+    result = run.doc["results"][0]
+    assert result["stdout"] == "rc=1\n"
+    assert "Network is unreachable" in result["stderr"]  # no interface but lo: no route at all
     assert hits == []
 
 

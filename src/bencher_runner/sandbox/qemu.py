@@ -79,10 +79,10 @@ class QemuVm:
     so a runner that is killed never leaves a VM behind. Start and wait from the same thread.
     """
 
-    def __init__(self, spec: VmSpec, log_path: Path) -> None:
+    def __init__(self, spec: VmSpec, log_path: Path, prefix: list[str] | None = None) -> None:
         self.spec = spec
         self.log_path = log_path
-        self.argv = qemu_argv(find_qemu(), spec)
+        self.argv = [*(prefix or []), *qemu_argv(find_qemu(), spec)]  # prefix: e.g. `ip netns exec NS`
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> "QemuVm":

@@ -39,6 +39,7 @@ class RunConfig(BaseModel):
     grace_period_s: int = Field(default=1, ge=1, le=900)
     max_symlinks: int = Field(default=40, ge=0)
     network: bool = False
+    network_mode: Literal["user", "tap"] = "user"  # user-mode NAT, or a TAP in a per-job netns
     # Registry pulls (image given as host[:port]/repo[:tag][@digest]); never logged.
     token: SecretStr | None = None
     registry_username: str | None = None
