@@ -5,11 +5,14 @@ Flags map one to one onto RunConfig; `BENCHER_RUNNER_*` env vars give defaults w
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
 from bencher_runner import __version__
 from bencher_runner.daemon.command import daemon_command
+from bencher_runner.host.commands import doctor_command
+from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, make_run_config
 from bencher_runner.spec.errors import RunnerError
@@ -34,7 +37,17 @@ def main() -> None:
 
 
 @main.command(context_settings=CONTEXT)
-@click.option("--image", required=True, help="OCI image layout directory, optionally DIR:TAG.")
+@click.option(
+    "--image",
+    required=True,
+    help="OCI layout directory (DIR or DIR:TAG), or registry reference host[:port]/repo[:tag][@digest].",
+)
+@click.option("--token", envvar="BENCHER_RUNNER_TOKEN", help="Bearer token for the registry (never logged).")
+@click.option("--registry-username", help="Registry user, for registries that want a password login.")
+@click.option("--registry-password", envvar="BENCHER_RUNNER_REGISTRY_PASSWORD", help="Registry password.")
+@click.option(
+    "--insecure-registry", is_flag=True, help="Pull over plain HTTP (for loopback test registries)."
+)
 @click.option(
     "--entrypoint",
     multiple=True,
@@ -117,10 +130,10 @@ def main() -> None:
 )
 @click.option(
     "--sandbox",
-    type=click.Choice(["qemu", "none"]),
+    type=click.Choice(["qemu", "firecracker", "none"]),
     default="qemu",
     show_default=True,
-    help="qemu: a microVM; none: directly on this host from the unpacked image (no isolation).",
+    help="qemu or firecracker: a microVM; none: on this host from the unpacked image (no isolation).",
 )
 @click.option(
     "--max-symlinks",
@@ -156,8 +169,30 @@ def main() -> None:
 )
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
+@click.option(
+    "--firecracker",
+    "firecracker_bin",
+    type=click.Path(path_type=Path),
+    envvar="BENCHER_RUNNER_FIRECRACKER",
+    help="With --sandbox firecracker: the firecracker binary (default: from PATH).",
+)
+@click.option(
+    "--jailer", type=click.Path(path_type=Path), help="With --sandbox firecracker: run it under this jailer."
+)
+@click.option(
+    "--sandbox-log-level",
+    type=click.Choice(["Error", "Warning", "Info", "Debug", "Trace", "Off"], case_sensitive=False),
+    default="Warning",
+    show_default=True,
+    help="Firecracker's log level.",
+)
+@tuning_options
 def run(
     image: str,
+    token: str | None,
+    registry_username: str | None,
+    registry_password: str | None,
+    insecure_registry: bool,
     entrypoint: tuple[str, ...],
     cmd_opts: tuple[str, ...],
     cmd_args: tuple[str, ...],
@@ -183,6 +218,10 @@ def run(
     cache_dir: Path | None,
     as_json: bool,
     quiet: bool,
+    firecracker_bin: Path | None,
+    jailer: Path | None,
+    sandbox_log_level: str,
+    **tuning_flags: Any,
 ) -> None:
     """Run an OCI image's entrypoint/cmd inside a microVM and print its output.
 
@@ -200,9 +239,14 @@ def run(
     if sandbox == "qemu" and source("max_symlinks") == click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--max-symlinks applies to --sandbox none only")
     cmd = cmd_opts or cmd_args
+    tuning = tuning_options_from(tuning_flags)
     try:
         config = make_run_config(
             image=image,
+            token=token,
+            registry_username=registry_username,
+            registry_password=registry_password,
+            insecure_registry=insecure_registry,
             entrypoint=entrypoint or None,
             cmd=cmd or None,
             env=_parse_env(env_opts),
@@ -220,6 +264,9 @@ def run(
             network_mode=network_mode,
             backend=sandbox,
             max_symlinks=max_symlinks,
+            firecracker=firecracker_bin,
+            jailer=jailer,
+            sandbox_log_level=sandbox_log_level.capitalize(),
             accel=accel,
             kernel=kernel,
             kernel_modules=kernel_modules,
@@ -228,7 +275,14 @@ def run(
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(EXIT_USAGE)
     sys.exit(
-        run_command(config, cache=_cache(cache_dir), as_json=as_json, quiet=quiet, output_dir=output_dir)
+        run_command(
+            config,
+            cache=_cache(cache_dir),
+            as_json=as_json,
+            quiet=quiet,
+            output_dir=output_dir,
+            tuning=tuning,
+        )
     )
 
 
@@ -237,6 +291,7 @@ def _cache(override: Path | None) -> Path:
 
 
 main.add_command(daemon_command, name="daemon")
+main.add_command(doctor_command, name="doctor")
 main.add_command(daemon_command, name="up")
 
 
@@ -278,3 +333,48 @@ def kernel_show(cache_dir: Path | None) -> None:
     click.echo(f"kernel {bundle.release}: {bundle.kernel}")
     for module in bundle.modules:
         click.echo(f"  module {module}")
+
+
+@main.group(context_settings=CONTEXT)
+def cache() -> None:
+    """Inspect and prune the image blob cache."""
+
+
+@cache.command("ls", context_settings=CONTEXT)
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
+    """List cached blobs, least recently used first."""
+    import json
+
+    from bencher_runner.oci.blobcache import image_cache_dir, list_cache
+
+    entries = list_cache(image_cache_dir(_cache(cache_dir)))
+    if as_json:
+        doc = [{"digest": e.digest, "size": e.size, "last_used": e.last_used.isoformat()} for e in entries]
+        click.echo(json.dumps(doc))
+        return
+    for e in entries:
+        used = e.last_used.strftime("%Y-%m-%d %H:%M")
+        click.echo(f"{e.digest}  {e.size / 2**20:10.1f} MiB  {used}")
+    click.echo(f"{len(entries)} blobs, {sum(e.size for e in entries) / 2**20:.1f} MiB")
+
+
+@cache.command("prune", context_settings=CONTEXT)
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+@click.option(
+    "--max-size", type=click.IntRange(0), help="Keep at most this many MiB (least recently used go)."
+)
+@click.option("--all", "prune_all", is_flag=True, help="Remove every cached blob.")
+def cache_prune(cache_dir: Path | None, max_size: int | None, prune_all: bool) -> None:
+    """Remove cached blobs, least recently used first."""
+    from bencher_runner.oci.blobcache import image_cache_dir, prune_cache
+
+    if prune_all == (max_size is not None):
+        raise click.UsageError("give exactly one of --max-size MiB or --all")
+    limit = None if max_size is None else max_size * 2**20
+    result = prune_cache(image_cache_dir(_cache(cache_dir)), limit)
+    click.echo(
+        f"removed {len(result.removed)} blobs ({result.freed_bytes / 2**20:.1f} MiB); "
+        f"kept {result.kept_count} ({result.kept_bytes / 2**20:.1f} MiB)"
+    )

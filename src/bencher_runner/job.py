@@ -17,13 +17,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bencher_runner.oci.layout import LocalImage, open_layout
+from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_qemu_threads
+from bencher_runner.host.tuning import TuningOptions, tuned_host
+from bencher_runner.oci.blobcache import image_cache_dir
+from bencher_runner.oci.layout import LocalImage
+from bencher_runner.oci.pull import PullProgress
+from bencher_runner.oci.source import credentials_for, open_image
 from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
 from bencher_runner.paths import work_root
 from bencher_runner.rootfs import build_rootfs
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
+from bencher_runner.sandbox.firecracker import (
+    FirecrackerVm,
+    JailerConfig,
+    find_firecracker,
+    find_jailer,
+    require_kvm,
+)
 from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
@@ -32,6 +44,7 @@ from bencher_runner.sandbox.network import NetworkPlan, user_nat
 from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_output_disk, read_output_disk
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
+from bencher_runner.sandbox.vmlinux import extract_vmlinux
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import (
     AgentError,
@@ -69,6 +82,7 @@ class JobState:
     results: list[IterationOutput] = field(default_factory=list)
     sandbox: SandboxInfo | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)
 
 
 def serial_tail(serial: Path) -> str:
@@ -110,18 +124,27 @@ class Job:
         cache: Path,
         reporter: Reporter | None = None,
         cancel: threading.Event | None = None,
+        tuning: TuningOptions | None = None,
     ) -> None:
         self.config = config
+        self.tuning = tuning or TuningOptions(enabled=False)
+        self.layout: CpuLayout | None = None
         self.cache = cache
         self.reporter = reporter or Reporter()
         self.cancel = cancel or threading.Event()
         self.state = JobState()
         self.network: JobNetwork | None = None
+        self.firecracker: str | None = None
+        self.vmlinux = Path()
 
     def run(self) -> RunResult:
         started = time.monotonic()
         try:
-            error: RunnerError | None = self._run()
+            with tuned_host(self.tuning, log=self.reporter.phase) as report:
+                self.state.metadata["tuning"] = report.to_dict()
+                self.layout = partition(online_cpus())  # after tuning: SMT off changes the online CPUs
+                self.state.metadata["cpus"] = self.layout.to_dict()
+                error: RunnerError | None = self._run()
         except RunnerError as err:
             error = err
         self.state.timings["total_s"] = time.monotonic() - started
@@ -131,8 +154,14 @@ class Job:
             sandbox=self.state.sandbox,
             error=str(error) if error else None,
             timings=self.state.timings,
+            metadata=self.state.metadata,
             failure=error,
         )
+
+    def _pull_progress(self, event: PullProgress) -> None:
+        if event.kind == "layer" and (event.complete or event.cached):
+            how = "cached" if event.cached else "pulled"
+            self.reporter.phase(f"layer {event.digest[:19]}… {how} ({event.total / MIB:.1f} MiB)")
 
     def _timed(self, name: str, fn: Callable[[], object]) -> None:
         t0 = time.monotonic()
@@ -141,7 +170,15 @@ class Job:
 
     def _run(self) -> RunnerError | None:
         cfg = self.config
-        image = open_layout(cfg.image)
+        t0 = time.monotonic()
+        image = open_image(
+            cfg.image,
+            cache_dir=image_cache_dir(self.cache),
+            credentials=credentials_for(cfg),
+            insecure=cfg.insecure_registry,
+            progress=self._pull_progress,
+        )
+        self.state.timings["image_s"] = time.monotonic() - t0
         self.reporter.phase(f"image {image.manifest_digest[:19]}… verified ({len(image.layers)} layers)")
         resolve_command(image.config.config.entrypoint, image.config.config.cmd, cfg.entrypoint, cfg.cmd)
         if len(cfg.output_paths) > cfg.max_file_count:
@@ -155,17 +192,27 @@ class Job:
             return self._in_work_dir(lambda work: self._run_on_host(work, image))
         bundle = resolve_bundle(self.cache, cfg.kernel, cfg.kernel_modules)
         agent = find_agent()
-        qemu = find_qemu()
-        accel = choose_accel(
-            cfg.accel,
-            lambda: cached_kvm_problem(
-                self.cache, qemu, bundle.kernel, lambda: probe_kvm_boot(qemu, bundle.kernel)
-            ),
-        )
+        if cfg.backend == "firecracker":
+            self.firecracker = find_firecracker(cfg.firecracker)
+            if cfg.accel == "tcg":
+                raise SpecError("--sandbox firecracker runs on KVM only; use --sandbox qemu for --accel tcg")
+            require_kvm()
+            if cfg.network and cfg.network_mode != "tap":
+                raise SpecError("--sandbox firecracker has no user-mode NAT: use --network-mode tap")
+            self.vmlinux = extract_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")
+            accel = AccelChoice("kvm", "Firecracker runs on KVM")
+        else:
+            qemu = find_qemu()
+            accel = choose_accel(
+                cfg.accel,
+                lambda: cached_kvm_problem(
+                    self.cache, qemu, bundle.kernel, lambda: probe_kvm_boot(qemu, bundle.kernel)
+                ),
+            )
         if accel.warning:
             self.reporter.warn(accel.warning)
         self.state.sandbox = SandboxInfo(
-            "qemu", accel.accel, cfg.vcpus, cfg.memory_mib, cfg.disk_mib, cfg.network
+            cfg.backend, accel.accel, cfg.vcpus, cfg.memory_mib, cfg.disk_mib, cfg.network
         )
 
         return self._in_work_dir(lambda work: self._run_in(work, image, bundle, agent, accel))
@@ -343,7 +390,7 @@ class Job:
             vcpus=cfg.vcpus,
             memory_mib=cfg.memory_mib,
             accel=accel.accel,
-            cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),
+            cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),  # Firecracker swaps reboot=t for =k
             network=self._network_plan() if cfg.network else None,
         )
         self.reporter.phase(f"{label}: booting VM ({cfg.vcpus} vCPU, {cfg.memory_mib} MiB, {accel.accel})")
@@ -352,8 +399,8 @@ class Job:
         timed_out = canceled = grace_expired = False
         watcher = ExitWatcher(out_disk)
         grace_deadline: float | None = None
-        prefix = self.network.command_prefix() if self.network is not None else None
-        with QemuVm(spec, it_dir / "qemu.log", prefix) as vm:
+        with self._make_vm(spec, it_dir) as vm:
+            self._pin(vm.pid)
             status = None
             while status is None:
                 status = vm.wait(min(deadline, grace_deadline or deadline, time.monotonic() + 0.1))
@@ -372,7 +419,7 @@ class Job:
                 if canceled or grace_expired or timed_out:
                     break
             vm.kill()
-            qemu_log = vm.qemu_log()
+            vm_log = vm.log()
         self.state.timings["vm_s"] = self.state.timings.get("vm_s", 0.0) + time.monotonic() - t0
         report = read_output_disk(out_disk, max_output=cfg.max_output_bytes)
         self._record_guest_timings(report)
@@ -385,7 +432,7 @@ class Job:
                 "raise --timeout if it needs longer"
             )
         if report.exit is None:
-            raise self._no_result_error(report, spec.serial_log, status, qemu_log)
+            raise self._no_result_error(report, spec.serial_log, status, vm_log)
         if grace_expired and not report.done:
             self.reporter.warn(
                 f"{label}: the guest did not finish writing results within the {cfg.grace_period_s} s grace "
@@ -433,9 +480,42 @@ class Job:
             self.state.timings["boot_to_command_s"] = report.exit.start_ns / 1e9
             self.state.timings["command_s"] = (report.exit.end_ns - report.exit.start_ns) / 1e9
 
-    @staticmethod
+    def _pin(self, pid: int | None) -> None:
+        """Under KVM, vCPU threads go to the benchmark cores (TCG timings are emulated anyway)."""
+        layout = self.layout
+        if pid is None or layout is None or not layout.has_isolation or self.state.sandbox is None:
+            return
+        if self.state.sandbox.accel == "kvm":
+            for problem in pin_qemu_threads(pid, layout.benchmark):
+                self.reporter.warn(problem)
+
+    def _make_vm(self, spec: VmSpec, it_dir: Path) -> QemuVm | FirecrackerVm:
+        cfg = self.config
+        prefix = self.network.command_prefix() if self.network is not None else None
+        if cfg.backend != "firecracker":
+            return QemuVm(spec, it_dir / "qemu.log", prefix)
+        jailer = None
+        if cfg.jailer is not None:
+            jailer = JailerConfig(
+                jailer=find_jailer(cfg.jailer),
+                uid=cfg.jailer_uid,
+                gid=cfg.jailer_gid,
+                chroot_base=cfg.jailer_chroot_base,
+                netns=self.network.name if self.network is not None else None,
+            )
+            prefix = None  # the jailer joins the namespace itself
+        return FirecrackerVm(
+            spec,
+            self.vmlinux,
+            it_dir,
+            firecracker=self.firecracker,
+            jailer=jailer,
+            log_level=cfg.sandbox_log_level,
+            prefix=prefix,
+        )
+
     def _no_result_error(
-        report: GuestReport, serial: Path, status: int | None, qemu_log: str
+        self, report: GuestReport, serial: Path, status: int | None, vm_log: str
     ) -> SandboxError:
         if report.errors:
             return AgentError(f"the guest agent failed: {'; '.join(report.errors)}")
@@ -444,7 +524,8 @@ class Job:
             return GuestPanicError(
                 f"the guest kernel panicked: {panic}\nserial console:\n{serial_tail(serial)}"
             )
-        detail = f"QEMU exited with status {status}" + (f": {qemu_log}" if qemu_log else "")
+        backend = "Firecracker" if self.config.backend == "firecracker" else "QEMU"
+        detail = f"{backend} exited with status {status}" + (f": {vm_log}" if vm_log else "")
         return SandboxError(
             f"the VM stopped without reporting a result ({detail})\nserial console:\n{serial_tail(serial)}"
         )
@@ -495,6 +576,11 @@ def copy_sparse(src: Path, dest: Path) -> None:
 
 
 def run_job(
-    config: RunConfig, *, cache: Path, reporter: Reporter | None = None, cancel: threading.Event | None = None
+    config: RunConfig,
+    *,
+    cache: Path,
+    reporter: Reporter | None = None,
+    cancel: threading.Event | None = None,
+    tuning: TuningOptions | None = None,
 ) -> RunResult:
-    return Job(config, cache=cache, reporter=reporter, cancel=cancel).run()
+    return Job(config, cache=cache, reporter=reporter, cancel=cancel, tuning=tuning).run()

@@ -13,6 +13,7 @@ from typing import IO
 
 from rich.console import Console
 
+from bencher_runner.host.tuning import TuningOptions, restore_leftover_tuning
 from bencher_runner.job import Reporter, remove_stale_work_dirs, run_job
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SpecError
@@ -82,14 +83,21 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def run_command(
-    config: RunConfig, *, cache: Path, as_json: bool, quiet: bool, output_dir: Path | None = None
+    config: RunConfig,
+    *,
+    cache: Path,
+    as_json: bool,
+    quiet: bool,
+    output_dir: Path | None = None,
+    tuning: TuningOptions | None = None,
 ) -> int:
     reporter = ConsoleReporter(echo_output=not as_json, quiet=quiet)
     # SIGTERM unwinds like Ctrl-C, so the VM is killed and the work directory removed.
     signal.signal(signal.SIGTERM, _terminate)
+    restore_leftover_tuning(log=reporter.warn)
     for leftover in remove_stale_work_dirs(cache):
         reporter.phase(f"removed {leftover.name}, left by a runner that was killed")
-    result = run_job(config, cache=cache, reporter=reporter)
+    result = run_job(config, cache=cache, reporter=reporter, tuning=tuning)
     if output_dir is not None:
         save_outputs(result, output_dir)
     for index, output in enumerate(result.results, start=1):

@@ -3,11 +3,13 @@
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 import platformdirs
 
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
+from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.paths import APP
 from bencher_runner.paths import cache_dir as default_cache_dir
 from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
@@ -101,6 +103,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     help="VM accelerator.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (the key is still never logged).")
+@tuning_options
 def daemon_command(
     host: str,
     runner: str,
@@ -118,9 +121,11 @@ def daemon_command(
     image_layout: str = "bencher",
     accel: str = "auto",
     verbose: bool = False,
+    **tuning_flags: Any,
 ) -> None:
     """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
     cache = default_cache_dir(cache_dir)
+    tuning = tuning_options_from(tuning_flags)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -144,12 +149,14 @@ def daemon_command(
             accel="kvm" if accel == "kvm" else "tcg" if accel == "tcg" else "auto",
         ),
     )
+    from bencher_runner.host.tuning import restore_leftover_tuning
     from bencher_runner.job import remove_stale_work_dirs
 
+    restore_leftover_tuning(log=logging.getLogger("bencher_runner.daemon").warning)
     for leftover in remove_stale_work_dirs(cache):  # a crashed daemon's jobs (its VMs died with it)
         logging.getLogger("bencher_runner.daemon").info("removed a crashed job's work dir %s", leftover)
     try:
-        code = run_daemon(settings, default_executor(cache))
+        code = run_daemon(settings, default_executor(cache, tuning))
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(1)

@@ -25,6 +25,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 
 from bencher_runner import __version__
 from bencher_runner.daemon.outbox import Outbox
+from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Action,
@@ -122,13 +123,13 @@ class DaemonSettings:
     open_timeout: float = 10.0
 
 
-def default_executor(cache: Path) -> Executor:
+def default_executor(cache: Path, tuning: TuningOptions | None = None) -> Executor:
     """The real executor: `job.run_job` with the cache dir (imported lazily: it pulls in the VM stack)."""
 
     def run(config: RunConfig, cancel: threading.Event) -> RunResult:
         from bencher_runner.job import run_job
 
-        return run_job(config, cache=cache, cancel=cancel)
+        return run_job(config, cache=cache, cancel=cancel, tuning=tuning)
 
     return run
 

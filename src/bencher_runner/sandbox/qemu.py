@@ -122,7 +122,7 @@ class QemuVm:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
-    def qemu_log(self) -> str:
+    def log(self) -> str:
         try:
             return self.log_path.read_text(errors="replace").strip()
         except OSError:

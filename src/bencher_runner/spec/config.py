@@ -17,7 +17,7 @@ MIN_MEMORY_MIB = 64
 DEFAULT_MAX_OUTPUT = 25 * MIB
 
 Accel = Literal["auto", "kvm", "tcg"]
-Backend = Literal["qemu", "none"]  # "none": on the host, no sandbox
+Backend = Literal["qemu", "firecracker", "none"]  # "none": on the host, no sandbox
 
 
 class RunConfig(BaseModel):
@@ -46,6 +46,12 @@ class RunConfig(BaseModel):
     registry_password: SecretStr | None = None
     insecure_registry: bool = False
     backend: Backend = "qemu"
+    firecracker: Path | None = None  # the binary (else BENCHER_RUNNER_FIRECRACKER, else PATH)
+    jailer: Path | None = None  # with it, Firecracker runs under the jailer (chroot, uid/gid drop)
+    jailer_uid: int = Field(default=65534, ge=0)
+    jailer_gid: int = Field(default=65534, ge=0)
+    jailer_chroot_base: Path = Path("/srv/jailer")
+    sandbox_log_level: Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"] = "Warning"
     accel: Accel = "auto"
     kernel: Path | None = None
     kernel_modules: Path | None = None

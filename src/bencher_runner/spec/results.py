@@ -71,6 +71,7 @@ class RunResult:
     sandbox: SandboxInfo | None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    metadata: dict[str, object] = field(default_factory=dict)  # host tuning state, CPU layout
     failure: RunnerError | None = field(default=None, compare=False)  # the error behind `error`
 
     def to_json(self) -> dict[str, Any]:
@@ -80,4 +81,6 @@ class RunResult:
         doc["sandbox"] = self.sandbox.to_json() if self.sandbox else None
         if self.timings:
             doc["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        if self.metadata:
+            doc["host"] = self.metadata
         return doc

@@ -1,0 +1,1 @@
+"""Host-side isolation: CPU layout and pinning, per-job cgroups, host tuning, and `runner doctor`."""

@@ -1,0 +1,151 @@
+"""Registry image references: ``host[:port]/path[:tag][@sha256:…]`` parsed strictly.
+
+A reference names where the runner connects and which repository it asks for, so it is parsed with
+the distribution grammar (lowercase path components, bounded tags, validated digests) instead of being
+split loosely: a typo becomes an error naming the reference, never a request to a surprising host.
+The registry host is always explicit (no implicit Docker Hub), and ``http://`` is used only when asked.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from bencher_runner.oci.digest import is_digest
+from bencher_runner.spec.errors import ImageError
+
+_HOST_RE = re.compile(
+    r"(?:localhost|\[[0-9a-fA-F:.]+\]|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
+    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*)(?::[0-9]{1,5})?"
+)
+_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+MAX_REPOSITORY_LENGTH = 255
+DOCKER_HUB_ALIASES = {"docker.io": "registry-1.docker.io", "index.docker.io": "registry-1.docker.io"}
+
+_FORMS = "use HOST[:PORT]/REPOSITORY[:TAG][@sha256:DIGEST], e.g. registry.example.com/team/bench:v1"
+
+
+@dataclass(frozen=True)
+class ImageReference:
+    """One image in a registry; at least one of ``tag``/``digest`` is meaningful (tag defaults to latest).
+
+    ``registry`` is ``host[:port]`` as written; ``insecure`` selects plain HTTP.
+    """
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+    insecure: bool = False
+
+    @property
+    def scheme(self) -> str:
+        return "http" if self.insecure else "https"
+
+    @property
+    def base_url(self) -> str:
+        """``scheme://host[:port]`` (Docker Hub names mapped to its API host)."""
+        return f"{self.scheme}://{DOCKER_HUB_ALIASES.get(self.registry, self.registry)}"
+
+    @property
+    def reference(self) -> str:
+        """What to ask the manifests endpoint for: the digest when known, else the tag (or latest)."""
+        return self.digest or self.tag or "latest"
+
+    @property
+    def pull_spec(self) -> str:
+        """The text :func:`parse_reference` turns back into this reference (``http://`` kept)."""
+        return f"http://{self}" if self.insecure else str(self)
+
+    def __str__(self) -> str:
+        text = f"{self.registry}/{self.repository}"
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+
+def _looks_like_host(part: str) -> bool:
+    return "." in part or ":" in part or part == "localhost" or part.startswith("[")
+
+
+def parse_reference(text: str, *, insecure: bool = False) -> ImageReference:
+    """Parse ``[http[s]://]host[:port]/path[:tag][@digest]``; ``http://`` or ``insecure``: plain HTTP."""
+    original = text
+    if text.startswith("http://"):
+        insecure, text = True, text[len("http://") :]
+    elif text.startswith("https://"):
+        text = text[len("https://") :]
+    if not text or any(c.isspace() for c in text):
+        raise ImageError(f"invalid image reference {original!r}: empty or contains spaces; {_FORMS}")
+
+    digest: str | None = None
+    if "@" in text:
+        text, _, digest = text.partition("@")
+        if not is_digest(digest):
+            raise ImageError(
+                f"invalid image reference {original!r}: {digest!r} is not a digest (expected sha256: "
+                f"followed by 64 lowercase hex digits); {_FORMS}"
+            )
+
+    host, slash, rest = text.partition("/")
+    if not slash or not _looks_like_host(host):
+        raise ImageError(
+            f"invalid image reference {original!r}: it does not start with a registry host (and is not an "
+            f"existing local image layout); {_FORMS}, or pass an OCI layout directory DIR[:TAG]"
+        )
+    if not _HOST_RE.fullmatch(host):
+        raise ImageError(
+            f"invalid image reference {original!r}: {host!r} is not a valid host[:port]; {_FORMS}"
+        )
+
+    tag: str | None = None
+    last_slash = rest.rfind("/")
+    colon = rest.rfind(":")
+    if colon > last_slash:
+        rest, tag = rest[:colon], rest[colon + 1 :]
+        if not _TAG_RE.fullmatch(tag):
+            raise ImageError(
+                f"invalid image reference {original!r}: tag {tag!r} is not valid (letters, digits, _ . -, "
+                f"at most 128, not starting with . or -); {_FORMS}"
+            )
+    components = rest.split("/")
+    bad = next((c for c in components if not _COMPONENT_RE.fullmatch(c)), None)
+    if bad is not None:
+        raise ImageError(
+            f"invalid image reference {original!r}: repository path component {bad!r} is not valid "
+            f"(lowercase letters, digits and single separators . _ __ -); {_FORMS}"
+        )
+    if len(rest) > MAX_REPOSITORY_LENGTH:
+        raise ImageError(
+            f"invalid image reference {original!r}: the repository name is longer than "
+            f"{MAX_REPOSITORY_LENGTH} characters; {_FORMS}"
+        )
+    return ImageReference(registry=host, repository=rest, tag=tag, digest=digest, insecure=insecure)
+
+
+def reference_for_job(registry_url: str, project: str, digest: str) -> ImageReference:
+    """The image of a Bencher job: ``{registry host[:port]}/{project}@{digest}``.
+
+    ``registry_url`` is the job's ``config.registry``: ``http://`` means plain HTTP, ``https://`` or no
+    scheme means TLS.
+    """
+    url = registry_url.strip()
+    if "://" not in url:
+        url = "https://" + url
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+        raise ImageError(
+            f"the job's registry {registry_url!r} is not a registry URL (expected http(s)://HOST[:PORT]); "
+            "check the server's registry configuration"
+        )
+    if not is_digest(digest):
+        raise ImageError(
+            f"the job's image digest {digest!r} is not a valid digest (expected sha256: followed by 64 "
+            "lowercase hex digits); the server sent a malformed job"
+        )
+    ref = parse_reference(f"{parts.netloc}/{project.lower()}@{digest}", insecure=parts.scheme == "http")
+    return ref

@@ -1,0 +1,454 @@
+"""A small OCI distribution-spec client (pull only) on httpx.
+
+The runner pulls with whatever a job or the user hands it: a job's short-lived Bearer JWT (sent
+directly, and used to answer a ``WWW-Authenticate: Bearer`` challenge), a username/password, or
+nothing. Everything a registry returns is untrusted: manifests are read with a size bound, blob bodies
+are hashed while they stream and never allowed past their descriptor's size, and the caller compares
+digests. Transient failures (connection drops, 429, 5xx) are retried with backoff and an interrupted
+blob resumes with a Range request. Secrets never appear in messages or reprs.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import httpx
+
+from bencher_runner import __version__
+from bencher_runner.oci.digest import Hasher, parse_digest
+from bencher_runner.oci.layout import INDEX_TYPES, MANIFEST_TYPES
+from bencher_runner.oci.reference import ImageReference
+from bencher_runner.spec.errors import ImageError
+
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
+MAX_ERROR_BODY_BYTES = 64 * 1024
+NET_CHUNK_SIZE = 64 * 1024  # small enough that a dropped connection loses little before a resume
+REALM_REFRESH_SECONDS = 30.0  # a realm token refused later than this (expired mid-pull) is fetched anew
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
+USER_AGENT = f"bencher-runner/{__version__}"
+
+_PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How to authenticate to a registry: a Bearer ``token`` (a job's ``oci_token``), or a username and
+    password (Basic, or exchanged at a token realm). ``repr`` never shows a secret."""
+
+    token: str | None = field(default=None, repr=False)
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return (
+            f"Credentials(token={'***' if self.token else None}, username={self.username!r}, "
+            f"password={'***' if self.password else None})"
+        )
+
+    @property
+    def has_basic(self) -> bool:
+        return self.username is not None and self.password is not None
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """A parsed ``WWW-Authenticate`` header: the scheme (lowercased) and its parameters."""
+
+    scheme: str
+    params: dict[str, str]
+
+
+def parse_challenge(header: str) -> Challenge | None:
+    """Parse ``Bearer realm="…",service="…",scope="…"`` (or ``Basic realm="…"``); None if unparseable.
+
+    httpx has no parser for challenges, and registries send exactly one, so only the first is read.
+    """
+    scheme, _, rest = header.strip().partition(" ")
+    if not scheme or not re.fullmatch(r"[A-Za-z0-9_.-]+", scheme):
+        return None
+    params: dict[str, str] = {}
+    pos = 0
+    while pos < len(rest):
+        m = _PARAM_RE.match(rest, pos)
+        if m is None or m.end() == pos:
+            break
+        value = m.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        params[m.group(1).lower()] = value
+        pos = m.end()
+    return Challenge(scheme.lower(), params)
+
+
+@dataclass(frozen=True)
+class FetchedManifest:
+    """A manifest or index body as served, with its Content-Type and Docker-Content-Digest header."""
+
+    data: bytes
+    media_type: str
+    header_digest: str | None
+
+
+def _error_detail(resp: httpx.Response) -> str:
+    """A short description of an error response: status plus the registry's first error code/message."""
+    try:
+        body = b""
+        for chunk in resp.iter_bytes():
+            body += chunk
+            if len(body) > MAX_ERROR_BODY_BYTES:
+                break
+    except httpx.HTTPError:
+        body = b""
+    detail = f"HTTP {resp.status_code}"
+    try:
+        errors = json.loads(body[:MAX_ERROR_BODY_BYTES]).get("errors") or []
+        first = errors[0]
+        detail += f": {first.get('code', '')} {first.get('message', '')}".rstrip()
+    except (ValueError, AttributeError, IndexError, TypeError):
+        text = body[:200].decode("utf-8", "replace").strip()
+        if text:
+            detail += f": {text}"
+    return detail
+
+
+class RegistryClient:
+    """Pulls manifests and blobs of one repository. Thread-safe: layers may be fetched in parallel."""
+
+    def __init__(
+        self,
+        ref: ImageReference,
+        credentials: Credentials | None = None,
+        *,
+        retries: int = 4,
+        backoff: float = 0.5,
+        max_backoff: float = 20.0,
+        timeout: float = 60.0,
+        verify: bool | str = True,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.ref = ref
+        self._creds = credentials or Credentials()
+        self._retries = retries
+        self._backoff = backoff
+        self._max_backoff = max_backoff
+        self._client = httpx.Client(
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            verify=verify,
+            transport=transport,
+            headers={"User-Agent": USER_AGENT},
+            follow_redirects=True,
+        )
+        self._lock = threading.Lock()
+        self._auth: str | None = f"Bearer {self._creds.token}" if self._creds.token else None
+        self._realm_fetched_at: float | None = None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- plumbing -----------------------------------------------------------------------------------
+
+    @property
+    def _where(self) -> str:
+        return f"registry {self.ref.registry}"
+
+    def _url(self, kind: str, reference: str) -> str:
+        return f"{self.ref.base_url}/v2/{self.ref.repository}/{kind}/{reference}"
+
+    def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        delay = min(self._backoff * (2**attempt), self._max_backoff)
+        if resp is not None:
+            retry_after = resp.headers.get("retry-after", "")
+            if retry_after.isdigit():
+                delay = min(float(retry_after), self._max_backoff)
+        time.sleep(delay)
+
+    def _send_once(self, method: str, url: str, headers: dict[str, str], auth: str | None) -> httpx.Response:
+        hdrs = dict(headers)
+        if auth is not None:
+            hdrs["Authorization"] = auth
+        request = self._client.build_request(method, url, headers=hdrs)
+        return self._client.send(request, stream=True)
+
+    def _request(self, method: str, url: str, headers: dict[str, str], what: str) -> httpx.Response:
+        """Send with retries (transport errors, 429/5xx) and one authentication round on 401.
+
+        Returns the final (streaming) response, whatever its status; the caller closes it.
+        """
+        attempt = 0
+        authenticated = False
+        while True:
+            auth = self._auth
+            try:
+                resp = self._send_once(method, url, headers, auth)
+            except httpx.TransportError as e:
+                if attempt >= self._retries:
+                    raise ImageError(
+                        f"cannot fetch {what} from {self._where} ({type(e).__name__}: {e}) after "
+                        f"{attempt + 1} attempts; check that the registry is reachable and retry"
+                    ) from None
+                self._sleep(attempt)
+                attempt += 1
+                continue
+            if resp.status_code == 401 and not authenticated:
+                challenge = resp.headers.get("www-authenticate", "")
+                detail = _error_detail(resp)
+                resp.close()
+                authenticated = True
+                self._authenticate(challenge, auth, detail)
+                continue
+            if resp.status_code in RETRY_STATUSES and attempt < self._retries:
+                _error_detail(resp)
+                resp.close()
+                self._sleep(attempt, resp)
+                attempt += 1
+                continue
+            return resp
+
+    def _authenticate(self, header: str, used: str | None, detail: str) -> None:
+        with self._lock:
+            if self._auth != used:  # another thread already refreshed the credentials
+                return
+            challenge = parse_challenge(header) if header else None
+            if challenge is not None and challenge.scheme == "basic" and self._creds.has_basic:
+                raw = f"{self._creds.username}:{self._creds.password}".encode()
+                self._auth = "Basic " + base64.b64encode(raw).decode()
+                return
+            if challenge is not None and challenge.scheme == "bearer" and "realm" in challenge.params:
+                last = self._realm_fetched_at
+                if last is not None and time.monotonic() - last < REALM_REFRESH_SECONDS:
+                    return  # the realm's fresh token was refused too: let the caller report the 401
+                self._auth = "Bearer " + self._fetch_token(challenge)
+                self._realm_fetched_at = time.monotonic()
+                return
+            raise self._unauthorized(detail)
+
+    def _unauthorized(self, detail: str) -> ImageError:
+        repo = self.ref.repository
+        if self._creds.token:
+            return ImageError(
+                f"{self._where} refused the pull token for repository {repo} ({detail}); the job's token "
+                "may have expired or not grant pull on this repository"
+            )
+        if self._creds.has_basic:
+            return ImageError(
+                f"{self._where} refused the credentials of user {self._creds.username!r} for repository "
+                f"{repo} ({detail}); check the registry username and password"
+            )
+        return ImageError(
+            f"{self._where} requires authentication to pull repository {repo} ({detail}); pass a token "
+            "or a registry username and password"
+        )
+
+    def _fetch_token(self, challenge: Challenge) -> str:
+        realm = challenge.params["realm"]
+        if not realm.startswith(("https://", "http://")):
+            raise ImageError(
+                f"{self._where} named an invalid token realm {realm!r} in its challenge; the registry is "
+                "misconfigured, contact its operator"
+            )
+        query: dict[str, str] = {}
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
+        query["scope"] = challenge.params.get("scope") or f"repository:{self.ref.repository}:pull"
+        auth: str | None = None
+        if self._creds.has_basic:
+            raw = f"{self._creds.username}:{self._creds.password}".encode()
+            auth = "Basic " + base64.b64encode(raw).decode()
+        elif self._creds.token:
+            auth = f"Bearer {self._creds.token}"
+        url = str(httpx.URL(realm, params=query))
+        attempt = 0
+        while True:
+            try:
+                resp = self._send_once("GET", url, {}, auth)
+            except httpx.TransportError as e:
+                if attempt >= self._retries:
+                    raise ImageError(
+                        f"cannot reach the token service {realm} of {self._where} ({type(e).__name__}: {e}); "
+                        "check that it is reachable and retry"
+                    ) from None
+                self._sleep(attempt)
+                attempt += 1
+                continue
+            with closing(resp):
+                if resp.status_code in RETRY_STATUSES and attempt < self._retries:
+                    self._sleep(attempt, resp)
+                    attempt += 1
+                    continue
+                if resp.status_code in (401, 403):
+                    raise self._unauthorized(f"token service {realm}: {_error_detail(resp)}")
+                if resp.status_code != 200:
+                    raise ImageError(
+                        f"the token service {realm} of {self._where} failed ({_error_detail(resp)}); retry "
+                        "later or contact the registry's operator"
+                    )
+                try:
+                    body = self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
+                except httpx.TransportError as e:
+                    raise ImageError(
+                        f"reading the token from {realm} failed ({type(e).__name__}: {e}); retry the pull"
+                    ) from None
+            break
+        try:
+            parsed: Any = json.loads(body)
+            token = parsed.get("token") or parsed.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise ImageError(
+                f"the token service {realm} of {self._where} returned no token; "
+                "contact the registry's operator"
+            )
+        return token
+
+    def _read_bounded(self, resp: httpx.Response, limit: int, what: str) -> bytes:
+        """Read a whole (JSON) body of at most ``limit`` bytes; transport errors propagate (retryable)."""
+        length = resp.headers.get("content-length", "")
+        if length.isdigit() and int(length) > limit:
+            raise ImageError(
+                f"{what} from {self._where} is {int(length)} bytes, more than the {limit} byte limit; the "
+                "image is malformed or hostile, rebuild it"
+            )
+        data = bytearray()
+        for chunk in resp.iter_bytes():
+            data += chunk
+            if len(data) > limit:
+                raise ImageError(
+                    f"{what} from {self._where} is more than the {limit} byte limit; the image is "
+                    "malformed or hostile, rebuild it"
+                )
+        return bytes(data)
+
+    def _status_error(self, resp: httpx.Response, what: str) -> ImageError:
+        detail = _error_detail(resp)
+        if resp.status_code == 404:
+            return ImageError(
+                f"{self._where} has no {what} in repository {self.ref.repository} ({detail}); check the "
+                "image reference and that the image was pushed"
+            )
+        if resp.status_code in (401, 403):
+            return self._unauthorized(detail)
+        return ImageError(
+            f"{self._where} failed to serve {what} of repository {self.ref.repository} ({detail}); retry "
+            "later or check the registry"
+        )
+
+    # --- API ------------------------------------------------------------------------------------------
+
+    def get_manifest(self, reference: str, *, max_bytes: int = MAX_MANIFEST_BYTES) -> FetchedManifest:
+        """GET a manifest or index by tag or digest (body bounded by ``max_bytes``)."""
+        what = f"manifest {reference}"
+        attempt = 0
+        while True:
+            resp = self._request("GET", self._url("manifests", reference), {"Accept": MANIFEST_ACCEPT}, what)
+            with closing(resp):
+                if resp.status_code != 200:
+                    raise self._status_error(resp, what)
+                try:
+                    data = self._read_bounded(resp, max_bytes, what)
+                except httpx.TransportError as e:
+                    if attempt >= self._retries:
+                        raise ImageError(
+                            f"reading {what} from {self._where} failed ({type(e).__name__}: {e}); "
+                            "retry the pull"
+                        ) from None
+                    self._sleep(attempt)
+                    attempt += 1
+                    continue
+                media_type = resp.headers.get("content-type", "").split(";")[0].strip()
+                return FetchedManifest(data, media_type, resp.headers.get("docker-content-digest"))
+
+    @contextmanager
+    def _blob_response(self, digest: str, offset: int) -> Iterator[httpx.Response]:
+        headers = {"Accept-Encoding": "identity"}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+        resp = self._request("GET", self._url("blobs", digest), headers, f"blob {digest}")
+        try:
+            yield resp
+        finally:
+            resp.close()
+
+    def download_blob(
+        self,
+        digest: str,
+        out: BinaryIO,
+        *,
+        size: int,
+        what: str = "blob",
+        on_progress: Callable[[int], None] | None = None,
+    ) -> str:
+        """Stream blob ``digest`` (``size`` bytes per its descriptor) into ``out``; returns the digest of
+        the bytes received (the caller compares it). ``out`` must be empty, seekable and writable.
+
+        A dropped connection resumes with ``Range: bytes=N-`` (a server that ignores Range restarts from
+        zero); more bytes than ``size`` or fewer at a clean end are an :class:`ImageError`.
+        """
+        parsed = parse_digest(digest, what=f"{what} digest")
+        hasher: Hasher = parsed.hasher()
+        done = 0
+        interruptions = 0
+        label = f"{what} {digest}"
+        while True:
+            with self._blob_response(digest, done) as resp:
+                if resp.status_code == 206 and done:
+                    start = re.match(r"bytes (\d+)-", resp.headers.get("content-range", ""))
+                    if start is None or int(start.group(1)) != done:
+                        raise ImageError(
+                            f"{self._where} answered the resume of {label} at byte {done} with range "
+                            f"{resp.headers.get('content-range')!r}; retry the pull"
+                        )
+                elif resp.status_code == 200:
+                    if done:  # Range ignored: start over
+                        out.seek(0)
+                        out.truncate()
+                        hasher, done = parsed.hasher(), 0
+                elif resp.status_code == 416 and done >= size:
+                    break
+                else:
+                    raise self._status_error(resp, label)
+                try:
+                    for chunk in resp.iter_raw(NET_CHUNK_SIZE):
+                        if done + len(chunk) > size:
+                            raise ImageError(
+                                f"{label} is larger than the {size} bytes its descriptor says; the image "
+                                "is malformed or hostile, rebuild it"
+                            )
+                        out.write(chunk)
+                        hasher.update(chunk)
+                        done += len(chunk)
+                        if on_progress is not None:
+                            on_progress(done)
+                except httpx.TransportError as e:
+                    interruptions += 1
+                    if interruptions > self._retries:
+                        raise ImageError(
+                            f"downloading {label} from {self._where} was interrupted {interruptions} times "
+                            f"(last: {type(e).__name__}: {e}) at byte {done} of {size}; retry the pull"
+                        ) from None
+                    self._sleep(interruptions - 1)
+                    continue
+            if done < size:
+                raise ImageError(
+                    f"{label} is truncated: {self._where} sent {done} of the {size} bytes its descriptor "
+                    "says; the image is corrupt on the registry, push it again"
+                )
+            break
+        out.flush()
+        return f"{parsed.algorithm}:{hasher.hexdigest()}"

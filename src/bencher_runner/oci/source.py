@@ -1,0 +1,65 @@
+"""One entry point for "get me this image": a local OCI layout or a registry pull.
+
+``job.py`` calls :func:`open_image` with whatever the user or the job named. An existing path (or
+``DIR:TAG`` whose DIR exists) is a local layout, so a directory that happens to look like a reference
+still works; anything else must parse as a registry reference and is pulled into the blob cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bencher_runner.oci.layout import HOST_ARCH, LocalImage, open_layout
+from bencher_runner.oci.pull import DEFAULT_MAX_IMAGE_BYTES, ProgressCallback, pull_image
+from bencher_runner.oci.reference import parse_reference
+from bencher_runner.oci.registry import Credentials
+from bencher_runner.spec.config import RunConfig
+
+
+def is_local_layout(image: str) -> bool:
+    """Whether ``image`` names a local path: it exists, or it is ``DIR:TAG`` with DIR existing."""
+    if not image:
+        return False
+    if Path(image).exists():
+        return True
+    head, sep, _ = image.rpartition(":")
+    return bool(sep and head and "/" not in image[len(head) :] and Path(head).exists())
+
+
+def credentials_for(config: RunConfig) -> Credentials:
+    """The registry credentials a run configuration carries (token and/or username/password)."""
+    return Credentials(
+        token=config.token.get_secret_value() if config.token else None,
+        username=config.registry_username,
+        password=config.registry_password.get_secret_value() if config.registry_password else None,
+    )
+
+
+def open_image(
+    image: str,
+    *,
+    cache_dir: Path,
+    credentials: Credentials | None = None,
+    insecure: bool = False,
+    progress: ProgressCallback | None = None,
+    arch: str = HOST_ARCH,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    cache_max_bytes: int | None = None,
+) -> LocalImage:
+    """Open a local layout (``DIR``/``DIR:TAG``) or pull ``[http://]host[:port]/repo[:tag][@digest]``.
+
+    ``cache_dir`` is the blob cache root (see :func:`~bencher_runner.oci.blobcache.image_cache_dir`);
+    ``insecure`` pulls over plain HTTP.
+    """
+    if is_local_layout(image):
+        return open_layout(image, arch=arch)
+    ref = parse_reference(image, insecure=insecure)
+    return pull_image(
+        ref,
+        cache_dir=cache_dir,
+        credentials=credentials,
+        arch=arch,
+        max_image_bytes=max_image_bytes,
+        cache_max_bytes=cache_max_bytes,
+        progress=progress,
+    )

@@ -1,0 +1,459 @@
+"""Real registries for pull tests: Debian's docker-registry (open, and token-auth with a test token
+server), images pushed with skopeo (or a small HTTP pusher for shapes skopeo will not write), a
+fault-injecting proxy, and a scriptable fake registry for hostile answers. Everything is on loopback.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from tests.support.oci_builder import blob_path, read_index
+
+REGISTRY_BIN = "docker-registry"
+SERVICE = "test-registry"
+ISSUER = "test-token-issuer"
+USERNAME, PASSWORD = "alice", "s3cret-pw"
+JOB_TOKEN = "opaque-job-token-0123456789"  # accepted by the token server, not by the registry
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# --- docker-registry ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Registry:
+    host: str  # 127.0.0.1:PORT
+    storage: Path
+    proc: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def blob_data(self, digest: str) -> Path:
+        hexpart = digest.split(":", 1)[1]
+        return self.storage / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart / "data"
+
+
+def _start_registry(tmp: Path, storage: Path, auth: dict[str, Any] | None = None) -> Registry:
+    if shutil.which(REGISTRY_BIN) is None:
+        pytest.fail(
+            f"{REGISTRY_BIN} is not installed; `apt-get install docker-registry` (the Makefile does) "
+            "to run the registry pull tests"
+        )
+    port = free_port()
+    lines = [
+        "version: 0.1",
+        "log: {level: error}",
+        f"storage: {{filesystem: {{rootdirectory: {json.dumps(str(storage))}}}, delete: {{enabled: true}}}}",
+        f"http: {{addr: '127.0.0.1:{port}', secret: test-secret}}",
+    ]
+    if auth is not None:
+        lines.append(f"auth: {json.dumps(auth)}")
+    config = tmp / f"registry-{port}.yml"
+    config.write_text("\n".join(lines) + "\n")
+    log = (tmp / f"registry-{port}.log").open("wb")
+    proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code in (200, 401):
+                break
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"docker-registry did not start: {(tmp / f'registry-{port}.log').read_text()}")
+        time.sleep(0.05)
+    return Registry(f"127.0.0.1:{port}", storage, proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def registry_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("registry")
+
+
+@pytest.fixture(scope="session")
+def registry(registry_tmp: Path) -> Iterator[Registry]:
+    """An open (anonymous) docker-registry; its storage is shared with ``auth_registry``."""
+    reg = _start_registry(registry_tmp, registry_tmp / "storage")
+    yield reg
+    _stop(reg.proc)
+
+
+# --- pushing -----------------------------------------------------------------------------------------
+
+
+def skopeo_push(layout: Path, reg: Registry, repo: str, tag: str, *, fmt: str | None = None) -> None:
+    argv = ["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false"]
+    argv += ["--format", fmt] if fmt else ["--preserve-digests"]
+    argv += [f"oci:{layout}:{tag}", f"docker://{reg.host}/{repo}:{tag}"]
+    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+
+
+def http_push(layout: Path, reg: Registry, repo: str, tag: str) -> str:
+    """Push every blob of ``layout`` and the manifests reachable from ``tag`` verbatim; returns the
+    top digest (for shapes skopeo rewrites or refuses: Docker manifest lists, odd manifests)."""
+    base = f"{reg.url}/v2/{repo}"
+    with httpx.Client(timeout=30) as c:
+        for path in sorted((layout / "blobs" / "sha256").iterdir()):
+            digest = "sha256:" + path.name
+            if c.head(f"{base}/blobs/{digest}").status_code == 200:
+                continue
+            r = c.post(f"{base}/blobs/uploads/")
+            assert r.status_code == 202, r.text
+            loc = httpx.URL(reg.url).join(r.headers["location"]).copy_merge_params({"digest": digest})
+            r = c.put(loc, content=path.read_bytes())
+            assert r.status_code == 201, r.text
+        top = next(m for m in read_index(layout) if m.get("annotations", {}).get(REF_NAME) == tag)
+
+        def put(desc: dict[str, Any], ref: str) -> None:
+            body = blob_path(layout, desc["digest"]).read_bytes()
+            doc = json.loads(body)
+            for child in doc.get("manifests", []):
+                put(child, child["digest"])
+            r = c.put(f"{base}/manifests/{ref}", content=body, headers={"Content-Type": desc["mediaType"]})
+            assert r.status_code == 201, r.text
+
+        put(top, tag)
+        return str(top["digest"])
+
+
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+# --- token server + token-auth registry --------------------------------------------------------------
+
+
+@dataclass
+class TokenServer:
+    url: str
+    key: rsa.RSAPrivateKey
+    cert: x509.Certificate
+    requests: list[dict[str, str]] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    @property
+    def realm(self) -> str:
+        return f"{self.url}/token"
+
+    def mint(self, repo: str, *, actions: tuple[str, ...] = ("pull",), ttl: float = 300) -> str:
+        """A registry token for ``repo`` (negative ``ttl``: already expired)."""
+        now = int(time.time())
+        claims = {
+            "iss": ISSUER,
+            "sub": USERNAME,
+            "aud": SERVICE,
+            "iat": now - 60 if ttl > 0 else now - 600,
+            "nbf": now - 60 if ttl > 0 else now - 600,
+            "exp": now + int(ttl),
+            "jti": uuid.uuid4().hex,
+            "access": [{"type": "repository", "name": repo, "actions": list(actions)}],
+        }
+        der = self.cert.public_bytes(serialization.Encoding.DER)
+        return jwt.encode(
+            claims, self.key, algorithm="RS256", headers={"x5c": [base64.b64encode(der).decode()]}
+        )
+
+    def _grant(self, auth: str, scope: str) -> str | None:
+        parts = scope.split(":")
+        if len(parts) != 3 or parts[0] != "repository":
+            return None
+        repo = parts[1]
+        if auth == "Basic " + base64.b64encode(f"{USERNAME}:{PASSWORD}".encode()).decode():
+            return self.mint(repo)
+        if auth == f"Bearer {JOB_TOKEN}":
+            return self.mint(repo)
+        if auth.startswith("Bearer "):  # one of our JWTs: valid, unexpired and for this repository
+            try:
+                claims = jwt.decode(auth[7:], self.key.public_key(), algorithms=["RS256"], audience=SERVICE)
+            except jwt.PyJWTError:
+                return None
+            if any(a.get("name") == repo and "pull" in a.get("actions", []) for a in claims["access"]):
+                return self.mint(repo)
+        return None
+
+
+def _token_handler(ts: TokenServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            url = urlsplit(self.path)
+            q = {k: v[0] for k, v in parse_qs(url.query).items()}
+            auth = self.headers.get("Authorization", "")
+            ts.requests.append({"path": url.path, "auth": auth, **q})
+            token = ts._grant(auth, q.get("scope", "")) if q.get("service") == SERVICE else None
+            if token is None:
+                body = b'{"errors":[{"code":"UNAUTHORIZED","message":"access denied"}]}'
+                self.send_response(401)
+            else:
+                body = json.dumps({"token": token, "expires_in": 300}).encode()
+                self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+def _self_signed() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token issuer")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True
+        )
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # clients that stop reading early (size limits) are expected here
+
+
+def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    server = _QuietServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture(scope="session")
+def token_server() -> Iterator[TokenServer]:
+    key, cert = _self_signed()
+    ts = TokenServer("", key, cert)
+    server, url = serve(_token_handler(ts))
+    ts.url, ts.server = url, server
+    yield ts
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def auth_registry(registry: Registry, registry_tmp: Path, token_server: TokenServer) -> Iterator[Registry]:
+    """A token-auth docker-registry serving the same storage as ``registry`` (push there)."""
+    bundle = registry_tmp / "token-root.pem"
+    bundle.write_bytes(token_server.cert.public_bytes(serialization.Encoding.PEM))
+    auth = {
+        "token": {
+            "realm": token_server.realm,
+            "service": SERVICE,
+            "issuer": ISSUER,
+            "rootcertbundle": str(bundle),
+        }
+    }
+    reg = _start_registry(registry_tmp, registry.storage, auth)
+    yield reg
+    _stop(reg.proc)
+
+
+# --- fault-injecting proxy ---------------------------------------------------------------------------
+
+
+@dataclass
+class Faults:
+    """What the proxy breaks: ``cut_blob_after`` cuts the next N blob GETs after that many body bytes;
+    ``statuses`` answers the next requests whose path contains the key with those statuses."""
+
+    cut_blob_after: int | None = None
+    cuts_left: int = 1
+    statuses: dict[str, list[int]] = field(default_factory=dict)
+    log: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, range)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def blob_gets(self) -> list[tuple[str, str, str]]:
+        return [e for e in self.log if e[0] == "GET" and "/blobs/" in e[1]]
+
+
+def _proxy_handler(upstream: str, faults: Faults) -> type[BaseHTTPRequestHandler]:
+    client = httpx.Client(base_url=upstream, timeout=30)
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def _forward(self, method: str) -> None:
+            with faults.lock:
+                faults.log.append((method, self.path, self.headers.get("Range", "")))
+                status = None
+                for key, queue in faults.statuses.items():
+                    if key in self.path and queue:
+                        status = queue.pop(0)
+                        break
+                cut = None
+                blob_get = method == "GET" and "/blobs/" in self.path
+                if blob_get and faults.cut_blob_after is not None and faults.cuts_left > 0:
+                    faults.cuts_left -= 1
+                    cut = faults.cut_blob_after
+            if status is not None:
+                body = b'{"errors":[{"code":"TOOMANYREQUESTS","message":"slow down"}]}'
+                self.send_response(status)
+                self.send_header("Retry-After", "0")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                return
+            headers = {
+                k: v for k, v in self.headers.items() if k.lower() in ("accept", "authorization", "range")
+            }
+            headers["Accept-Encoding"] = "identity"
+            with client.stream(method, self.path, headers=headers) as resp:
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-encoding"):
+                        self.send_header(k, v)
+                self.end_headers()
+                sent = 0
+                for chunk in resp.iter_raw(4096):
+                    if cut is not None and sent + len(chunk) > cut:
+                        self.wfile.write(chunk[: cut - sent])
+                        self.wfile.flush()
+                        self.close_connection = True
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                        return
+                    self.wfile.write(chunk)
+                    sent += len(chunk)
+
+        def do_GET(self) -> None:
+            self._forward("GET")
+
+        def do_HEAD(self) -> None:
+            self._forward("HEAD")
+
+    return Handler
+
+
+@pytest.fixture
+def faulty_proxy(registry: Registry) -> Iterator[tuple[str, Faults]]:
+    """(host:port of a proxy in front of ``registry``, its Faults)."""
+    faults = Faults()
+    server, url = serve(_proxy_handler(registry.url, faults))
+    yield url.removeprefix("http://"), faults
+    server.shutdown()
+    server.server_close()
+
+
+# --- scriptable fake registry (hostile answers) ------------------------------------------------------
+
+
+Route = tuple[int, dict[str, str], bytes]
+
+
+@dataclass
+class FakeRegistry:
+    host: str
+    routes: dict[str, Route | Callable[[], Route]] = field(default_factory=dict)
+    log: list[str] = field(default_factory=list)
+
+    def manifest(self, repo: str, ref: str, body: bytes, media_type: str, **headers: str) -> None:
+        self.routes[f"/v2/{repo}/manifests/{ref}"] = (200, {"Content-Type": media_type, **headers}, body)
+
+    def blob(self, repo: str, digest: str, body: bytes, **headers: str) -> None:
+        self.routes[f"/v2/{repo}/blobs/{digest}"] = (200, headers, body)
+
+    def load_layout(self, layout: Path, repo: str, tag: str = "latest") -> str:
+        """Serve ``layout``'s blobs and the tagged image as they are on disk; returns its digest."""
+        for path in (layout / "blobs" / "sha256").iterdir():
+            digest = "sha256:" + path.name
+            data = path.read_bytes()
+            self.blob(repo, digest, data)
+            try:
+                mt = json.loads(data).get("mediaType")
+            except (ValueError, AttributeError):
+                mt = None
+            if isinstance(mt, str):
+                self.manifest(repo, digest, data, mt)
+        top = next(m for m in read_index(layout) if m.get("annotations", {}).get(REF_NAME) == tag)
+        self.manifest(repo, tag, blob_path(layout, top["digest"]).read_bytes(), top["mediaType"])
+        return str(top["digest"])
+
+
+def _fake_handler(fake: FakeRegistry) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            path = urlsplit(self.path).path
+            fake.log.append(path)
+            route = fake.routes.get(path)
+            not_found: Route = (404, {}, b'{"errors":[{"code":"NOT_FOUND","message":"unknown"}]}')
+            status, headers, body = not_found if route is None else route() if callable(route) else route
+            self.send_response(status)
+            for k, v in headers.items():
+                self.send_header(k, v)
+            if headers.get("Connection") == "close":  # body delimited by closing: no length announced
+                self.close_connection = True
+            elif not any(k.lower() == "content-length" for k in headers):
+                self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
+
+
+@pytest.fixture
+def fake_registry() -> Iterator[FakeRegistry]:
+    fake = FakeRegistry("")
+    server, url = serve(_fake_handler(fake))
+    fake.host = url.removeprefix("http://")
+    yield fake
+    server.shutdown()
+    server.server_close()
