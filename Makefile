@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 AGENT := src/bencher_runner/_agent/bencher-agent
 APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs cpio gcc libc6-dev busybox-static \
-	docker-registry skopeo umoci iproute2 zstd
+	docker-registry skopeo umoci iproute2 nftables liblz4-1 zstd
 EXAMPLE := examples/hello/oci
 
 .PHONY: setup deps venv agent kernel example run-example test lint clean

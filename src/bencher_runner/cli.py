@@ -236,8 +236,14 @@ def run(
         raise click.UsageError(
             "--network needs a sandbox: with --sandbox none the command uses the host's network"
         )
-    if sandbox == "qemu" and source("max_symlinks") == click.core.ParameterSource.COMMANDLINE:
+    checked = ("max_symlinks", "sandbox_log_level", "firecracker_bin", "jailer", "network_mode")
+    given = {name for name in checked if source(name) == click.core.ParameterSource.COMMANDLINE}
+    if sandbox != "none" and "max_symlinks" in given:
         raise click.UsageError("--max-symlinks applies to --sandbox none only")
+    if sandbox != "firecracker" and given & {"sandbox_log_level", "firecracker_bin", "jailer"}:
+        raise click.UsageError("--sandbox-log-level, --firecracker and --jailer need --sandbox firecracker")
+    if not network and "network_mode" in given:
+        raise click.UsageError("--network-mode needs --network")
     cmd = cmd_opts or cmd_args
     tuning = tuning_options_from(tuning_flags)
     try:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_qemu_threads
 from bencher_runner.host.tuning import TuningOptions, tuned_host
 from bencher_runner.oci.blobcache import image_cache_dir
@@ -399,7 +400,9 @@ class Job:
         timed_out = canceled = grace_expired = False
         watcher = ExitWatcher(out_disk)
         grace_deadline: float | None = None
-        with self._make_vm(spec, it_dir) as vm:
+        with self._cgroup(it_dir) as group, self._make_vm(spec, it_dir) as vm:
+            if group is not None and vm.pid is not None:
+                group.add(vm.pid)  # cpuset = benchmark cores, memory.max a little above the VM, no swap
             self._pin(vm.pid)
             status = None
             while status is None:
@@ -479,6 +482,13 @@ class Job:
         if report.exit is not None:
             self.state.timings["boot_to_command_s"] = report.exit.start_ns / 1e9
             self.state.timings["command_s"] = (report.exit.end_ns - report.exit.start_ns) / 1e9
+
+    def _cgroup(self, it_dir: Path) -> contextlib.AbstractContextManager[JobCgroup | None]:
+        layout = self.layout
+        if layout is None or not layout.has_isolation:
+            return contextlib.nullcontext()
+        job_id = f"{it_dir.parent.name}-{it_dir.name}"
+        return job_cgroup(job_id, layout.benchmark, self.config.memory_mib, log=self.reporter.phase)
 
     def _pin(self, pid: int | None) -> None:
         """Under KVM, vCPU threads go to the benchmark cores (TCG timings are emulated anyway)."""

@@ -98,3 +98,28 @@ def test_bytes_to_mib_through_the_job(memory: int, disk: int) -> None:
     cfg = build(job(default_spec(memory=memory, disk=disk)))
     assert cfg.memory_mib * MIB >= memory > (cfg.memory_mib - 1) * MIB
     assert cfg.disk_mib * MIB >= disk > (cfg.disk_mib - 1) * MIB
+
+
+def test_no_sandbox_job_runs_without_a_sandbox_only_when_allowed() -> None:
+    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+
+    message = {
+        "event": "job",
+        "uuid": "550e8400-e29b-41d4-a716-446655440000",
+        "spec": {"cpu": 1, "memory": 2**29, "disk": 2**30, "network": False, "sandbox": None},
+        "config": {
+            "registry": "http://127.0.0.1:5000",
+            "project": "550e8400-e29b-41d4-a716-446655440001",
+            "digest": "sha256:" + "a" * 64,
+            "timeout": 60,
+        },
+        "oci_token": "x.y.z",
+        "timeout": 60,
+    }
+    config = build_config_from_job(parse_job(message), JobOptions(allow_no_sandbox=True))
+    assert config.backend == "none"
+    message["spec"]["sandbox"] = "firecracker"  # type: ignore[index]
+    assert (
+        build_config_from_job(parse_job(message), JobOptions(backend="firecracker")).backend == "firecracker"
+    )
+    assert build_config_from_job(parse_job(message), JobOptions()).backend == "qemu"

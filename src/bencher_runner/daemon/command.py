@@ -102,6 +102,27 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     show_default=True,
     help="VM accelerator.",
 )
+@click.option(
+    "--sandbox",
+    type=click.Choice(["qemu", "firecracker"]),
+    default="qemu",
+    show_default=True,
+    help="The microVM that runs sandboxed jobs.",
+)
+@click.option(
+    "--network-mode",
+    type=click.Choice(["user", "tap"]),
+    default="user",
+    show_default=True,
+    help="Jobs with network: QEMU user-mode NAT, or a TAP in a per-job namespace (Firecracker needs tap).",
+)
+@click.option(
+    "--firecracker",
+    "firecracker_bin",
+    type=click.Path(path_type=Path),
+    envvar="BENCHER_RUNNER_FIRECRACKER",
+    help="The firecracker binary (default: from PATH).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (the key is still never logged).")
 @tuning_options
 def daemon_command(
@@ -121,6 +142,9 @@ def daemon_command(
     image_layout: str = "bencher",
     accel: str = "auto",
     verbose: bool = False,
+    sandbox: str = "qemu",
+    network_mode: str = "user",
+    firecracker_bin: Path | None = None,
     **tuning_flags: Any,
 ) -> None:
     """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
@@ -147,6 +171,9 @@ def daemon_command(
             max_file_count=max_file_count,
             grace_period_s=grace_period,
             accel="kvm" if accel == "kvm" else "tcg" if accel == "tcg" else "auto",
+            backend="firecracker" if sandbox == "firecracker" else "qemu",
+            network_mode="tap" if network_mode == "tap" or sandbox == "firecracker" else "user",
+            firecracker=firecracker_bin,
         ),
     )
     from bencher_runner.host.tuning import restore_leftover_tuning

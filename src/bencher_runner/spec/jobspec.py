@@ -8,6 +8,7 @@ goes into the `failed` message, so a bad job never crashes the daemon.
 import re
 from collections.abc import Sized
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
@@ -89,6 +90,9 @@ class JobOptions:
     max_file_count: int = 255
     grace_period_s: int = 1
     accel: Accel = "auto"
+    backend: Literal["qemu", "firecracker"] = "qemu"  # the microVM that satisfies spec.sandbox
+    network_mode: Literal["user", "tap"] = "user"
+    firecracker: Path | None = None
 
 
 def parse_job(message: dict[str, Any]) -> ClaimedJob:
@@ -183,4 +187,7 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
         max_file_count=options.max_file_count,
         grace_period_s=options.grace_period_s,
         accel=options.accel,
+        backend="none" if spec.sandbox is None else options.backend,
+        network_mode=options.network_mode,
+        firecracker=options.firecracker,
     )
