@@ -43,6 +43,7 @@ class FakeJob:
     output: dict[str, Any] | None = None
     output_writes: int = 0
     history: list[str] = field(default_factory=list)
+    oci_token: str = FAKE_OCI_TOKEN
 
 
 def default_spec(**overrides: Any) -> dict[str, Any]:
@@ -155,10 +156,12 @@ class FakeBencher:
         *,
         spec: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        oci_token: str = FAKE_OCI_TOKEN,
         **config_fields: Any,
     ) -> str:
         cfg = config if config is not None else default_config(**config_fields)
         job = FakeJob(str(uuidlib.uuid4()), spec or default_spec(), cfg, int(cfg.get("timeout", 60)))
+        job.oci_token = oci_token
         self.jobs[job.uuid] = job
         self._job_added.set()
         return job.uuid
@@ -327,7 +330,7 @@ class FakeBencher:
                     "uuid": job.uuid,
                     "spec": job.spec,
                     "config": job.config,
-                    "oci_token": FAKE_OCI_TOKEN,
+                    "oci_token": job.oci_token,
                     "timeout": job.timeout,
                     "created": "2026-01-01T00:00:00Z",
                 }

@@ -1,0 +1,95 @@
+"""End to end on real components: docker-registry -> pull -> unpack -> ext4 -> microVM.
+
+Once through `runner run` with a registry reference, and once as Bencher would drive it: the fake
+Bencher API hands the daemon a job naming a token-auth registry, the project and the digest; the
+daemon pulls with the job's token, boots the VM and reports the result exactly once.
+"""
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from bencher_runner.daemon import Daemon, DaemonSettings
+from bencher_runner.daemon.driver import default_executor
+from bencher_runner.fakeserver import FakeBencher
+from bencher_runner.paths import cache_dir
+from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.results import RunResult
+from tests.support.oci_builder import build_layout, layer_from_dir
+from tests.vm.conftest import busybox_tree
+
+from .conftest import JOB_TOKEN, Registry, http_push
+
+PROJECT = "0f6c1c9e-6b0e-4a43-9d8a-2f1a4b9c7d10"
+KEY = "bencher_runner_" + "e2e0" * 7 + "e2"
+
+
+def push_benchmark(tmp_path: Path, registry: Registry, script: str) -> str:
+    layout = tmp_path / "layout"
+    digest = build_layout(
+        layout,
+        [layer_from_dir(busybox_tree(tmp_path / "tree"))],
+        {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh", "-c", script]},
+        tag="v1",
+    )
+    http_push(layout, registry, PROJECT, "v1")
+    return digest
+
+
+def test_runner_run_pulls_from_a_registry(tmp_path: Path, registry: Registry) -> None:
+    digest = push_benchmark(tmp_path, registry, "echo pulled and ran")
+    argv = [sys.executable, "-m", "bencher_runner", "run", "--json", "--insecure-registry", "--image"]
+    for ref in (f"{registry.host}/{PROJECT}@{digest}", f"{registry.host}/{PROJECT}:v1"):
+        proc = subprocess.run([*argv, ref], capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout)["results"][0]["stdout"] == "pulled and ran\n"
+    assert "cached" in proc.stderr  # the second run found the layer in the blob cache
+
+
+async def test_daemon_runs_a_bencher_job_from_a_token_registry(
+    tmp_path: Path, registry: Registry, auth_registry: Registry
+) -> None:
+    # pushed to the open registry; auth_registry serves the same storage behind token auth
+    digest = push_benchmark(tmp_path, registry, "echo from the daemon; echo metric >&2")
+    server = FakeBencher(key=KEY, heartbeat_timeout=30.0, grace_period=60.0)
+    await server.start()
+    executor = default_executor(cache_dir())
+    images_run: list[str] = []
+
+    def run(config: RunConfig, cancel: threading.Event) -> RunResult:
+        assert config.token is not None and config.token.get_secret_value() == JOB_TOKEN
+        images_run.append(config.image)
+        return executor(config, cancel)
+
+    job = server.add_job(
+        oci_token=JOB_TOKEN,
+        registry=auth_registry.url,
+        project=PROJECT,
+        digest=digest,
+        timeout=120,
+    )
+    settings = DaemonSettings(
+        host=server.url,
+        runner=server.runner,
+        key=KEY,
+        state_dir=tmp_path / "state",
+        poll_timeout=2,
+        auto_update=False,
+    )
+    daemon = Daemon(settings, run)
+    task = asyncio.create_task(daemon.run())
+    try:
+        await server.wait_for(lambda: server.job_state(job) in ("processed", "failed"), timeout=240)
+        assert server.results(job) == {
+            "results": [{"exit_code": 0, "stdout": "from the daemon\n", "stderr": "metric\n"}]
+        }, server.results(job)
+        assert server.output_writes(job) == 1
+        assert images_run == [f"{auth_registry.host}/{PROJECT}@{digest}"]
+        assert len(server.events("heartbeat")) >= 2  # heartbeats flowed while the VM ran
+    finally:
+        daemon.request_shutdown()
+        await asyncio.wait_for(task, 30)
+        await server.close()
