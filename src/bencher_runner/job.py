@@ -26,7 +26,7 @@ from bencher_runner.oci.pull import PullProgress
 from bencher_runner.oci.source import credentials_for, open_image
 from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
 from bencher_runner.paths import work_root
-from bencher_runner.rootfs import build_rootfs
+from bencher_runner.rootfs import TemplateCache, allocate_disk, build_rootfs, template_key
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
@@ -232,9 +232,8 @@ class Job:
             shutil.rmtree(work, ignore_errors=True)
             os.close(lock)
 
-    def _unpack(self, work: Path, image: LocalImage) -> tuple[Path, Launch]:
-        """Unpack the image into work/tree and resolve what to run (Docker rules, image's passwd)."""
-        cfg = self.config
+    def _unpack(self, work: Path, image: LocalImage) -> tuple[Path, str | None, str | None]:
+        """Unpack the image into work/tree (WorkingDir created); returns it with /etc/passwd and group."""
         tree = work / "tree"
         tree.mkdir()
         self.reporter.phase("unpacking layers")
@@ -243,8 +242,14 @@ class Job:
         self.state.timings["unpack_s"] = time.monotonic() - t0
         for path in stats.skipped_devices:
             self.reporter.warn(f"skipped device node {path} (the guest's /dev is a devtmpfs)")
+        ensure_directory(tree, image.config.config.working_dir or "/")
+        return tree, read_image_file(tree, "etc/passwd"), read_image_file(tree, "etc/group")
+
+    def _launch(self, image: LocalImage, passwd: str | None, group: str | None) -> Launch:
+        """What to run, by Docker's rules, against the image's own passwd and group."""
+        cfg = self.config
         image_cfg = image.config.config
-        launch = resolve_launch(
+        return resolve_launch(
             image_entrypoint=image_cfg.entrypoint,
             image_cmd=image_cfg.cmd,
             image_env=image_cfg.env,
@@ -253,15 +258,14 @@ class Job:
             entrypoint=cfg.entrypoint,
             cmd=cfg.cmd,
             env=cfg.env,
-            passwd=read_image_file(tree, "etc/passwd"),
-            group=read_image_file(tree, "etc/group"),
+            passwd=passwd,
+            group=group,
         )
-        ensure_directory(tree, launch.cwd)
-        return tree, launch
 
     def _run_on_host(self, work: Path, image: LocalImage) -> RunnerError | None:
         cfg = self.config
-        template, launch = self._unpack(work, image)
+        template, passwd, group = self._unpack(work, image)
+        launch = self._launch(image, passwd, group)
         for index in range(cfg.iterations):
             if self.cancel.is_set():
                 raise CanceledError("the job was canceled")
@@ -310,18 +314,28 @@ class Job:
         self, work: Path, image: LocalImage, bundle: KernelBundle, agent: Path, accel: AccelChoice
     ) -> RunnerError | None:
         cfg = self.config
-        tree, launch = self._unpack(work, image)
-        template = work / "rootfs.ext4"
-        self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
-        self._timed("mkfs", lambda: build_rootfs(tree, template, cfg.disk_mib))
-        shutil.rmtree(tree)
+        templates = TemplateCache(self.cache)
+        key = template_key(image.manifest_digest, cfg.disk_mib)
+        t0 = time.monotonic()
+        template = templates.get(key)
+        if template is not None:
+            self.reporter.phase(f"root disk template cached ({cfg.disk_mib} MiB)")
+        else:
+            tree, passwd, group = self._unpack(work, image)
+            built = work / "rootfs.ext4"
+            self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
+            self._timed("mkfs", lambda: build_rootfs(tree, built, cfg.disk_mib, allocate=False))
+            shutil.rmtree(tree)
+            template = templates.put(key, built, passwd, group)
+        self.state.timings["rootfs_s"] = time.monotonic() - t0
+        launch = self._launch(image, template.passwd, template.group)
         base = base_initramfs(self.cache, agent, bundle.modules)
         with contextlib.ExitStack() as stack:
             if cfg.network and cfg.network_mode == "tap":
                 self.reporter.phase("creating the job's network namespace and TAP device")
                 self.network = stack.enter_context(job_network(work))
             job_config = encode_agent_config(self._agent_config(launch))  # holds the guest's addresses
-            return self._iterations(work, template, base, bundle, job_config, accel)
+            return self._iterations(work, template.disk, base, bundle, job_config, accel)
 
     def _iterations(
         self,
@@ -340,10 +354,7 @@ class Job:
             it_dir = work / f"iter-{index + 1}"
             it_dir.mkdir()
             rootfs = it_dir / "rootfs.ext4"
-            if index == cfg.iterations - 1:
-                template.rename(rootfs)  # the last iteration takes the template itself
-            else:
-                copy_sparse(template, rootfs)
+            copy_sparse(template, rootfs)  # the cached template stays read-only
             output = self._boot(it_dir, rootfs, base, bundle, job_config, accel, label)
             self.state.results.append(output)
             self.reporter.iteration(index, output)
@@ -578,11 +589,7 @@ def copy_sparse(src: Path, dest: Path) -> None:
     subprocess.run(
         ["cp", "--reflink=auto", "--sparse=always", str(src), str(dest)], check=True, capture_output=True
     )
-    fd = os.open(dest, os.O_RDWR)
-    try:
-        os.posix_fallocate(fd, 0, src.stat().st_size)  # as the template: the guest cannot over-commit
-    finally:
-        os.close(fd)
+    allocate_disk(dest, src.stat().st_size // MIB)  # the guest can never over-commit the host's disk
 
 
 def run_job(

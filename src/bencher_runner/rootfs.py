@@ -5,9 +5,12 @@ keeps ownership, modes and xattrs from the tree. The image is then fully allocat
 guest can never over-commit the host's disk.
 """
 
+import json
 import os
 import shutil
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bencher_runner.spec.errors import RootfsError
@@ -38,8 +41,11 @@ def min_disk_mib(content_bytes: int) -> int:
     return content + max(OVERHEAD_MIN_MIB, int(content * OVERHEAD_FRACTION) + 1)
 
 
-def build_rootfs(tree: Path, image: Path, disk_mib: int) -> None:
-    """Format ``image`` as ext4 of ``disk_mib`` MiB holding ``tree``; RootfsError when it cannot."""
+def build_rootfs(tree: Path, image: Path, disk_mib: int, *, allocate: bool = True) -> None:
+    """Format ``image`` as ext4 of ``disk_mib`` MiB holding ``tree``; RootfsError when it cannot.
+
+    ``allocate=False`` leaves it sparse: a cached template, whose per-job copies get allocated.
+    """
     mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
     if not os.path.exists(mkfs):
         raise RootfsError("mkfs.ext4 is not installed; install it with `apt-get install e2fsprogs`")
@@ -62,6 +68,12 @@ def build_rootfs(tree: Path, image: Path, disk_mib: int) -> None:
                 f"pass a larger --disk (mkfs.ext4: {message.splitlines()[-1]})"
             )
         raise RootfsError(f"mkfs.ext4 failed building the root disk ({disk_mib} MiB): {message}")
+    if allocate:
+        allocate_disk(image, disk_mib)
+
+
+def allocate_disk(image: Path, disk_mib: int) -> None:
+    """Reserve every block: a guest filling its disk can never over-commit the host's."""
     fd = os.open(image, os.O_RDWR)
     try:
         os.posix_fallocate(fd, 0, disk_mib * MIB)
@@ -72,3 +84,57 @@ def build_rootfs(tree: Path, image: Path, disk_mib: int) -> None:
         ) from None
     finally:
         os.close(fd)
+
+
+# --- template cache -------------------------------------------------------------------------------
+# A root disk depends only on the image (layers, WorkingDir) and the disk size: the guest agent and the
+# job's config live in the initramfs, not on the disk. So a warm job copies a cached template (sparse
+# or reflink) instead of unpacking and formatting again. Bump the version when unpack or mkfs change.
+TEMPLATE_VERSION = 1
+MAX_TEMPLATES = 8
+RECENT_USE_S = 600  # never prune a template used this recently (a job may be copying it)
+
+
+@dataclass(frozen=True)
+class Template:
+    disk: Path
+    passwd: str | None  # the image's /etc/passwd and /etc/group, for resolving its User at job time
+    group: str | None
+
+
+def template_key(manifest_digest: str, disk_mib: int) -> str:
+    algorithm, _, hexpart = manifest_digest.partition(":")
+    return f"{algorithm}-{hexpart}-{disk_mib}M-v{TEMPLATE_VERSION}"
+
+
+class TemplateCache:
+    def __init__(self, cache: Path) -> None:
+        self.root = cache / "rootfs"
+
+    def get(self, key: str) -> Template | None:
+        disk, meta = self.root / f"{key}.ext4", self.root / f"{key}.json"
+        try:
+            doc = json.loads(meta.read_text())
+            os.utime(disk)  # LRU: last use
+        except (OSError, ValueError):
+            return None
+        return Template(disk, doc.get("passwd"), doc.get("group"))
+
+    def put(self, key: str, built: Path, passwd: str | None, group: str | None) -> Template:
+        """Move a freshly built (sparse, unallocated) disk into the cache, atomically."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        disk, meta = self.root / f"{key}.ext4", self.root / f"{key}.json"
+        tmp = self.root / f".{key}.{os.getpid()}.json"
+        tmp.write_text(json.dumps({"passwd": passwd, "group": group}))
+        os.replace(built, disk)
+        os.replace(tmp, meta)  # the metadata lands last: get() sees a template only when it is whole
+        self.prune()
+        return Template(disk, passwd, group)
+
+    def prune(self, keep: int = MAX_TEMPLATES) -> None:
+        disks = sorted(self.root.glob("*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)
+        now = time.time()
+        for disk in disks[keep:]:
+            if now - disk.stat().st_mtime > RECENT_USE_S:
+                disk.with_suffix(".json").unlink(missing_ok=True)
+                disk.unlink(missing_ok=True)

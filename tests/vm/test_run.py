@@ -184,3 +184,18 @@ def test_sigterm_stops_the_vm_and_cleans_up(plain_image: str) -> None:
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     # the autouse fixture checks that no VM and no work directory is left
+
+
+def test_warm_job_reuses_the_root_disk_template(make_image: Any) -> None:
+    import secrets
+
+    unique = Entry("unique", data=secrets.token_bytes(16))  # a new manifest digest: a cold first run
+    image = make_image({"Env": ["PATH=/bin"], "Cmd": ["/bin/sh", "-c", "cat /unique | wc -c"]}, ([unique],))
+    cold = runner("--image", image, "--json", "--disk", "128")
+    warm = runner("--image", image, "--json", "--disk", "128")
+    assert cold.doc["results"] == warm.doc["results"] == [{"exit_code": 0, "stdout": "16\n"}]
+    assert "unpacking layers" in cold.stderr and "building 128 MiB" in cold.stderr
+    assert "unpacking layers" not in warm.stderr and "template cached" in warm.stderr
+    assert "mkfs_s" not in warm.doc["timings"]
+    other_size = runner("--image", image, "--json", "--disk", "96")  # another size: its own template
+    assert "building 96 MiB" in other_size.stderr
