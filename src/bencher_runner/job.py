@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
-from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_qemu_threads
+from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
 from bencher_runner.host.tuning import TuningOptions, tuned_host
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.layout import LocalImage
@@ -145,6 +145,10 @@ class Job:
                 self.state.metadata["tuning"] = report.to_dict()
                 self.layout = partition(online_cpus())  # after tuning: SMT off changes the online CPUs
                 self.state.metadata["cpus"] = self.layout.to_dict()
+                if self.layout.has_isolation and self.config.backend != "none":
+                    # the runner's own threads stay off the benchmark cores
+                    for problem in pin_process(os.getpid(), self.layout.housekeeping):
+                        self.reporter.warn(problem)
                 error: RunnerError | None = self._run()
         except RunnerError as err:
             error = err
@@ -514,7 +518,9 @@ class Job:
         cfg = self.config
         prefix = self.network.command_prefix() if self.network is not None else None
         if cfg.backend != "firecracker":
-            return QemuVm(spec, it_dir / "qemu.log", prefix)
+            layout = self.layout
+            cpus = tuple(layout.benchmark) if layout is not None and layout.has_isolation else None
+            return QemuVm(spec, it_dir / "qemu.log", prefix, cpus)
         jailer = None
         if cfg.jailer is not None:
             jailer = JailerConfig(

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -66,10 +67,16 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL QEMU if the runner (the spawning thread) dies first."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+def _child_setup(cpus: tuple[int, ...] | None) -> Callable[[], None]:
+    """In the child before exec: die with the runner, and run on the benchmark cores (threads inherit)."""
+
+    def setup() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # SIGKILL QEMU if the spawning thread dies first
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
 
 
 class QemuVm:
@@ -79,8 +86,15 @@ class QemuVm:
     so a runner that is killed never leaves a VM behind. Start and wait from the same thread.
     """
 
-    def __init__(self, spec: VmSpec, log_path: Path, prefix: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        spec: VmSpec,
+        log_path: Path,
+        prefix: list[str] | None = None,
+        cpus: tuple[int, ...] | None = None,
+    ) -> None:
         self.spec = spec
+        self.cpus = cpus
         self.log_path = log_path
         self.argv = [*(prefix or []), *qemu_argv(find_qemu(), spec)]  # prefix: e.g. `ip netns exec NS`
         self._proc: subprocess.Popen[bytes] | None = None
@@ -93,7 +107,7 @@ class QemuVm:
                 stdout=log,
                 stderr=log,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=_child_setup(self.cpus),  # prctl and affinity only: no locks taken
             )
         return self
 
