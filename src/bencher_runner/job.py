@@ -358,7 +358,11 @@ class Job:
             it_dir = work / f"iter-{index + 1}"
             it_dir.mkdir()
             rootfs = it_dir / "rootfs.ext4"
+            t0 = time.monotonic()
             copy_sparse(template, rootfs)  # the cached template stays read-only
+            self.state.timings["disk_copy_s"] = (
+                self.state.timings.get("disk_copy_s", 0.0) + time.monotonic() - t0
+            )
             output = self._boot(it_dir, rootfs, base, bundle, job_config, accel, label)
             self.state.results.append(output)
             self.reporter.iteration(index, output)
