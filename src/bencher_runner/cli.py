@@ -10,11 +10,12 @@ from typing import Any
 import click
 
 from bencher_runner import __version__
+from bencher_runner.cli_options import shared_job_options
 from bencher_runner.daemon.command import daemon_command
 from bencher_runner.host.commands import doctor_command
 from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.paths import cache_dir
-from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, make_run_config
+from bencher_runner.spec.config import make_run_config
 from bencher_runner.spec.errors import RunnerError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -86,13 +87,6 @@ def main() -> None:
 )
 @click.option("--allow-failure", is_flag=True, help="Keep iterating after a non-zero exit.")
 @click.option(
-    "--max-output-size",
-    type=click.IntRange(0),
-    default=DEFAULT_MAX_OUTPUT,
-    show_default=True,
-    help="Byte cap for stdout and for stderr.",
-)
-@click.option(
     "--output",
     "outputs",
     multiple=True,
@@ -105,28 +99,7 @@ def main() -> None:
     help="Also save stdout, stderr and output files byte-exact under DIR/iter-N/.",
 )
 @click.option(
-    "--max-file-count",
-    type=click.IntRange(0),
-    default=255,
-    show_default=True,
-    help="Most output files a job may request.",
-)
-@click.option(
-    "--grace-period",
-    type=click.IntRange(1, 900),
-    default=1,
-    show_default=True,
-    help="Seconds the guest gets to write results after the command exits.",
-)
-@click.option(
     "--network", is_flag=True, help="Give the guest a NAT'd network interface (default: none at all)."
-)
-@click.option(
-    "--network-mode",
-    type=click.Choice(["user", "tap"]),
-    default="user",
-    show_default=True,
-    help="With --network: user-mode NAT in QEMU, or a TAP device in a per-job network namespace (root).",
 )
 @click.option(
     "--sandbox",
@@ -141,13 +114,6 @@ def main() -> None:
     default=40,
     show_default=True,
     help="With --sandbox none: symlinks followed resolving a path in the image.",
-)
-@click.option(
-    "--accel",
-    type=click.Choice(["auto", "kvm", "tcg"]),
-    default="auto",
-    show_default=True,
-    help="auto: KVM if it really boots a guest here, else TCG.",
 )
 @click.option(
     "--kernel",
@@ -170,13 +136,6 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option(
-    "--firecracker",
-    "firecracker_bin",
-    type=click.Path(path_type=Path),
-    envvar="BENCHER_RUNNER_FIRECRACKER",
-    help="With --sandbox firecracker: the firecracker binary (default: from PATH).",
-)
-@click.option(
     "--jailer", type=click.Path(path_type=Path), help="With --sandbox firecracker: run it under this jailer."
 )
 @click.option(
@@ -186,6 +145,7 @@ def main() -> None:
     show_default=True,
     help="Firecracker's log level.",
 )
+@shared_job_options
 @tuning_options
 def run(
     image: str,

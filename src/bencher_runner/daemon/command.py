@@ -8,6 +8,7 @@ from typing import Any
 import click
 import platformdirs
 
+from bencher_runner.cli_options import shared_job_options
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
 from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.paths import APP
@@ -54,32 +55,11 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     help="State directory (holds the outbox of unacknowledged results).",
 )
 @click.option(
-    "--max-output-size",
-    type=click.IntRange(0),
-    default=DEFAULT_MAX_OUTPUT,
-    show_default=True,
-    help="Byte cap for a job's stdout and for its stderr.",
-)
-@click.option(
     "--max-message-size",
     type=click.IntRange(64 * 1024),
     default=DEFAULT_MAX_MESSAGE_BYTES,
     show_default=True,
     help="Byte cap for one result message (outputs are truncated to fit).",
-)
-@click.option(
-    "--max-file-count",
-    type=click.IntRange(0),
-    default=255,
-    show_default=True,
-    help="Most output files a job may request.",
-)
-@click.option(
-    "--grace-period",
-    type=click.IntRange(1, 900),
-    default=1,
-    show_default=True,
-    help="Seconds between asking the guest to stop and killing it.",
 )
 @click.option(
     "--on-shutdown",
@@ -96,34 +76,14 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     help="Image reference form: {registry}/{project}@{digest} or legacy {registry}/{project}/images@...",
 )
 @click.option(
-    "--accel",
-    type=click.Choice(["auto", "kvm", "tcg"]),
-    default="auto",
-    show_default=True,
-    help="VM accelerator.",
-)
-@click.option(
     "--sandbox",
     type=click.Choice(["qemu", "firecracker"]),
     default="qemu",
     show_default=True,
     help="The microVM that runs sandboxed jobs.",
 )
-@click.option(
-    "--network-mode",
-    type=click.Choice(["user", "tap"]),
-    default="user",
-    show_default=True,
-    help="Jobs with network: QEMU user-mode NAT, or a TAP in a per-job namespace (Firecracker needs tap).",
-)
-@click.option(
-    "--firecracker",
-    "firecracker_bin",
-    type=click.Path(path_type=Path),
-    envvar="BENCHER_RUNNER_FIRECRACKER",
-    help="The firecracker binary (default: from PATH).",
-)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (the key is still never logged).")
+@shared_job_options
 @tuning_options
 def daemon_command(
     host: str,

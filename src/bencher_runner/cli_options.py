@@ -1,0 +1,62 @@
+"""Click options that `runner run` and `runner daemon` share, defined once so they never drift."""
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SHARED_JOB_OPTIONS = (
+    click.option(
+        "--max-output-size",
+        type=click.IntRange(0),
+        default=DEFAULT_MAX_OUTPUT,
+        show_default=True,
+        help="Byte cap for stdout, for stderr and for each output file (the benchmark never blocks on it).",
+    ),
+    click.option(
+        "--max-file-count",
+        type=click.IntRange(0),
+        default=255,
+        show_default=True,
+        help="Most output files a job may request.",
+    ),
+    click.option(
+        "--grace-period",
+        type=click.IntRange(1, 900),
+        default=1,
+        show_default=True,
+        help="Seconds the guest gets to write its results after the command exits.",
+    ),
+    click.option(
+        "--accel",
+        type=click.Choice(["auto", "kvm", "tcg"]),
+        default="auto",
+        show_default=True,
+        help="auto: KVM if it really boots a guest on this host, else TCG (emulated, with a warning).",
+    ),
+    click.option(
+        "--network-mode",
+        type=click.Choice(["user", "tap"]),
+        default="user",
+        show_default=True,
+        help="Jobs with network: QEMU user-mode NAT, or a TAP in a per-job namespace (root; Firecracker).",
+    ),
+    click.option(
+        "--firecracker",
+        "firecracker_bin",
+        type=click.Path(path_type=Path),
+        envvar="BENCHER_RUNNER_FIRECRACKER",
+        help="With --sandbox firecracker: the firecracker binary (default: from PATH).",
+    ),
+)
+
+
+def shared_job_options(func: F) -> F:
+    for option in reversed(SHARED_JOB_OPTIONS):
+        func = option(func)
+    return func
