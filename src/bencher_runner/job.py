@@ -152,6 +152,9 @@ class Job:
                 error: RunnerError | None = self._run()
         except RunnerError as err:
             error = err
+        except (OSError, subprocess.SubprocessError) as err:
+            # A host problem nothing above anticipated: still one line for the user, never a traceback.
+            error = RunnerError(f"the job failed on this host: {err.__class__.__name__}: {err}")
         self.state.timings["total_s"] = time.monotonic() - started
         return RunResult(
             status="failed" if error else "completed",

@@ -115,3 +115,19 @@ def test_stale_work_dirs_are_removed_but_live_ones_kept(tmp_path: Path) -> None:
     finally:
         os.close(lock)
     assert live.exists() and starting.exists() and not stale.exists()
+
+
+def test_an_unexpected_host_error_is_one_line_not_a_traceback(
+    image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bencher_runner import job as job_module
+    from bencher_runner.job import run_job
+    from bencher_runner.spec.config import make_run_config
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(job_module, "unpack_layers", broken)
+    result = run_job(make_run_config(image=image, backend="none", cmd=("true",)), cache=tmp_path)
+    assert result.status == "failed"
+    assert result.error == "the job failed on this host: OSError: [Errno 28] No space left on device"
