@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,11 +145,8 @@ class Job:
                 self.state.metadata["tuning"] = report.to_dict()
                 self.layout = partition(online_cpus())  # after tuning: SMT off changes the online CPUs
                 self.state.metadata["cpus"] = self.layout.to_dict()
-                if self.layout.has_isolation and self.config.backend != "none":
-                    # the runner's own threads stay off the benchmark cores
-                    for problem in pin_process(os.getpid(), self.layout.housekeeping):
-                        self.reporter.warn(problem)
-                error: RunnerError | None = self._run()
+                with self._runner_on_housekeeping():
+                    error: RunnerError | None = self._run()
         except RunnerError as err:
             error = err
         except (OSError, subprocess.SubprocessError) as err:
@@ -165,6 +162,21 @@ class Job:
             metadata=self.state.metadata,
             failure=error,
         )
+
+    @contextlib.contextmanager
+    def _runner_on_housekeeping(self) -> Iterator[None]:
+        """The runner's own threads stay off the benchmark cores while the job runs."""
+        layout = self.layout
+        if layout is None or not layout.has_isolation or self.config.backend == "none":
+            yield
+            return
+        original = sorted(os.sched_getaffinity(0))
+        for problem in pin_process(os.getpid(), layout.housekeeping):
+            self.reporter.warn(problem)
+        try:
+            yield
+        finally:
+            pin_process(os.getpid(), original)
 
     def _pull_progress(self, event: PullProgress) -> None:
         if event.kind == "layer" and (event.complete or event.cached):
@@ -366,7 +378,11 @@ class Job:
             self.state.timings["disk_copy_s"] = (
                 self.state.timings.get("disk_copy_s", 0.0) + time.monotonic() - t0
             )
-            output = self._boot(it_dir, rootfs, base, bundle, job_config, accel, label)
+            try:
+                output = self._boot(it_dir, rootfs, base, bundle, job_config, accel, label)
+            finally:
+                # a fully allocated copy of --disk MiB: free it now, not when all iterations are done
+                rootfs.unlink(missing_ok=True)
             self.state.results.append(output)
             self.reporter.iteration(index, output)
             if output.exit_code != 0 and not cfg.allow_failure:

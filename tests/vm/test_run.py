@@ -199,3 +199,16 @@ def test_warm_job_reuses_the_root_disk_template(make_image: Any) -> None:
     assert "mkfs_s" not in warm.doc["timings"]
     other_size = runner("--image", image, "--json", "--disk", "96")  # another size: its own template
     assert "building 96 MiB" in other_size.stderr
+
+
+def test_runner_affinity_is_restored_after_a_job(plain_image: str) -> None:
+    import os
+
+    from bencher_runner.job import run_job
+    from bencher_runner.paths import cache_dir
+    from bencher_runner.spec.config import make_run_config
+
+    before = os.sched_getaffinity(0)
+    result = run_job(make_run_config(image=plain_image, cmd=("/bin/true",)), cache=cache_dir())
+    assert result.status == "completed", result.error
+    assert os.sched_getaffinity(0) == before  # the job moved this process to housekeeping, then back
