@@ -89,6 +89,14 @@ async def test_daemon_runs_a_bencher_job_from_a_token_registry(
         assert server.output_writes(job) == 1
         assert images_run == [f"{auth_registry.host}/{PROJECT}@{digest}"]
         assert len(server.events("heartbeat")) >= 2  # heartbeats flowed while the VM ran
+        missing = server.add_job(
+            oci_token=JOB_TOKEN, registry=auth_registry.url, project=PROJECT, digest="sha256:" + "0" * 64
+        )
+        await server.wait_for(lambda: server.job_state(missing) in ("processed", "failed"), timeout=60)
+        assert server.job_state(missing) == "failed"
+        failure = server.results(missing)
+        assert failure is not None and failure["results"] == []
+        assert "0" * 64 in failure["error"] and "Traceback" not in failure["error"]
     finally:
         daemon.request_shutdown()
         await asyncio.wait_for(task, 30)
