@@ -17,14 +17,11 @@ matter here:
 """
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import os
 import re
 import shutil
-import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +33,7 @@ import httpx
 from bencher_runner.sandbox.accel import KVM_DEVICE, kvm_device_problem
 from bencher_runner.sandbox.network import NetworkPlan
 from bencher_runner.sandbox.vm import VmSpec
+from bencher_runner.sandbox.vmprocess import VmProcess
 from bencher_runner.spec.errors import SandboxError
 
 FIRECRACKER_BINARY = "firecracker"
@@ -448,18 +446,6 @@ def prepare_jail(
 
 # ---- the process --------------------------------------------------------------------------------
 
-PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: SIGKILL Firecracker if the runner (the spawning thread) dies first.
-
-    The kernel clears this when the process changes credentials, so a jailed Firecracker (which drops
-    to --uid/--gid) loses it; stale jails are then found by their chroot directory.
-    """
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-
 
 def new_vm_id() -> str:
     return f"bencher-{os.urandom(8).hex()}"
@@ -518,7 +504,7 @@ class FirecrackerVm:
             self.argv = jailer_argv(jailer, self.firecracker, self.vm_id, JAIL_API_SOCK, log_level)
         self.requests = boot_requests(spec, self.files, log_level)  # validates before anything starts
         self._metrics = metrics
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: VmProcess | None = None
         self._api: FirecrackerApi | None = None
         self._log_text: str | None = None  # kept when the VM is shut down (the jail is removed)
 
@@ -547,14 +533,7 @@ class FirecrackerVm:
                     path.touch(mode=0o600)  # Firecracker opens these without O_CREAT
         self.socket.unlink(missing_ok=True)
         with self.spec.serial_log.open("wb") as serial, self.stderr_path.open("wb") as stderr:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=serial,
-                stderr=stderr,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+            self._proc = VmProcess(self.argv, stdout=serial, stderr=stderr)
         self._api = FirecrackerApi(self.socket)
         self._wait_for_api()
         for request in self.requests:
@@ -590,10 +569,7 @@ class FirecrackerVm:
     def wait(self, deadline: float) -> int | None:
         """Exit status, or None if the VM is still running at ``deadline`` (a time.monotonic value)."""
         assert self._proc is not None
-        try:
-            return self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return None
+        return self._proc.wait(deadline)
 
     def kill(self) -> None:
         """Ctrl-Alt-Del (the guest reboots, Firecracker exits), up to 2 s, then SIGKILL."""
@@ -603,12 +579,9 @@ class FirecrackerVm:
         if self._api is not None:
             with contextlib.suppress(SandboxError):
                 self._api.send(ApiRequest("PUT", "/actions", {"action_type": "SendCtrlAltDel"}))
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=SHUTDOWN_WAIT_S)
+            if proc.wait(time.monotonic() + SHUTDOWN_WAIT_S) is not None:
                 return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.kill()
 
     def _shutdown(self) -> None:
         self.kill()

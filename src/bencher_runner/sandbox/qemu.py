@@ -4,18 +4,13 @@
 kill takes everything, stopped on every exit path.
 """
 
-import contextlib
-import ctypes
 import os
 import shutil
-import signal
-import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
 from bencher_runner.sandbox.vm import VmSpec
+from bencher_runner.sandbox.vmprocess import VmProcess
 from bencher_runner.spec.errors import SandboxError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -64,26 +59,11 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
     return argv
 
 
-PR_SET_PDEATHSIG = 1
-
-
-def _child_setup(cpus: tuple[int, ...] | None) -> Callable[[], None]:
-    """In the child before exec: die with the runner, and run on the benchmark cores (threads inherit)."""
-
-    def setup() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # SIGKILL QEMU if the spawning thread dies first
-        if cpus:
-            os.sched_setaffinity(0, cpus)
-
-    return setup
-
-
 class QemuVm:
     """One running VM. Use as a context manager: the process is gone when the block exits.
 
-    QEMU runs in its own session (a kill takes all of it) and dies with the thread that started it,
-    so a runner that is killed never leaves a VM behind. Start and wait from the same thread.
+    QEMU runs as a VmProcess: its own session, dead with the thread that started it, so a runner that
+    is killed never leaves a VM behind. Start and wait from the same thread.
     """
 
     def __init__(
@@ -97,18 +77,11 @@ class QemuVm:
         self.cpus = cpus
         self.log_path = log_path
         self.argv = [*(prefix or []), *qemu_argv(find_qemu(), spec)]  # prefix: e.g. `ip netns exec NS`
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._proc: VmProcess | None = None
 
     def __enter__(self) -> "QemuVm":
         with self.log_path.open("wb") as log:
-            self._proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                start_new_session=True,
-                preexec_fn=_child_setup(self.cpus),  # prctl and affinity only: no locks taken
-            )
+            self._proc = VmProcess(self.argv, stdout=log, stderr=log, cpus=self.cpus)
         return self
 
     def __exit__(
@@ -123,18 +96,11 @@ class QemuVm:
     def wait(self, deadline: float) -> int | None:
         """Exit status, or None if the VM is still running at ``deadline`` (a time.monotonic value)."""
         assert self._proc is not None
-        try:
-            return self._proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            return None
+        return self._proc.wait(deadline)
 
     def kill(self) -> None:
-        proc = self._proc
-        if proc is None or proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        if self._proc is not None:
+            self._proc.kill()
 
     def log(self) -> str:
         try:

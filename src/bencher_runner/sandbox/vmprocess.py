@@ -1,0 +1,70 @@
+"""The VM monitor process (QEMU or Firecracker), started and stopped the same way for every backend.
+
+It runs in its own session, so one killpg takes it and anything it started, and with PR_SET_PDEATHSIG,
+so it dies with the runner thread that started it (start and wait from the same thread). The kernel
+clears PR_SET_PDEATHSIG when a process changes credentials, so a jailed Firecracker loses it.
+"""
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from typing import IO
+
+PR_SET_PDEATHSIG = 1
+
+
+def _child_setup(cpus: tuple[int, ...] | None) -> Callable[[], None]:
+    """In the child before exec: die with the runner, and run on the given cores (threads inherit)."""
+
+    def setup() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+
+    return setup
+
+
+class VmProcess:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        *,
+        stdout: IO[bytes],
+        stderr: IO[bytes],
+        cpus: tuple[int, ...] | None = None,
+    ) -> None:
+        self.proc = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+            preexec_fn=_child_setup(cpus),  # prctl and affinity only: no locks taken
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def wait(self, deadline: float) -> int | None:
+        """Exit status, or None if it still runs at ``deadline`` (a time.monotonic value)."""
+        try:
+            return self.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            return None
+
+    def kill(self) -> None:
+        """SIGKILL the whole session and reap the process."""
+        if self.proc.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
