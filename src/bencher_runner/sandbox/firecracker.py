@@ -174,36 +174,40 @@ def _executable(path: str, what: str, flag: str) -> str:
     return path
 
 
+def _find(explicit: str | Path | None, flag: str, env: str, binary: str, missing: str) -> str:
+    """The flag's path, else the env var's, else ``binary`` on PATH; ``missing`` says how to get it."""
+    if explicit:
+        return _executable(str(explicit), f"{binary} binary", flag)
+    if value := os.environ.get(env):
+        return _executable(value, f"{binary} binary", env)
+    found = shutil.which(binary)
+    if not found:
+        raise SandboxError(missing)
+    return found
+
+
 def find_firecracker(explicit: str | Path | None = None) -> str:
     """``--firecracker PATH``, else $BENCHER_RUNNER_FIRECRACKER, else ``firecracker`` on PATH."""
-    if explicit:
-        return _executable(str(explicit), "Firecracker binary", "--firecracker")
-    env = os.environ.get("BENCHER_RUNNER_FIRECRACKER")
-    if env:
-        return _executable(env, "Firecracker binary", "BENCHER_RUNNER_FIRECRACKER")
-    found = shutil.which(FIRECRACKER_BINARY)
-    if not found:
-        raise SandboxError(
-            "Firecracker is not installed: download a release from "
-            "github.com/firecracker-microvm/firecracker/releases and pass --firecracker PATH"
-        )
-    return found
+    return _find(
+        explicit,
+        "--firecracker",
+        "BENCHER_RUNNER_FIRECRACKER",
+        FIRECRACKER_BINARY,
+        "Firecracker is not installed: download a release from "
+        "github.com/firecracker-microvm/firecracker/releases and pass --firecracker PATH",
+    )
 
 
 def find_jailer(explicit: str | Path | None = None) -> str:
     """``--jailer PATH``, else $BENCHER_RUNNER_JAILER, else ``jailer`` on PATH."""
-    if explicit:
-        return _executable(str(explicit), "jailer binary", "--jailer")
-    env = os.environ.get("BENCHER_RUNNER_JAILER")
-    if env:
-        return _executable(env, "jailer binary", "BENCHER_RUNNER_JAILER")
-    found = shutil.which(JAILER_BINARY)
-    if not found:
-        raise SandboxError(
-            "the Firecracker jailer is not installed: it ships in the same release archive as firecracker "
-            "(github.com/firecracker-microvm/firecracker/releases); pass --jailer PATH"
-        )
-    return found
+    return _find(
+        explicit,
+        "--jailer",
+        "BENCHER_RUNNER_JAILER",
+        JAILER_BINARY,
+        "the Firecracker jailer is not installed: it ships in the same release archive as firecracker "
+        "(github.com/firecracker-microvm/firecracker/releases); pass --jailer PATH",
+    )
 
 
 def kvm_problem(device: Path = KVM_DEVICE) -> str | None:
