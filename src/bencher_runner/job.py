@@ -94,25 +94,18 @@ def serial_tail(serial: Path) -> str:
     return "\n".join(lines[-SERIAL_TAIL_LINES:]) or "(serial log is empty)"
 
 
-def oom_line(serial: Path) -> str | None:
-    """The kernel's "Out of memory: Killed process …" line, if the guest OOM killer fired."""
+OOM_MARKER = "Out of memory: Killed process"  # the guest OOM killer fired
+PANIC_MARKER = "Kernel panic"
+
+
+def serial_line(serial: Path, marker: str) -> str | None:
+    """The first kernel message in the serial log containing ``marker``, without its timestamp."""
     try:
         text = serial.read_text(errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
-        if "Out of memory: Killed process" in line:
-            return line.split("]", 1)[-1].strip()
-    return None
-
-
-def panic_line(serial: Path) -> str | None:
-    try:
-        text = serial.read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if "Kernel panic" in line:
+        if marker in line:
             return line.split("]", 1)[-1].strip()
     return None
 
@@ -479,7 +472,7 @@ class Job:
                 f"{label}: the guest did not finish writing results within the {cfg.grace_period_s} s grace "
                 "period; output files may be missing (raise --grace-period)"
             )
-        oom = oom_line(spec.serial_log) if report.exit.exit_code == 128 + 9 else None
+        oom = serial_line(spec.serial_log, OOM_MARKER) if report.exit.exit_code == 128 + 9 else None
         if oom:
             self.reporter.warn(f"{label}: the guest ran out of memory: {oom}")
         truncated = [
@@ -569,7 +562,7 @@ class Job:
     ) -> SandboxError:
         if report.errors:
             return AgentError(f"the guest agent failed: {'; '.join(report.errors)}")
-        panic = panic_line(serial)
+        panic = serial_line(serial, PANIC_MARKER)
         if panic:
             return GuestPanicError(
                 f"the guest kernel panicked: {panic}\nserial console:\n{serial_tail(serial)}"
