@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
-from bencher_runner.host.tuning import TuningOptions, tuned_host
+from bencher_runner.host.tuning import TuningOptions, restore_leftover_tuning, tuned_host
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.layout import LocalImage
 from bencher_runner.oci.pull import PullProgress
@@ -604,6 +604,13 @@ def remove_stale_work_dirs(cache: Path) -> list[Path]:
         shutil.rmtree(work, ignore_errors=True)
         removed.append(work)
     return removed
+
+
+def recover_from_crash(cache: Path, *, warn: Callable[[str], None], info: Callable[[str], None]) -> None:
+    """What a killed runner left: restore the host tuning it applied, remove its work dirs and networks."""
+    restore_leftover_tuning(log=warn)
+    for leftover in remove_stale_work_dirs(cache):
+        info(f"removed {leftover.name}, left by a runner that was killed")
 
 
 def copy_sparse(src: Path, dest: Path) -> None:

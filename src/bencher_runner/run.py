@@ -13,8 +13,8 @@ from typing import IO
 
 from rich.console import Console
 
-from bencher_runner.host.tuning import TuningOptions, restore_leftover_tuning
-from bencher_runner.job import Reporter, remove_stale_work_dirs, run_job
+from bencher_runner.host.tuning import TuningOptions
+from bencher_runner.job import Reporter, recover_from_crash, run_job
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SpecError
 from bencher_runner.spec.results import IterationOutput, RunResult
@@ -94,9 +94,7 @@ def run_command(
     reporter = ConsoleReporter(echo_output=not as_json, quiet=quiet)
     # SIGTERM unwinds like Ctrl-C, so the VM is killed and the work directory removed.
     signal.signal(signal.SIGTERM, _terminate)
-    restore_leftover_tuning(log=reporter.warn)
-    for leftover in remove_stale_work_dirs(cache):
-        reporter.phase(f"removed {leftover.name}, left by a runner that was killed")
+    recover_from_crash(cache, warn=reporter.warn, info=reporter.phase)
     result = run_job(config, cache=cache, reporter=reporter, tuning=tuning)
     if output_dir is not None:
         save_outputs(result, output_dir)

@@ -136,12 +136,10 @@ def daemon_command(
             firecracker=firecracker_bin,
         ),
     )
-    from bencher_runner.host.tuning import restore_leftover_tuning
-    from bencher_runner.job import remove_stale_work_dirs
+    from bencher_runner.job import recover_from_crash
 
-    restore_leftover_tuning(log=logging.getLogger("bencher_runner.daemon").warning)
-    for leftover in remove_stale_work_dirs(cache):  # a crashed daemon's jobs (its VMs died with it)
-        logging.getLogger("bencher_runner.daemon").info("removed a crashed job's work dir %s", leftover)
+    log = logging.getLogger("bencher_runner.daemon")
+    recover_from_crash(cache, warn=log.warning, info=log.info)  # a crashed daemon's VMs died with it
     try:
         code = run_daemon(settings, default_executor(cache, tuning))
     except RunnerError as err:
