@@ -8,9 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import shutil
 import socket
-import subprocess
 import threading
 import time
 import uuid
@@ -30,78 +28,20 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from tests.support.oci_builder import blob_path, read_index
+from tests.support.registry import (
+    REF_NAME,
+    Registry,
+    start_registry,
+    stop_process,
+)
 
-REGISTRY_BIN = "docker-registry"
 SERVICE = "test-registry"
 ISSUER = "test-token-issuer"
 USERNAME, PASSWORD = "alice", "s3cret-pw"
 JOB_TOKEN = "opaque-job-token-0123456789"  # accepted by the token server, not by the registry
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- docker-registry ---------------------------------------------------------------------------------
-
-
-@dataclass
-class Registry:
-    host: str  # 127.0.0.1:PORT
-    storage: Path
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def blob_data(self, digest: str) -> Path:
-        hexpart = digest.split(":", 1)[1]
-        return self.storage / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart / "data"
-
-
-def _start_registry(tmp: Path, storage: Path, auth: dict[str, Any] | None = None) -> Registry:
-    if shutil.which(REGISTRY_BIN) is None:
-        pytest.fail(
-            f"{REGISTRY_BIN} is not installed; `apt-get install docker-registry` (the Makefile does) "
-            "to run the registry pull tests"
-        )
-    port = free_port()
-    lines = [
-        "version: 0.1",
-        "log: {level: error}",
-        f"storage: {{filesystem: {{rootdirectory: {json.dumps(str(storage))}}}, delete: {{enabled: true}}}}",
-        f"http: {{addr: '127.0.0.1:{port}', secret: test-secret}}",
-    ]
-    if auth is not None:
-        lines.append(f"auth: {json.dumps(auth)}")
-    config = tmp / f"registry-{port}.yml"
-    config.write_text("\n".join(lines) + "\n")
-    log = (tmp / f"registry-{port}.log").open("wb")
-    proc = subprocess.Popen([REGISTRY_BIN, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code in (200, 401):
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"docker-registry did not start: {(tmp / f'registry-{port}.log').read_text()}")
-        time.sleep(0.05)
-    return Registry(f"127.0.0.1:{port}", storage, proc)
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -112,51 +52,9 @@ def registry_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def registry(registry_tmp: Path) -> Iterator[Registry]:
     """An open (anonymous) docker-registry; its storage is shared with ``auth_registry``."""
-    reg = _start_registry(registry_tmp, registry_tmp / "storage")
+    reg = start_registry(registry_tmp, registry_tmp / "storage")
     yield reg
-    _stop(reg.proc)
-
-
-# --- pushing -----------------------------------------------------------------------------------------
-
-
-def skopeo_push(layout: Path, reg: Registry, repo: str, tag: str, *, fmt: str | None = None) -> None:
-    argv = ["skopeo", "copy", "--quiet", "--all", "--dest-tls-verify=false"]
-    argv += ["--format", fmt] if fmt else ["--preserve-digests"]
-    argv += [f"oci:{layout}:{tag}", f"docker://{reg.host}/{repo}:{tag}"]
-    res = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    assert res.returncode == 0, res.stderr
-
-
-def http_push(layout: Path, reg: Registry, repo: str, tag: str) -> str:
-    """Push every blob of ``layout`` and the manifests reachable from ``tag`` verbatim; returns the
-    top digest (for shapes skopeo rewrites or refuses: Docker manifest lists, odd manifests)."""
-    base = f"{reg.url}/v2/{repo}"
-    with httpx.Client(timeout=30) as c:
-        for path in sorted((layout / "blobs" / "sha256").iterdir()):
-            digest = "sha256:" + path.name
-            if c.head(f"{base}/blobs/{digest}").status_code == 200:
-                continue
-            r = c.post(f"{base}/blobs/uploads/")
-            assert r.status_code == 202, r.text
-            loc = httpx.URL(reg.url).join(r.headers["location"]).copy_merge_params({"digest": digest})
-            r = c.put(loc, content=path.read_bytes())
-            assert r.status_code == 201, r.text
-        top = next(m for m in read_index(layout) if m.get("annotations", {}).get(REF_NAME) == tag)
-
-        def put(desc: dict[str, Any], ref: str) -> None:
-            body = blob_path(layout, desc["digest"]).read_bytes()
-            doc = json.loads(body)
-            for child in doc.get("manifests", []):
-                put(child, child["digest"])
-            r = c.put(f"{base}/manifests/{ref}", content=body, headers={"Content-Type": desc["mediaType"]})
-            assert r.status_code == 201, r.text
-
-        put(top, tag)
-        return str(top["digest"])
-
-
-REF_NAME = "org.opencontainers.image.ref.name"
+    stop_process(reg.proc)
 
 
 # --- token server + token-auth registry --------------------------------------------------------------
@@ -295,9 +193,9 @@ def auth_registry(registry: Registry, registry_tmp: Path, token_server: TokenSer
             "rootcertbundle": str(bundle),
         }
     }
-    reg = _start_registry(registry_tmp, registry.storage, auth)
+    reg = start_registry(registry_tmp, registry.storage, auth)
     yield reg
-    _stop(reg.proc)
+    stop_process(reg.proc)
 
 
 # --- fault-injecting proxy ---------------------------------------------------------------------------

@@ -19,9 +19,10 @@ from bencher_runner.paths import cache_dir
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.results import RunResult
 from tests.support.oci_builder import build_layout, layer_from_dir
+from tests.support.registry import Registry, http_push
 from tests.vm.conftest import busybox_tree
 
-from .conftest import JOB_TOKEN, Registry, http_push
+from .conftest import JOB_TOKEN
 
 PROJECT = "0f6c1c9e-6b0e-4a43-9d8a-2f1a4b9c7d10"
 KEY = "bencher_runner_" + "e2e0" * 7 + "e2"

@@ -16,7 +16,7 @@ from bencher_runner.oci.pull import pull_image
 from bencher_runner.oci.reference import parse_reference
 from bencher_runner.oci.unpack import unpack_layers
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
-from tests.registry.conftest import FakeRegistry, Registry, skopeo_push
+from tests.registry.conftest import FakeRegistry
 from tests.support.oci_builder import (
     DOCKER_MANIFEST,
     OCI_INDEX,
@@ -28,6 +28,7 @@ from tests.support.oci_builder import (
     manifest_of,
     sha256,
 )
+from tests.support.registry import Registry, skopeo_push
 
 CONFIG = {"Cmd": ["/bin/true"]}
 

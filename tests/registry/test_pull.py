@@ -20,12 +20,10 @@ from tests.registry.conftest import (
     PASSWORD,
     USERNAME,
     Faults,
-    Registry,
     TokenServer,
-    http_push,
-    skopeo_push,
 )
 from tests.support.oci_builder import build_layout, file, manifest_of, read_index
+from tests.support.registry import Registry, http_push, skopeo_push
 
 CONFIG = {"Entrypoint": ["/bin/bench"], "Cmd": ["--fast"], "Env": ["A=1"]}
 
