@@ -171,10 +171,19 @@ class Job:
         finally:
             pin_process(os.getpid(), original)
 
+    def _check_cancel(self, during: str) -> None:
+        if self.cancel.is_set():
+            raise CanceledError(f"the job was canceled {during}")
+
     def _pull_progress(self, event: PullProgress) -> None:
+        self._check_cancel("while its image was pulled")  # raised in the download thread: the pull stops
         if event.kind == "layer" and (event.complete or event.cached):
             how = "cached" if event.cached else "pulled"
             self.reporter.phase(f"layer {event.digest[:19]}… {how} ({event.total / MIB:.1f} MiB)")
+
+    def _add_time(self, name: str, seconds: float) -> None:
+        """Sum a phase over iterations."""
+        self.state.timings[name] = self.state.timings.get(name, 0.0) + seconds
 
     def _timed(self, name: str, fn: Callable[[], object]) -> None:
         t0 = time.monotonic()
@@ -191,7 +200,8 @@ class Job:
             insecure=cfg.insecure_registry,
             progress=self._pull_progress,
         )
-        self.state.timings["image_s"] = time.monotonic() - t0
+        self.state.timings["pull_s"] = time.monotonic() - t0
+        self._check_cancel("after its image was pulled")
         self.reporter.phase(f"image {image.manifest_digest[:19]}… verified ({len(image.layers)} layers)")
         resolve_command(image.config.config.entrypoint, image.config.config.cmd, cfg.entrypoint, cfg.cmd)
         if len(cfg.output_paths) > cfg.max_file_count:
@@ -252,6 +262,7 @@ class Job:
         t0 = time.monotonic()
         stats = unpack_layers(image.layers, tree)
         self.state.timings["unpack_s"] = time.monotonic() - t0
+        self._check_cancel("while its image was unpacked")
         for path in stats.skipped_devices:
             self.reporter.warn(f"skipped device node {path} (the guest's /dev is a devtmpfs)")
         ensure_directory(tree, image.config.config.working_dir or "/")
@@ -336,7 +347,9 @@ class Job:
             tree, passwd, group = self._unpack(work, image)
             built = work / "rootfs.ext4"
             self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
-            self._timed("mkfs", lambda: build_rootfs(tree, built, cfg.disk_mib, allocate=False))
+            self._timed(
+                "mkfs", lambda: build_rootfs(tree, built, cfg.disk_mib, allocate=False, cancel=self.cancel)
+            )
             shutil.rmtree(tree)
             template = templates.put(key, built, passwd, group)
         self.state.timings["rootfs_s"] = time.monotonic() - t0
@@ -360,17 +373,14 @@ class Job:
     ) -> RunnerError | None:
         cfg = self.config
         for index in range(cfg.iterations):
-            if self.cancel.is_set():
-                raise CanceledError("the job was canceled")
+            self._check_cancel("before an iteration started")
             label = f"iteration {index + 1}/{cfg.iterations}"
             it_dir = work / f"iter-{index + 1}"
             it_dir.mkdir()
             rootfs = it_dir / "rootfs.ext4"
             t0 = time.monotonic()
             copy_sparse(template, rootfs)  # the cached template stays read-only
-            self.state.timings["disk_copy_s"] = (
-                self.state.timings.get("disk_copy_s", 0.0) + time.monotonic() - t0
-            )
+            self._add_time("disk_copy_s", time.monotonic() - t0)
             try:
                 output = self._boot(it_dir, rootfs, base, bundle, job_config, accel, label)
             finally:
@@ -454,8 +464,10 @@ class Job:
                     break
             vm.kill()
             vm_log = vm.log()
-        self.state.timings["vm_s"] = self.state.timings.get("vm_s", 0.0) + time.monotonic() - t0
+        t1 = time.monotonic()
+        self._add_time("vm_s", t1 - t0)
         report = read_output_disk(out_disk, max_output=cfg.max_output_bytes)
+        self._add_time("collect_s", time.monotonic() - t1)
         self._record_guest_timings(report)
         if canceled:
             raise CanceledError("the job was canceled while the benchmark ran")

@@ -9,11 +9,12 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bencher_runner.spec.errors import RootfsError
+from bencher_runner.spec.errors import CanceledError, RootfsError
 from bencher_runner.spec.units import MIB, bytes_to_mib
 
 MKFS_FLAGS = ["-q", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
@@ -41,10 +42,18 @@ def min_disk_mib(content_bytes: int) -> int:
     return content + max(OVERHEAD_MIN_MIB, int(content * OVERHEAD_FRACTION) + 1)
 
 
-def build_rootfs(tree: Path, image: Path, disk_mib: int, *, allocate: bool = True) -> None:
+def build_rootfs(
+    tree: Path,
+    image: Path,
+    disk_mib: int,
+    *,
+    allocate: bool = True,
+    cancel: threading.Event | None = None,
+) -> None:
     """Format ``image`` as ext4 of ``disk_mib`` MiB holding ``tree``; RootfsError when it cannot.
 
     ``allocate=False`` leaves it sparse: a cached template, whose per-job copies get allocated.
+    ``cancel``: set it to stop mkfs within 0.1 s (CanceledError), so a canceled job frees its worker.
     """
     mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
     if not os.path.exists(mkfs):
@@ -59,7 +68,7 @@ def build_rootfs(tree: Path, image: Path, disk_mib: int, *, allocate: bool = Tru
     os.chmod(tree, 0o755)  # becomes the guest's `/`
     with image.open("wb") as f:
         f.truncate(disk_mib * MIB)
-    proc = subprocess.run([mkfs, *MKFS_FLAGS, "-d", str(tree), str(image)], capture_output=True, text=True)
+    proc = _run_cancellable([mkfs, *MKFS_FLAGS, "-d", str(tree), str(image)], cancel)
     if proc.returncode != 0:
         message = proc.stderr.strip() or proc.stdout.strip()
         if "No space left" in message or "Could not allocate" in message or "too small" in message:
@@ -70,6 +79,20 @@ def build_rootfs(tree: Path, image: Path, disk_mib: int, *, allocate: bool = Tru
         raise RootfsError(f"mkfs.ext4 failed building the root disk ({disk_mib} MiB): {message}")
     if allocate:
         allocate_disk(image, disk_mib)
+
+
+def _run_cancellable(argv: list[str], cancel: threading.Event | None) -> subprocess.CompletedProcess[str]:
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        while True:
+            try:
+                stdout, stderr = proc.communicate(timeout=0.1)  # retrying loses no output
+            except subprocess.TimeoutExpired:
+                if cancel is not None and cancel.is_set():
+                    proc.kill()
+                    proc.communicate()
+                    raise CanceledError("the job was canceled while its root disk was built") from None
+                continue
+            return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 def allocate_disk(image: Path, disk_mib: int) -> None:

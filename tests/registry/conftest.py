@@ -204,9 +204,11 @@ def auth_registry(registry: Registry, registry_tmp: Path, token_server: TokenSer
 @dataclass
 class Faults:
     """What the proxy breaks: ``cut_blob_after`` cuts the next N blob GETs after that many body bytes;
-    ``statuses`` answers the next requests whose path contains the key with those statuses."""
+    ``statuses`` answers the next requests whose path contains the key with those statuses;
+    ``blob_chunk_delay`` sleeps that long after every 4 KiB of blob body (a slow registry)."""
 
     cut_blob_after: int | None = None
+    blob_chunk_delay: float = 0.0
     cuts_left: int = 1
     statuses: dict[str, list[int]] = field(default_factory=dict)
     log: list[tuple[str, str, str]] = field(default_factory=list)  # (method, path, range)
@@ -266,6 +268,8 @@ def _proxy_handler(upstream: str, faults: Faults) -> type[BaseHTTPRequestHandler
                         return
                     self.wfile.write(chunk)
                     sent += len(chunk)
+                    if blob_get and faults.blob_chunk_delay:
+                        time.sleep(faults.blob_chunk_delay)
 
         def do_GET(self) -> None:
             self._forward("GET")

@@ -1,11 +1,13 @@
 import os
 import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from bencher_runner.rootfs import build_rootfs
-from bencher_runner.spec.errors import RootfsError
+from bencher_runner.spec.errors import CanceledError, RootfsError
 from bencher_runner.spec.units import MIB
 
 
@@ -38,3 +40,21 @@ def test_too_small_names_both_sizes(tmp_path: Path) -> None:
         build_rootfs(tree, tmp_path / "root.ext4", 64)
     text = str(err.value)
     assert "80 MiB" in text and "64 MiB" in text and "--disk" in text
+
+
+def test_cancel_stops_a_running_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A canceled job must not wait for mkfs: a slow mkfs.ext4 is killed within a poll interval."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    slow = bin_dir / "mkfs.ext4"
+    slow.write_text("#!/bin/sh\nexec sleep 30\n")
+    slow.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(CanceledError, match="root disk"):
+        build_rootfs(tree, tmp_path / "disk.img", 64, cancel=cancel)
+    assert time.monotonic() - t0 < 2
