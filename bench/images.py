@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any, cast
 
+import httpx
 from tests.support.oci_builder import (
     OCI_CONFIG,
     OCI_LAYER_TYPES,
@@ -40,7 +41,7 @@ from tests.support.oci_builder import (
     write_index,
     write_json_blob,
 )
-from tests.support.registry import Registry, http_push, start_registry, stop_process
+from tests.support.registry import Registry, start_registry, stop_process
 
 MIB = 1 << 20
 REALISTIC_CMD = ["python3", "-c", "print(sum(range(10**6)))"]
@@ -48,6 +49,7 @@ REALISTIC_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/b
 BUSYBOX_APPLETS = ("sh", "true", "false", "echo", "cat", "ls", "sleep")
 BIG_FILE = "data/random.bin"
 BIG_SEED = 20240101
+SOURCE_TAG = "latest"  # every layout built here tags its image so
 
 
 def cache_root() -> Path:
@@ -284,14 +286,40 @@ def loopback_registry(tmp: Path) -> Iterator[Registry]:
 
 
 def push(layout: Path, reg: Registry, repo: str, tag: str = "latest") -> str:
-    """Push the image tagged ``tag`` in ``layout`` to ``reg`` as ``repo:tag``, byte-exact (blobs are
-    streamed); returns its manifest digest."""
-    return http_push(layout, reg, repo, tag)
+    """Push ``layout``'s image ``latest`` to ``reg`` as ``repo:tag``, byte-exact (each blob streamed from
+    disk, none held in memory); returns its manifest digest."""
+    base = f"{reg.url}/v2/{repo}"
+    entry = _index_entry(layout, SOURCE_TAG)
+    manifest_bytes = _blob(layout, entry["digest"]).read_bytes()
+    manifest = json.loads(manifest_bytes)
+    with httpx.Client(timeout=300) as client:
+        for desc in [manifest["config"], *manifest["layers"]]:
+            digest = desc["digest"]
+            if client.head(f"{base}/blobs/{digest}").status_code == 200:
+                continue
+            r = client.post(f"{base}/blobs/uploads/")
+            r.raise_for_status()
+            location = httpx.URL(reg.url).join(r.headers["location"]).copy_merge_params({"digest": digest})
+            with _blob(layout, digest).open("rb") as body:
+                client.put(location, content=body).raise_for_status()
+        headers = {"Content-Type": entry["mediaType"]}
+        client.put(f"{base}/manifests/{tag}", content=manifest_bytes, headers=headers).raise_for_status()
+    return str(entry["digest"])
+
+
+def _index_entry(layout: Path, tag: str) -> dict[str, Any]:
+    index = json.loads((layout / "index.json").read_text())
+    entry: dict[str, Any] = next(
+        m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag
+    )
+    return entry
+
+
+def _blob(layout: Path, digest: str) -> Path:
+    return layout / "blobs" / "sha256" / digest.split(":", 1)[1]
 
 
 def layer_sizes(layout: Path, tag: str = "latest") -> tuple[int, int]:
     """(compressed bytes, count) of the layers of ``layout``'s image ``tag``."""
-    index = json.loads((layout / "index.json").read_text())
-    entry = next(m for m in index["manifests"] if m.get("annotations", {}).get(REF_NAME) == tag)
-    manifest = json.loads((layout / "blobs" / "sha256" / entry["digest"].split(":", 1)[1]).read_bytes())
+    manifest = json.loads(_blob(layout, _index_entry(layout, tag)["digest"]).read_bytes())
     return sum(int(layer["size"]) for layer in manifest["layers"]), len(manifest["layers"])

@@ -1,0 +1,307 @@
+"""Image-prep benchmarks (issues #3, #8): registry pull + unpack + root disk, against skopeo + umoci + mkfs.
+
+    .venv/bin/python -m bench.prep [--repeat N] [--json OUT] [--profile OUT_PREFIX]
+
+All figures are medians over ``--repeat`` runs on the same image in the same run (this host is noisy),
+quoted as ratios against a reference measured alongside, as shared/design/BENCHMARKS.md asks:
+
+1. cold image prep: what a cold ``runner run`` job does before boot with an empty blob cache and no
+   root-disk template (pull from a loopback docker-registry, unpack, ``mkfs.ext4 -d`` of a 1024 MiB
+   disk, the job's disk copy), against ``skopeo copy`` + ``umoci unpack`` + ``mkfs.ext4 -d`` on a
+   1024 MiB file. Goal <= 0.8. Each phase of both is reported.
+2. warm image prep (blobs and template cached: manifest check, template lookup, disk copy) against
+   the cold prep. Goal <= 0.05.
+3. peak RSS of a fresh process pulling (and, separately, pulling + unpacking) a 512 MiB layer.
+   Goal <= 120 MiB.
+
+"Ours" calls the same library functions, in the same order, as ``job.py`` does (``Job._run``,
+``Job._unpack``, ``Job._run_in``, ``Job._iterations``), so it measures the runner without a VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+from bench.images import big_layer_layout, layer_sizes, loopback_registry, push, realistic_layout
+from bencher_runner.job import copy_sparse
+from bencher_runner.oci.blobcache import image_cache_dir
+from bencher_runner.oci.source import open_image
+from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
+from bencher_runner.rootfs import TemplateCache, build_rootfs, template_key
+
+DISK_MIB = 1024
+MKFS_REFERENCE = ["mkfs.ext4", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
+GOAL_COLD = 0.8
+GOAL_WARM = 0.05
+GOAL_RSS_MIB = 120
+BIG_LAYER_MIB = 512
+
+Phases = dict[str, float]
+
+
+class Stopwatch:
+    """``mark(name)`` adds the time since the previous mark to ``phases[name]``."""
+
+    def __init__(self) -> None:
+        self.phases: Phases = {}
+        self._last = time.monotonic()
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = self.phases.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def done(self) -> Phases:
+        return {**self.phases, "total": sum(self.phases.values())}
+
+
+# --- ours ---------------------------------------------------------------------------------------------
+
+
+def ours_cold(ref: str, cache: Path, work: Path) -> Phases:
+    """A cold job's prep, as job.py does it: pull, unpack, mkfs (template put), the iteration's copy."""
+    watch = Stopwatch()
+    mark = watch.mark
+    image = open_image(ref, cache_dir=image_cache_dir(cache), insecure=True)
+    mark("pull")
+    templates = TemplateCache(cache)
+    key = template_key(image.manifest_digest, DISK_MIB)
+    assert templates.get(key) is None, "the template cache must start empty"
+    tree = work / "tree"
+    tree.mkdir(parents=True)
+    unpack_layers(image.layers, tree)
+    ensure_directory(tree, image.config.config.working_dir or "/")
+    passwd, group = read_image_file(tree, "etc/passwd"), read_image_file(tree, "etc/group")
+    mark("unpack")
+    built = work / "rootfs.ext4"
+    build_rootfs(tree, built, DISK_MIB, allocate=False)
+    mark("mkfs")
+    shutil.rmtree(tree)
+    template = templates.put(key, built, passwd, group)
+    mark("rmtree_put")
+    disk = work / "iter-1" / "rootfs.ext4"
+    disk.parent.mkdir()
+    copy_sparse(template.disk, disk)
+    mark("copy")
+    disk.unlink()  # job.py frees it after the VM; not timed
+    return watch.done()
+
+
+def ours_warm(ref: str, cache: Path, work: Path) -> Phases:
+    """A second job on the same image and disk size: manifest check (blobs cached), template, copy."""
+    watch = Stopwatch()
+    mark = watch.mark
+    image = open_image(ref, cache_dir=image_cache_dir(cache), insecure=True)
+    mark("pull")
+    template = TemplateCache(cache).get(template_key(image.manifest_digest, DISK_MIB))
+    assert template is not None, "the template must be cached by the cold run"
+    mark("template")
+    disk = work / "iter-warm" / "rootfs.ext4"
+    disk.parent.mkdir()
+    copy_sparse(template.disk, disk)
+    mark("copy")
+    disk.unlink()
+    return watch.done()
+
+
+# --- the reference --------------------------------------------------------------------------------------
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+
+
+def reference(host_ref: str, work: Path) -> Phases:
+    """What a user would script: skopeo copy, umoci unpack, mkfs.ext4 -d on a 1024 MiB file."""
+    layout, bundle, img = work / "oci", work / "bundle", work / "rootfs.ext4"
+    watch = Stopwatch()
+    mark = watch.mark
+    _run(
+        [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--src-tls-verify=false",
+            f"docker://{host_ref}",
+            f"oci:{layout}:latest",
+        ]
+    )
+    mark("skopeo")
+    _run(["umoci", "unpack", "--image", f"{layout}:latest", str(bundle)])
+    mark("umoci")
+    _run(["fallocate", "-l", f"{DISK_MIB}M", str(img)])
+    _run([*MKFS_REFERENCE, "-d", str(bundle / "rootfs"), str(img)])
+    mark("mkfs")
+    return watch.done()
+
+
+# --- peak RSS in a fresh process ------------------------------------------------------------------------
+
+RSS_CHILD = textwrap.dedent(
+    """
+    import json, resource, sys
+    from pathlib import Path
+    from bencher_runner.oci.pull import pull_image
+    from bencher_runner.oci.reference import parse_reference
+    from bencher_runner.oci.unpack import unpack_layers
+
+    def rss_kib():
+        for line in open("/proc/self/status"):
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    mode, ref, cache, tree = sys.argv[1:5]
+    baseline = rss_kib()
+    image = pull_image(parse_reference(ref, insecure=True), cache_dir=Path(cache))
+    if mode == "pull+unpack":
+        Path(tree).mkdir()
+        unpack_layers(image.layers, Path(tree))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"baseline_kib": baseline, "peak_kib": peak}))
+    """
+)
+
+
+def rss_of(mode: str, ref: str, work: Path) -> dict[str, int]:
+    argv = [sys.executable, "-c", RSS_CHILD, mode, ref, str(work / "cache"), str(work / "tree")]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=True)
+    doc: dict[str, int] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return doc
+
+
+# --- driver ---------------------------------------------------------------------------------------------
+
+
+def _median(runs: list[Phases]) -> Phases:
+    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+
+
+def _fmt(phases: Phases) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in phases.items() if k != "total")
+
+
+def _scratch(base: Path, name: str) -> Path:
+    path = base / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
+    """Run every image-prep figure ``repeat`` times; prints and returns the medians."""
+    realistic = realistic_layout()
+    big = big_layer_layout(BIG_LAYER_MIB)
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp_name:
+        tmp = Path(tmp_name)
+        with loopback_registry(tmp) as reg:
+            push(realistic, reg, "proj", "v1")
+            push(big, reg, "big", "latest")
+            host_ref = f"{reg.host}/proj:v1"
+            ref = f"http://{host_ref}"
+            gz_bytes, _ = layer_sizes(realistic)
+
+            cold, warm, refs = [], [], []
+            for i in range(repeat):
+                work = _scratch(tmp, "reference")
+                refs.append(reference(host_ref, work))
+                shutil.rmtree(work)
+                cache, work = _scratch(tmp, "cache"), _scratch(tmp, "work")
+                cold.append(ours_cold(ref, cache, work))
+                warm.append(ours_warm(ref, cache, work))
+                print(
+                    f"  run {i + 1}/{repeat}: reference {refs[-1]['total']:.2f} s ({_fmt(refs[-1])}); "
+                    f"ours cold {cold[-1]['total']:.2f} s ({_fmt(cold[-1])}); warm {warm[-1]['total']:.3f} s",
+                    flush=True,
+                )
+            if profile is not None:
+                cache, work = _scratch(tmp, "cache"), _scratch(tmp, "work")
+                profiler = cProfile.Profile()
+                profiler.runcall(ours_cold, ref, cache, work)
+                profiler.dump_stats(f"{profile}.prof")
+                with open(f"{profile}.txt", "w") as out:
+                    pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
+                    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(30)
+            shutil.rmtree(tmp / "cache", ignore_errors=True)
+            shutil.rmtree(tmp / "work", ignore_errors=True)
+
+            rss: dict[str, list[dict[str, int]]] = {"pull": [], "pull+unpack": []}
+            for _ in range(repeat):
+                for mode in rss:
+                    work = _scratch(tmp, "rss")
+                    rss[mode].append(rss_of(mode, f"http://{reg.host}/big:latest", work))
+                    shutil.rmtree(work)
+
+    ref_m, cold_m, warm_m = _median(refs), _median(cold), _median(warm)
+    for name, phases in (("reference", ref_m), ("cold", cold_m), ("warm", warm_m)):
+        for k, v in phases.items():
+            results[f"prep_{name}_{k}_s"] = v
+    results["prep_cold_over_reference"] = statistics.median(
+        c["total"] / r["total"] for c, r in zip(cold, refs, strict=True)
+    )
+    results["prep_warm_over_cold"] = statistics.median(
+        w["total"] / c["total"] for w, c in zip(warm, cold, strict=True)
+    )
+    results["prep_warm_template_copy_over_cold"] = statistics.median(
+        (w["template"] + w["copy"]) / c["total"] for w, c in zip(warm, cold, strict=True)
+    )
+    for mode, runs in rss.items():
+        key = mode.replace("+", "_")
+        results[f"rss_{key}_peak_mib"] = statistics.median(r["peak_kib"] for r in runs) / 1024
+        results[f"rss_{key}_baseline_mib"] = statistics.median(r["baseline_kib"] for r in runs) / 1024
+
+    print(f"realistic image: {gz_bytes / 2**20:.0f} MiB gzip layer; medians of {repeat}")
+    print(
+        f"cold image prep: ours {cold_m['total']:.2f} s / skopeo+umoci+mkfs {ref_m['total']:.2f} s = "
+        f"{results['prep_cold_over_reference']:.3f} (goal <= {GOAL_COLD})"
+    )
+    print(f"  ours:      {_fmt(cold_m)} s")
+    print(f"  reference: {_fmt(ref_m)} s")
+    print(
+        f"warm image prep: {warm_m['total'] * 1000:.0f} ms / cold {cold_m['total'] * 1000:.0f} ms = "
+        f"{results['prep_warm_over_cold']:.3f} (goal <= {GOAL_WARM}); template lookup + copy only: "
+        f"{results['prep_warm_template_copy_over_cold']:.3f}"
+    )
+    print(f"  warm: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in warm_m.items() if k != 'total')}")
+    for mode in rss:
+        key = mode.replace("+", "_")
+        peak, base = results[f"rss_{key}_peak_mib"], results[f"rss_{key}_baseline_mib"]
+        print(
+            f"peak RSS, {mode} of a {BIG_LAYER_MIB} MiB layer: {peak:.1f} MiB (baseline after imports "
+            f"{base:.1f} MiB, +{peak - base:.1f}); goal <= {GOAL_RSS_MIB} MiB"
+        )
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, help="write the figures here as JSON")
+    parser.add_argument("--profile", type=Path, help="also cProfile one cold prep into PREFIX.prof/.txt")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("run as root: unpacking keeps image ownership")
+    results = run(args.repeat, args.profile)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
