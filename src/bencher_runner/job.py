@@ -7,6 +7,7 @@ failure becomes a RunResult with status "failed" and the error's user-facing tex
 
 import contextlib
 import fcntl
+import logging
 import os
 import shutil
 import subprocess
@@ -17,6 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bencher_runner import metrics
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
 from bencher_runner.host.tuning import TuningOptions, restore_leftover_tuning, tuned_host
@@ -76,6 +78,19 @@ class Reporter:
 
     def iteration(self, index: int, output: IterationOutput) -> None:
         """An iteration finished (its output is also in the final result)."""
+
+
+class LogReporter(Reporter):
+    """The daemon's reporter: phases and warnings as log lines (tagged with the job by the daemon)."""
+
+    def __init__(self) -> None:
+        self.log = logging.getLogger("bencher_runner.job")
+
+    def phase(self, text: str) -> None:
+        self.log.info("%s", text)
+
+    def warn(self, text: str) -> None:
+        self.log.warning("%s", text)
 
 
 @dataclass
@@ -177,6 +192,8 @@ class Job:
 
     def _pull_progress(self, event: PullProgress) -> None:
         self._check_cancel("while its image was pulled")  # raised in the download thread: the pull stops
+        if event.kind != "manifest" and (event.complete or event.cached):
+            metrics.cache_lookup("blob", event.cached)
         if event.kind == "layer" and (event.complete or event.cached):
             how = "cached" if event.cached else "pulled"
             self.reporter.phase(f"layer {event.digest[:19]}… {how} ({event.total / MIB:.1f} MiB)")
@@ -341,6 +358,7 @@ class Job:
         key = template_key(image.manifest_digest, cfg.disk_mib)
         t0 = time.monotonic()
         template = templates.get(key)
+        metrics.cache_lookup("template", template is not None)
         if template is not None:
             self.reporter.phase(f"root disk template cached ({cfg.disk_mib} MiB)")
         else:

@@ -6,13 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import click
-import platformdirs
 
 from bencher_runner.cli_options import shared_job_options
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
+from bencher_runner.daemon.update import auto_update_allowed
 from bencher_runner.host.options import tuning_options, tuning_options_from
-from bencher_runner.paths import APP
+from bencher_runner.logs import setup_logging
+from bencher_runner.metrics import serve_metrics
 from bencher_runner.paths import cache_dir as default_cache_dir
+from bencher_runner.paths import state_dir as default_state_dir
 from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT
 from bencher_runner.spec.errors import RunnerError
@@ -52,7 +54,8 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option(
     "--state-dir",
     type=click.Path(path_type=Path, file_okay=False),
-    help="State directory (holds the outbox of unacknowledged results).",
+    help="State directory: the outbox of unacknowledged results, the update record (default: env "
+    "BENCHER_RUNNER_STATE_DIR, else the user state dir).",
 )
 @click.option(
     "--max-message-size",
@@ -83,6 +86,22 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     help="The microVM that runs sandboxed jobs.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (the key is still never logged).")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    envvar="BENCHER_RUNNER_LOG_FORMAT",
+    default="text",
+    show_default=True,
+    help="Log lines as readable text or one JSON object a line; each carries the job uuid (env "
+    "BENCHER_RUNNER_LOG_FORMAT).",
+)
+@click.option(
+    "--metrics-addr",
+    envvar="BENCHER_RUNNER_METRICS_ADDR",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (`:PORT`: all interfaces; env "
+    "BENCHER_RUNNER_METRICS_ADDR). Off by default.",
+)
 @shared_job_options
 @tuning_options
 def daemon_command(
@@ -102,6 +121,8 @@ def daemon_command(
     image_layout: str = "bencher",
     accel: str = "auto",
     verbose: bool = False,
+    log_format: str = "text",
+    metrics_addr: str | None = None,
     sandbox: str = "qemu",
     network_mode: str = "user",
     firecracker_bin: Path | None = None,
@@ -109,19 +130,16 @@ def daemon_command(
 ) -> None:
     """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
     cache = default_cache_dir(cache_dir)
+    state_dir = default_state_dir(state_dir)
     tuning = tuning_options_from(tuning_flags)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("bencher_runner.daemon.ws").setLevel(logging.INFO)  # handshake headers hold the key
+    setup_logging("json" if log_format == "json" else "text", verbose=verbose)
     settings = DaemonSettings(
         host=host,
         runner=runner,
         key=key,
-        state_dir=state_dir or Path(platformdirs.user_state_dir(APP)),
+        state_dir=state_dir,
         poll_timeout=poll_timeout,
-        auto_update=not no_auto_update,
+        auto_update=not no_auto_update and auto_update_allowed(state_dir),  # off after an unapplied update
         on_shutdown="finish" if on_shutdown == "finish" else "cancel",
         max_message_bytes=max_message_size,
         job_options=JobOptions(
@@ -139,6 +157,13 @@ def daemon_command(
     from bencher_runner.job import recover_from_crash
 
     log = logging.getLogger("bencher_runner.daemon")
+    if metrics_addr:
+        try:
+            bound = serve_metrics(metrics_addr, cache)
+        except RunnerError as err:
+            click.echo(f"runner: error: {err}", err=True)
+            sys.exit(2)
+        log.info("metrics at http://%s:%d/metrics", *bound)
     recover_from_crash(cache, warn=log.warning, info=log.info)  # a crashed daemon's VMs died with it
     try:
         code = run_daemon(settings, default_executor(cache, tuning))

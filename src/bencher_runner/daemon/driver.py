@@ -7,6 +7,7 @@ loop keeps sending heartbeats whatever the job does; a cancel sets the job's thr
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import platform
 import random
@@ -23,9 +24,11 @@ from urllib.parse import quote, urlsplit, urlunsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from bencher_runner import __version__
+from bencher_runner import __version__, metrics
 from bencher_runner.daemon.outbox import Outbox
+from bencher_runner.daemon.update import record_offer
 from bencher_runner.host.tuning import TuningOptions
+from bencher_runner.logs import current_job
 from bencher_runner.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Action,
@@ -127,9 +130,9 @@ def default_executor(cache: Path, tuning: TuningOptions | None = None) -> Execut
     """The real executor: `job.run_job` with the cache dir (imported lazily: it pulls in the VM stack)."""
 
     def run(config: RunConfig, cancel: threading.Event) -> RunResult:
-        from bencher_runner.job import run_job
+        from bencher_runner.job import LogReporter, run_job
 
-        return run_job(config, cache=cache, cancel=cancel, tuning=tuning)
+        return run_job(config, cache=cache, cancel=cancel, tuning=tuning, reporter=LogReporter())
 
     return run
 
@@ -173,6 +176,7 @@ class Daemon:
         self._connected_at = 0.0
         self._got_message = False
         self._fatal: BaseException | None = None
+        self._last_heartbeat: float | None = None
         self.sent: list[tuple[float, dict[str, Any]]] = []  # for tests and debugging
 
     # -- public --------------------------------------------------------------------------------------
@@ -231,6 +235,7 @@ class Daemon:
                 raise event[1]
             else:  # pragma: no cover
                 continue
+            current_job.set(self.protocol.job.uuid if self.protocol.job is not None else None)
             code = await self._execute(actions)
             if code is not None:
                 return code
@@ -253,6 +258,7 @@ class Daemon:
         log.info("connection closed: %s", why)
         actions = self.protocol.disconnected(now)
         if not self.protocol.stopped:
+            metrics.RECONNECTS.inc()
             self._start_connect(self.backoff.next())
         return actions
 
@@ -262,6 +268,8 @@ class Daemon:
                 await self._send(action.message)
             elif isinstance(action, PersistTerminal):
                 await asyncio.to_thread(self.outbox.put, action.job, action.message)
+                metrics.JOBS.labels(str(action.message.get("event"))).inc()
+                self._last_heartbeat = None
             elif isinstance(action, DropTerminal):
                 await asyncio.to_thread(self.outbox.remove, action.job)
             elif isinstance(action, StartJob):
@@ -282,6 +290,10 @@ class Daemon:
                     action.url,
                     action.checksum,
                 )
+                if self.settings.auto_update:  # exit 75 follows; the unit's upgrade step reads the record
+                    await asyncio.to_thread(
+                        record_offer, self.settings.state_dir, action.version, action.url, action.checksum
+                    )
             elif isinstance(action, Stop):
                 if action.error:
                     log.warning("stopping: %s", action.error)
@@ -354,7 +366,14 @@ class Daemon:
         ws = self._ws
         if ws is None:
             return
-        self.sent.append((time.monotonic(), message))
+        now = time.monotonic()
+        self.sent.append((now, message))
+        if message.get("event") == "heartbeat":
+            if self._last_heartbeat is not None:
+                interval = now - self._last_heartbeat
+                metrics.HEARTBEAT_INTERVAL.observe(interval)
+                metrics.HEARTBEAT_LAG.set(max(0.0, interval - self.settings.heartbeat_interval))
+            self._last_heartbeat = now
         with contextlib.suppress(ConnectionClosed):  # the reader reports the close
             await ws.send(encode(message))
         log.debug("sent %s", message.get("event"))
@@ -367,15 +386,27 @@ class Daemon:
     # -- jobs ----------------------------------------------------------------------------------------
     def _start_job(self, job: str, config: RunConfig) -> None:
         cancel = threading.Event()
-        task = asyncio.create_task(self._run_job(job, config, cancel))
+        context = contextvars.copy_context()
+        context.run(current_job.set, job)  # every log line of the job, in the loop and the worker thread
+        task = asyncio.create_task(self._run_job(job, config, cancel), context=context)
         self._jobs[job] = (task, cancel)
+        self._last_heartbeat = None
 
     async def _run_job(self, job: str, config: RunConfig, cancel: threading.Event) -> None:
+        log.info("job started: %s (%d vCPU, %d MiB, disk %d MiB)", config.image, config.vcpus,
+                 config.memory_mib, config.disk_mib)  # fmt: skip
+        metrics.JOB_RUNNING.set(1)
         try:
             result = await asyncio.to_thread(self.executor, config, cancel)
         except Exception as err:  # a crashing executor fails the job, not the daemon
             log.exception("job %s: the executor raised", job)
             result = _crash_result(err)
+        finally:
+            metrics.JOB_RUNNING.set(0)
+        metrics.job_timings(result.timings)
+        phases = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result.timings.items())
+        log.info("job %s%s%s", result.status, f": {result.error}" if result.error else "",
+                 f" ({phases})" if phases else "")  # fmt: skip
         self._jobs.pop(job, None)
         self._events.put_nowait(("finished", job, result))
 
