@@ -1,7 +1,7 @@
 """Where the runner keeps things on a host (platformdirs defaults, all overridable).
 
 cache: kernel bundle, initramfs, accel probe answer; work: per-job directories (on disk, not tmpfs,
-because a job's root disk is as large as the job asks).
+because a job's root disk is as large as the job asks); state: the daemon's outbox and update record.
 """
 
 import os
@@ -19,6 +19,15 @@ def cache_dir(override: Path | None = None) -> Path:
     if env:
         return Path(env)
     return Path(platformdirs.user_cache_dir(APP))
+
+
+def state_dir(override: Path | None = None) -> Path:
+    if override is not None:
+        return override
+    env = os.environ.get("BENCHER_RUNNER_STATE_DIR")
+    if env:
+        return Path(env)
+    return Path(platformdirs.user_state_dir(APP))
 
 
 def work_root(cache: Path) -> Path:
