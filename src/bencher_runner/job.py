@@ -76,6 +76,9 @@ class Reporter:
     def warn(self, text: str) -> None:
         pass
 
+    def pull(self, event: PullProgress) -> None:
+        """Bytes of one blob arrived (called from the download threads)."""
+
     def iteration(self, index: int, output: IterationOutput) -> None:
         """An iteration finished (its output is also in the final result)."""
 
@@ -194,6 +197,7 @@ class Job:
         self._check_cancel("while its image was pulled")  # raised in the download thread: the pull stops
         if event.kind != "manifest" and (event.complete or event.cached):
             metrics.cache_lookup("blob", event.cached)
+        self.reporter.pull(event)
         if event.kind == "layer" and (event.complete or event.cached):
             how = "cached" if event.cached else "pulled"
             self.reporter.phase(f"layer {event.digest[:19]}… {how} ({event.total / MIB:.1f} MiB)")
@@ -280,8 +284,12 @@ class Job:
         stats = unpack_layers(image.layers, tree)
         self.state.timings["unpack_s"] = time.monotonic() - t0
         self._check_cancel("while its image was unpacked")
-        for path in stats.skipped_devices:
-            self.reporter.warn(f"skipped device node {path} (the guest's /dev is a devtmpfs)")
+        if stats.skipped_devices:
+            devices = stats.skipped_devices
+            shown = ", ".join(devices[:4]) + (f" and {len(devices) - 4} more" if len(devices) > 4 else "")
+            self.reporter.warn(
+                f"skipped {len(devices)} device node(s) in the image: {shown} (the guest's /dev is devtmpfs)"
+            )
         ensure_directory(tree, image.config.config.working_dir or "/")
         return tree, read_image_file(tree, "etc/passwd"), read_image_file(tree, "etc/group")
 

@@ -8,13 +8,25 @@ Human mode: progress on stderr, the benchmark's stdout to stdout and its stderr 
 import json
 import signal
 import sys
+import threading
 from pathlib import Path, PurePosixPath
 from typing import IO
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.status import Status
 
 from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.job import Reporter, recover_from_crash, run_job
+from bencher_runner.oci.pull import PullProgress
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SpecError
 from bencher_runner.spec.results import IterationOutput, RunResult
@@ -25,27 +37,84 @@ EXIT_USAGE = 2
 USAGE_ERRORS = (SpecError, ImageError, RootfsError, KernelBundleError)
 
 
+LONG_PHASES = ("unpacking", "building", "iteration")  # a spinner runs until the next phase line
+
+
 class ConsoleReporter(Reporter):
-    def __init__(self, *, echo_output: bool, quiet: bool) -> None:
-        self.console = Console(stderr=True, highlight=False)
+    """Phase lines on stderr; on a terminal also live bars for layer downloads and a spinner for long
+    phases (unpack, mkfs, the VM). Off a terminal the lines alone, one per event, for logs."""
+
+    def __init__(self, *, echo_output: bool, quiet: bool, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True, highlight=False)
         self.echo_output = echo_output
         self.quiet = quiet
+        self.live = self.console.is_terminal and not quiet
         self.echoed = 0
+        self._lock = threading.Lock()
+        self._bars: Progress | None = None
+        self._tasks: dict[str, TaskID] = {}
+        self._status: Status | None = None
 
     def say(self, text: str, style: str) -> None:
         self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
 
     def phase(self, text: str) -> None:
-        if not self.quiet:
-            self.say(f"runner: {text}", "dim")
+        if self.quiet:
+            return
+        with self._lock:
+            if text.startswith("image ") and self._bars is not None:
+                self._bars.stop()  # the pull is over: the finished bars stay on screen
+                self._bars = None
+            self._stop_status()
+            if not (self.live and text.startswith("layer ")):  # on a terminal the bars say it
+                self.say(f"runner: {text}", "dim")
+            if self.live and text.startswith(LONG_PHASES):
+                self._status = self.console.status(text.split(":")[-1].strip(), spinner="dots")
+                self._status.start()
+
+    def pull(self, event: PullProgress) -> None:
+        if not self.live or event.kind == "manifest":
+            return
+        with self._lock:
+            if self._bars is None:
+                self._bars = Progress(
+                    TextColumn("{task.description}"),
+                    BarColumn(),
+                    DownloadColumn(binary_units=True),
+                    TransferSpeedColumn(),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                )
+                self._bars.start()
+            task = self._tasks.get(event.digest)
+            if task is None:
+                what = f"{event.kind} {event.digest.removeprefix('sha256:')[:12]}"
+                task = self._bars.add_task(what + (" (cached)" if event.cached else ""), total=event.total)
+                self._tasks[event.digest] = task
+            self._bars.update(task, completed=event.done)
 
     def warn(self, text: str) -> None:
-        self.say(f"runner: warning: {text}", "yellow")
+        with self._lock:
+            self.say(f"runner: warning: {text}", "yellow")
 
     def iteration(self, index: int, output: IterationOutput) -> None:
+        with self._lock:
+            self._stop_status()
         if self.echo_output:
             write_streams(output, sys.stdout.buffer, sys.stderr.buffer)
             self.echoed += 1
+
+    def close(self) -> None:
+        with self._lock:
+            self._stop_status()
+            if self._bars is not None:
+                self._bars.stop()
+                self._bars = None
+
+    def _stop_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
 
 def write_streams(output: IterationOutput, stdout: IO[bytes], stderr: IO[bytes]) -> None:
@@ -95,7 +164,10 @@ def run_command(
     # SIGTERM unwinds like Ctrl-C, so the VM is killed and the work directory removed.
     signal.signal(signal.SIGTERM, _terminate)
     recover_from_crash(cache, warn=reporter.warn, info=reporter.phase)
-    result = run_job(config, cache=cache, reporter=reporter, tuning=tuning)
+    try:
+        result = run_job(config, cache=cache, reporter=reporter, tuning=tuning)
+    finally:
+        reporter.close()
     if output_dir is not None:
         save_outputs(result, output_dir)
     for index, output in enumerate(result.results, start=1):
