@@ -4,11 +4,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 AGENT := src/bencher_runner/_agent/bencher-agent
-APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs cpio gcc libc6-dev busybox-static \
-	docker-registry skopeo umoci iproute2 nftables liblz4-1 zstd
+# What a runner host needs (gcc and libc6-dev build the guest agent); the rest is for tests only.
+RUNTIME_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs cpio gcc libc6-dev iproute2 nftables \
+	liblz4-1 zstd
+APT_PACKAGES := $(RUNTIME_APT_PACKAGES) busybox-static docker-registry skopeo umoci
 EXAMPLE := examples/hello/oci
 
-.PHONY: setup deps venv agent kernel example run-example test lint clean
+.PHONY: setup deps venv agent kernel example run-example test lint clean install-service
 
 setup: deps venv agent kernel
 
@@ -55,3 +57,39 @@ lint: venv
 
 clean:
 	rm -rf $(VENV) $(dir $(AGENT)) $(EXAMPLE)
+
+# `make install-service`: `runner up` as a systemd service (README: "Setting up a runner host").
+# Installs a copy of this clone (not editable) with the guest agent inside, fetches the guest kernel
+# into the service's cache, installs the unit and, only if absent, the env file. It never starts the
+# service. Run it again after a `git pull` to upgrade; the env file is kept.
+PREFIX ?= /opt/bencher-runner
+UNIT_DIR ?= /etc/systemd/system
+CONF_DIR ?= /etc/bencher-runner
+SERVICE_CACHE ?= /var/cache/bencher-runner
+SERVICE_BIN := $(PREFIX)/venv/bin
+
+install-service:
+	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(RUNTIME_APT_PACKAGES)"
+	@$(MAKE) --no-print-directory agent
+	@test -x $(SERVICE_BIN)/python || $(PYTHON) -m venv $(PREFIX)/venv
+	$(SERVICE_BIN)/pip install -q --upgrade pip
+	$(SERVICE_BIN)/pip install -q --upgrade .
+	@$(SERVICE_BIN)/python -c 'from bencher_runner.sandbox.agent import find_agent; print("guest agent:", find_agent())'
+	install -m 0644 README.md $(PREFIX)/README.md
+	@BENCHER_RUNNER_CACHE_DIR=$(SERVICE_CACHE) $(SERVICE_BIN)/runner kernel show 2>/dev/null \
+		|| BENCHER_RUNNER_CACHE_DIR=$(SERVICE_CACHE) $(SERVICE_BIN)/runner kernel fetch
+	install -d -m 0755 $(UNIT_DIR)
+	sed -e 's|/opt/bencher-runner|$(PREFIX)|g' -e 's|/etc/bencher-runner|$(CONF_DIR)|g' \
+		-e 's|=/var/cache/bencher-runner|=$(SERVICE_CACHE)|' \
+		deploy/bencher-runner.service > $(UNIT_DIR)/bencher-runner.service
+	chmod 0644 $(UNIT_DIR)/bencher-runner.service
+	install -d -m 0700 $(CONF_DIR)
+	@if [ -e $(CONF_DIR)/runner.env ]; then echo "kept $(CONF_DIR)/runner.env"; \
+	else install -m 0600 deploy/runner.env.example $(CONF_DIR)/runner.env && echo "created $(CONF_DIR)/runner.env"; fi
+	@if [ -d /run/systemd/system ]; then systemctl daemon-reload; \
+	else echo "systemd is not running here: skipped systemctl daemon-reload"; fi
+	@echo
+	@echo "next: put the runner id and key in $(CONF_DIR)/runner.env (BENCHER_RUNNER, BENCHER_RUNNER_KEY), then"
+	@echo "  systemctl enable --now bencher-runner"
+	@echo "  journalctl -u bencher-runner -f"
+	@echo "(already running? systemctl restart bencher-runner starts the version just installed)"

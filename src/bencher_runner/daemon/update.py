@@ -6,7 +6,7 @@ Why this exists: the server's `update` message names Bencher's own Rust runner b
 1. on `update` the daemon records the offer (version, url, checksum) in `<state dir>/update.json`
    and exits 75 (`record_offer`, called by the driver);
 2. systemd restarts it (`RestartForceExitStatus=75`) and the unit's `ExecStartPre` runs
-   `python -m bencher_runner.daemon.update`, which runs the operator's
+   `python -m bencher_runner.daemon.upgrade`, which runs the operator's
    `BENCHER_RUNNER_UPGRADE_COMMAND` with the offered version (`apply_pending_update`). It never blocks
    the start: a missing command, a failure or a timeout is logged and the installed version starts;
 3. at start the daemon keeps auto-update off while a recorded offer names another version than the
@@ -114,13 +114,13 @@ def auto_update_allowed(state_dir: Path, current: str = __version__) -> bool:
         record_path(state_dir).unlink(missing_ok=True)
         return True
     log.warning(
-        "the server offered runner %s on %s but this is %s (upgrade %s%s): auto-update is off for this "
-        "run, so the same offer does not restart the runner again; delete %s to turn it back on",
+        "the server offered runner %s on %s but this is %s (upgrade status: %s%s): auto-update is off "
+        "for this run, so the same offer does not restart the runner again; delete %s to turn it back on",
         record.version,
         record.offered_at,
         current,
         record.status,
-        f": {record.detail}" if record.detail else "",
+        f", {record.detail}" if record.detail else "",
         record_path(state_dir),
     )
     return False
@@ -223,7 +223,7 @@ def _save_quietly(state_dir: Path, record: UpdateRecord) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m bencher_runner.daemon.update",
+        prog="python -m bencher_runner.daemon.upgrade",
         description=f"Run {COMMAND_ENV} for an update the server offered (the systemd unit's "
         "ExecStartPre). Always exits 0: a failed upgrade must not stop the runner from starting.",
     )
@@ -235,7 +235,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # the start must go on whatever happens here
         log.exception("the upgrade step failed")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
