@@ -10,14 +10,17 @@ decompression bombs. Layers are streamed; nothing is loaded into memory whole.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gzip
 import io
 import json
 import os
+import queue
 import shutil
 import stat
 import tarfile
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +36,7 @@ DEFAULT_MAX_BYTES = 64 * 2**30
 MAX_SYMLINKS = 40  # as Linux's path walk
 MAX_METADATA_BYTES = 1 << 20  # PAX / GNU long-name headers are read into memory by tarfile: bound them
 CHUNK_SIZE = 1 << 20
+READAHEAD_CHUNKS = 4  # decompressed chunks a layer's reader thread may hold ready (memory bound)
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -113,6 +117,68 @@ class _Prefixed(io.RawIOBase):
         data = self._src.read(len(view))
         view[: len(data)] = data
         return len(data)
+
+
+class _ReadAhead:
+    """Reads ``src`` (the decompressor) in a thread, up to ``depth`` chunks ahead of the tar reader.
+
+    zlib and zstd release the GIL while they inflate, so decompression runs on another core while the
+    main thread creates files; memory stays bounded by ``depth`` chunks. Only the thread touches
+    ``src``; its exceptions are re-raised by :meth:`read`, in the reader's place. Call :meth:`close`
+    before the underlying file is closed.
+    """
+
+    def __init__(self, src: _Readable, depth: int = READAHEAD_CHUNKS) -> None:
+        self._src = src
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._chunk = memoryview(b"")
+        self._done = False
+        self._thread = threading.Thread(target=self._produce, name="oci-unpack-read", daemon=True)
+        self._thread.start()
+
+    def _produce(self) -> None:
+        try:
+            while not self._stop.is_set():
+                chunk = self._src.read(CHUNK_SIZE)
+                self._put(chunk)
+                if not chunk:
+                    return
+        except BaseException as e:  # handed to the reader, which raises it
+            self._put(e)
+
+    def _put(self, item: bytes | BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read(self, size: int = -1) -> bytes:
+        if not self._chunk:
+            if self._done:
+                return b""
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._done = True
+                raise item
+            if not item:
+                self._done = True
+                return b""
+            self._chunk = memoryview(item)
+        n = len(self._chunk) if size < 0 else min(size, len(self._chunk))
+        data = bytes(self._chunk[:n])
+        self._chunk = self._chunk[n:]
+        return data
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (it may be blocked handing over a chunk)."""
+        self._stop.set()
+        while self._thread.is_alive():
+            with contextlib.suppress(queue.Empty):
+                self._queue.get(timeout=0.05)
+        self._thread.join()
 
 
 class _GuardedReader:
@@ -545,7 +611,23 @@ def unpack_layer_stream(
     """
     stats = stats if stats is not None else UnpackStats()
     decompressed, fmt = _sniff(fileobj, media_type, name)
-    guarded = _GuardedReader(decompressed, name, fmt)
+    ahead = _ReadAhead(decompressed)
+    try:
+        _apply_stream(_GuardedReader(ahead, name, fmt), media_type, dest, name, fmt, budget, stats)
+    finally:
+        ahead.close()
+    return stats
+
+
+def _apply_stream(
+    guarded: _GuardedReader,
+    media_type: str,
+    dest: Path,
+    name: str,
+    fmt: str,
+    budget: ByteBudget,
+    stats: UnpackStats,
+) -> None:
     applier = _LayerApplier(_Tree(dest), name, budget, stats)
     try:
         try:
@@ -554,7 +636,7 @@ def unpack_layer_stream(
             )
         except tarfile.ReadError:
             if guarded.total == 0:
-                return stats  # an empty layer
+                return  # an empty layer
             raise
         with tar:
             while (member := tar.next()) is not None:
@@ -572,7 +654,6 @@ def unpack_layer_stream(
             "the layer is corrupt, pull or build the image again"
         ) from None
     applier.finish()
-    return stats
 
 
 def unpack_layers(
