@@ -163,3 +163,34 @@ def test_real_bundle_kernel(tmp_path: Path) -> None:
     assert elf_problem(data) is None  # x86-64, entry point, PVH note, complete segments
     assert len(data) > REAL_KERNEL.stat().st_size
     assert b"Linux version" in data
+
+
+def test_qemu_boots_the_bundles_vmlinux_but_a_given_kernel_as_it_is(tmp_path: Path) -> None:
+    """The fetched bundle's kernel is booted uncompressed (no decompression at each boot); a kernel
+    given with --kernel is booted as given, and nothing is written next to it."""
+    from bencher_runner.job import Job, Reporter
+    from bencher_runner.sandbox.kernel import KernelBundle
+    from bencher_runner.spec.config import make_run_config
+
+    elf = fake_elf()
+    image = tmp_path / "kernel" / "vmlinuz"
+    image.parent.mkdir()
+    image.write_bytes(bzimage(gzip.compress(elf), len(elf)))
+    bundle = KernelBundle(kernel=image, modules=(), release="test")
+    fetched = Job(make_run_config(image="x:latest"), cache=tmp_path)
+    assert fetched._qemu_kernel(bundle).read_bytes() == elf
+    given = Job(make_run_config(image="x:latest", kernel=image), cache=tmp_path)
+    (tmp_path / "kernel" / "vmlinux").unlink()
+    assert given._qemu_kernel(bundle) == image
+    assert not (tmp_path / "kernel" / "vmlinux").exists()
+
+    warnings: list[str] = []
+
+    class Warn(Reporter):
+        def warn(self, text: str) -> None:
+            warnings.append(text)
+
+    image.write_bytes(b"not a kernel")
+    broken = Job(make_run_config(image="x:latest"), cache=tmp_path, reporter=Warn())
+    assert broken._qemu_kernel(bundle) == image  # falls back to what QEMU can still boot
+    assert warnings and "compressed kernel" in warnings[0]
