@@ -1,0 +1,77 @@
+"""Every benchmark in one command: `make bench` (= `.venv/bin/python -m bench [--repeat N] [--out DIR]`).
+
+Runs bench/job.py (job overhead, boot to command, job phases), bench/prep.py (image prep against
+skopeo + umoci + mkfs, warm against cold, RSS of a 512 MiB pull) and bench/daemon.py (heartbeats under
+load, cancel latency, RSS, throughput). Each prints its figures with the reference measured in the same
+run; this prints the goals table at the end and writes DIR/results.json and DIR/phases.png.
+"""
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+from bench import daemon, job, prep
+from bench.plot import plot_phases
+
+# (figure, goal, "<=" or ">=", what it is)
+GOALS = (
+    ("warm_job_ratio", 1.05, "warm-image job: runner run / hand-written QEMU"),
+    ("prep_cold_over_reference", 0.8, "cold image prep / skopeo + umoci + mkfs"),
+    ("prep_warm_over_cold", 0.05, "warm image prep / cold image prep"),
+    ("heartbeat_p99_s", 1.2, "heartbeat interval p99 during a cold 512 MiB-image job (s)"),
+    ("cancel_benchmark_s", 1.0, "cancel -> canceled, VM running the benchmark (s)"),
+    ("idle_rss_mib", 50, "daemon idle RSS (MiB)"),
+    ("rss_pull_peak_mib", 120, "peak RSS pulling a 512 MiB layer (MiB)"),
+)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-results"))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    results: dict[str, float] = {}
+    sections: dict[str, float] = {}
+
+    for name, section in (("job", job.run), ("prep", prep.run), ("daemon", daemon.run)):
+        print(f"\n== {name} ==", flush=True)
+        t0 = time.monotonic()
+        if name == "job":
+            figures, phases = job.run(args.repeat)
+            plot_phases(
+                {"cold job": phases["cold"], "warm job": phases["warm"]},
+                args.out / "phases.png",
+                f"Realistic image (debootstrap + python3), 1024 MiB disk, TCG; medians of {args.repeat}",
+            )
+        else:
+            figures = section(args.repeat)  # type: ignore[operator]
+        results.update(figures)
+        sections[name] = time.monotonic() - t0
+
+    print("\n== goals ==")
+    for key, goal, what in GOALS:
+        value = results.get(key)
+        verdict = "not measured" if value is None else ("met" if value <= goal else "NOT met")
+        shown = "-" if value is None else f"{value:.3f}"
+        print(f"{what:<62} {shown:>9}  goal <= {goal:<5} {verdict}")
+    total = time.monotonic() - started
+    print(f"\nall benchmarks: {total:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in sections.items())})")
+    doc = {
+        "host": platform.node(),
+        "repeat": args.repeat,
+        "seconds": total,
+        "figures": results,
+        "goals": {key: {"goal": goal, "value": results.get(key), "what": what} for key, goal, what in GOALS},
+    }
+    (args.out / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'phases.png'}")
+
+
+if __name__ == "__main__":
+    main()
