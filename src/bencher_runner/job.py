@@ -21,13 +21,14 @@ from pathlib import Path
 from bencher_runner import metrics
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
-from bencher_runner.host.tuning import TuningOptions, restore_leftover_tuning, tuned_host
+from bencher_runner.host.tuning import TuningOptions, tuned_host
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.layout import LocalImage
 from bencher_runner.oci.pull import PullProgress
 from bencher_runner.oci.source import credentials_for, open_image
 from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
 from bencher_runner.paths import work_root
+from bencher_runner.recovery import LOCK_NAME
 from bencher_runner.rootfs import TemplateCache, allocate_disk, build_rootfs, template_key
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
@@ -42,7 +43,7 @@ from bencher_runner.sandbox.firecracker import (
 from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
-from bencher_runner.sandbox.netns import JobNetwork, job_network, release_stale_network
+from bencher_runner.sandbox.netns import JobNetwork, job_network
 from bencher_runner.sandbox.network import NetworkPlan, user_nat
 from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_output_disk, read_output_disk
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
@@ -625,45 +626,6 @@ class Job:
         return SandboxError(
             f"the VM stopped without reporting a result ({detail})\nserial console:\n{serial_tail(serial)}"
         )
-
-
-LOCK_NAME = ".lock"
-STARTING_GRACE_S = 60
-
-
-def remove_stale_work_dirs(cache: Path) -> list[Path]:
-    """Remove work dirs no live job holds (left by a runner that was killed); returns them."""
-    removed = []
-    root = work_root(cache)
-    for work in sorted(root.glob("job-*")) if root.is_dir() else []:
-        try:
-            lock = os.open(work / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            lock = None  # killed before it took its lock, or a job starting right now
-            with contextlib.suppress(OSError):
-                if time.time() - work.stat().st_mtime < STARTING_GRACE_S:
-                    continue
-        except OSError:
-            continue
-        try:
-            if lock is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue  # a live job
-        finally:
-            if lock is not None:
-                os.close(lock)
-        release_stale_network(work)
-        shutil.rmtree(work, ignore_errors=True)
-        removed.append(work)
-    return removed
-
-
-def recover_from_crash(cache: Path, *, warn: Callable[[str], None], info: Callable[[str], None]) -> None:
-    """What a killed runner left: restore the host tuning it applied, remove its work dirs and networks."""
-    restore_leftover_tuning(log=warn)
-    for leftover in remove_stale_work_dirs(cache):
-        info(f"removed {leftover.name}, left by a runner that was killed")
 
 
 def copy_sparse(src: Path, dest: Path) -> None:

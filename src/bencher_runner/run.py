@@ -25,8 +25,9 @@ from rich.progress import (
 from rich.status import Status
 
 from bencher_runner.host.tuning import TuningOptions
-from bencher_runner.job import Reporter, recover_from_crash, run_job
+from bencher_runner.job import Reporter, run_job
 from bencher_runner.oci.pull import PullProgress
+from bencher_runner.recovery import recover_from_crash
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SpecError
 from bencher_runner.spec.results import IterationOutput, RunResult

@@ -104,8 +104,8 @@ def test_network_needs_a_sandbox(image: str) -> None:
 def test_stale_work_dirs_are_removed_but_live_ones_kept(tmp_path: Path) -> None:
     import fcntl
 
-    from bencher_runner.job import LOCK_NAME, remove_stale_work_dirs
     from bencher_runner.paths import work_root
+    from bencher_runner.recovery import LOCK_NAME, remove_stale_work_dirs
 
     root = work_root(tmp_path)
     stale, live, starting = root / "job-stale", root / "job-live", root / "job-starting"

@@ -154,7 +154,7 @@ def daemon_command(
             firecracker=firecracker_bin,
         ),
     )
-    from bencher_runner.job import recover_from_crash
+    from bencher_runner.recovery import recover_from_crash
 
     log = logging.getLogger("bencher_runner.daemon")
     if metrics_addr:
