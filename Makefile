@@ -10,7 +10,7 @@ RUNTIME_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs cpio gcc libc6-dev 
 APT_PACKAGES := $(RUNTIME_APT_PACKAGES) busybox-static docker-registry skopeo umoci
 EXAMPLE := examples/hello/oci
 
-.PHONY: setup deps venv agent kernel example run-example test lint clean install-service
+.PHONY: setup deps venv agent kernel example run-example test bench lint clean install-service
 
 setup: deps venv agent kernel
 
@@ -50,9 +50,14 @@ run-example: setup example
 test: setup example
 	$(BIN)/pytest -q
 
+# Every benchmark (bench/__main__.py): about 10 minutes; figures, goals, bench-results/{results.json,phases.png}.
+bench: setup example
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m bench
+
 lint: venv
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 clean:

@@ -10,6 +10,7 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import daemon, job, prep
@@ -40,19 +41,24 @@ def main() -> None:
     results: dict[str, float] = {}
     sections: dict[str, float] = {}
 
-    for name, section in (("job", job.run), ("prep", prep.run), ("daemon", daemon.run)):
+    def job_section() -> dict[str, float]:
+        figures, phases = job.run(args.repeat)
+        plot_phases(
+            {"cold job": phases["cold"], "warm job": phases["warm"]},
+            args.out / "phases.png",
+            f"Realistic image (debootstrap + python3), 1024 MiB disk, TCG; medians of {args.repeat}",
+        )
+        return figures
+
+    sections_run: tuple[tuple[str, Callable[[], dict[str, float]]], ...] = (
+        ("job", job_section),
+        ("prep", lambda: prep.run(args.repeat)),
+        ("daemon", lambda: daemon.run(args.repeat)),
+    )
+    for name, section in sections_run:
         print(f"\n== {name} ==", flush=True)
         t0 = time.monotonic()
-        if name == "job":
-            figures, phases = job.run(args.repeat)
-            plot_phases(
-                {"cold job": phases["cold"], "warm job": phases["warm"]},
-                args.out / "phases.png",
-                f"Realistic image (debootstrap + python3), 1024 MiB disk, TCG; medians of {args.repeat}",
-            )
-        else:
-            figures = section(args.repeat)  # type: ignore[operator]
-        results.update(figures)
+        results.update(section())
         sections[name] = time.monotonic() - t0
 
     print("\n== goals ==")
