@@ -34,17 +34,21 @@ class Registry:
     host: str  # 127.0.0.1:PORT
     storage: Path
     proc: subprocess.Popen[bytes]
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}"
+        return f"{self.scheme}://{self.host}"
 
     def blob_data(self, digest: str) -> Path:
         hexpart = digest.split(":", 1)[1]
         return self.storage / "docker/registry/v2/blobs/sha256" / hexpart[:2] / hexpart / "data"
 
 
-def start_registry(tmp: Path, storage: Path, auth: dict[str, Any] | None = None) -> Registry:
+def start_registry(
+    tmp: Path, storage: Path, auth: dict[str, Any] | None = None, tls: tuple[Path, Path] | None = None
+) -> Registry:
+    """``tls``: (certificate, key) PEM files: the registry then serves HTTPS only."""
     if shutil.which(REGISTRY_BIN) is None:
         raise RuntimeError(
             f"{REGISTRY_BIN} is not installed; `apt-get install docker-registry` (the Makefile does)"
@@ -56,8 +60,15 @@ def start_registry(tmp: Path, storage: Path, auth: dict[str, Any] | None = None)
         f"storage: {{filesystem: {{rootdirectory: {json.dumps(str(storage))}}}, delete: {{enabled: true}}}}",
         f"http: {{addr: '127.0.0.1:{port}', secret: test-secret}}",
     ]
+    if tls is not None:
+        cert, key = tls
+        lines[-1] = (
+            f"http: {{addr: '127.0.0.1:{port}', secret: test-secret, "
+            f"tls: {{certificate: {json.dumps(str(cert))}, key: {json.dumps(str(key))}}}}}"
+        )
     if auth is not None:
         lines.append(f"auth: {json.dumps(auth)}")
+    scheme = "https" if tls else "http"
     config = tmp / f"registry-{port}.yml"
     config.write_text("\n".join(lines) + "\n")
     log = (tmp / f"registry-{port}.log").open("wb")
@@ -65,7 +76,10 @@ def start_registry(tmp: Path, storage: Path, auth: dict[str, Any] | None = None)
     deadline = time.monotonic() + 15
     while True:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=1).status_code in (200, 401):
+            if httpx.get(f"{scheme}://127.0.0.1:{port}/v2/", timeout=1, verify=False).status_code in (
+                200,
+                401,
+            ):
                 break
         except httpx.TransportError:
             pass
@@ -73,7 +87,7 @@ def start_registry(tmp: Path, storage: Path, auth: dict[str, Any] | None = None)
             proc.kill()
             raise RuntimeError(f"docker-registry did not start: {(tmp / f'registry-{port}.log').read_text()}")
         time.sleep(0.05)
-    return Registry(f"127.0.0.1:{port}", storage, proc)
+    return Registry(f"127.0.0.1:{port}", storage, proc, scheme)
 
 
 def stop_process(proc: subprocess.Popen[bytes]) -> None:
@@ -96,11 +110,11 @@ def skopeo_push(layout: Path, reg: Registry, repo: str, tag: str, *, fmt: str | 
     assert res.returncode == 0, res.stderr
 
 
-def http_push(layout: Path, reg: Registry, repo: str, tag: str) -> str:
+def http_push(layout: Path, reg: Registry, repo: str, tag: str, *, verify: bool = True) -> str:
     """Push every blob of ``layout`` and the manifests reachable from ``tag`` verbatim; returns the
     top digest (for shapes skopeo rewrites or refuses: Docker manifest lists, odd manifests)."""
     base = f"{reg.url}/v2/{repo}"
-    with httpx.Client(timeout=30) as c:
+    with httpx.Client(timeout=30, verify=verify) as c:
         for path in sorted((layout / "blobs" / "sha256").iterdir()):
             digest = "sha256:" + path.name
             if c.head(f"{base}/blobs/{digest}").status_code == 200:

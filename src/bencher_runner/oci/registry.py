@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -121,6 +122,24 @@ def _error_detail(resp: httpx.Response) -> str:
     return detail
 
 
+def _tls_problem(err: BaseException) -> str | None:
+    """A user-facing reason when ``err`` is a TLS failure (found in its cause chain), else None."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return (
+                f"the certificate was not accepted ({seen.verify_message or seen.reason}); if the "
+                "registry uses a private CA, point SSL_CERT_FILE at its certificate bundle"
+            )
+        if isinstance(seen, ssl.SSLError):
+            return (
+                f"TLS failed ({seen.reason or seen}); if the registry serves plain HTTP on loopback, "
+                "use an http:// registry URL (`runner run --insecure-registry`)"
+            )
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class RegistryClient:
     """Pulls manifests and blobs of one repository. Thread-safe: layers may be fetched in parallel."""
 
@@ -197,6 +216,9 @@ class RegistryClient:
             try:
                 resp = self._send_once(method, url, headers, auth)
             except httpx.TransportError as e:
+                tls = _tls_problem(e)
+                if tls is not None:  # a certificate does not get better by retrying
+                    raise ImageError(f"cannot fetch {what} from {self._where} over HTTPS: {tls}") from None
                 if attempt >= self._retries:
                     raise ImageError(
                         f"cannot fetch {what} from {self._where} ({type(e).__name__}: {e}) after "

@@ -1,0 +1,100 @@
+"""Pulls over HTTPS from a real docker-registry serving TLS with a certificate made in the fixture.
+
+A certificate the host trusts (here via SSL_CERT_FILE, as for a private CA) pulls; an untrusted one
+fails at once with a reason and what to do (no retries: a certificate does not get better), and so
+does a plain-HTTP registry addressed as HTTPS.
+"""
+
+import datetime as dt
+import ipaddress
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from bencher_runner.oci.source import open_image
+from bencher_runner.spec.errors import ImageError
+from tests.support.oci_builder import build_layout, file
+from tests.support.registry import Registry, http_push, start_registry, stop_process
+
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+def write_certificate(tmp: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA), as PEM files."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bencher-runner test registry")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(LOOPBACK)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "registry.crt", tmp / "registry.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+@pytest.fixture(scope="module")
+def tls_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Registry, Path]]:
+    tmp = tmp_path_factory.mktemp("tls-registry")
+    cert, key = write_certificate(tmp)
+    reg = start_registry(tmp, tmp / "storage", tls=(cert, key))
+    yield reg, cert
+    stop_process(reg.proc)
+
+
+def push_small(tmp_path: Path, reg: Registry) -> str:
+    layout = tmp_path / "layout"
+    digest = build_layout(layout, [[file("hello.txt", b"over TLS\n")]], {"Cmd": ["/hello"]}, tag="v1")
+    http_push(layout, reg, "tls/proj", "v1", verify=False)
+    return digest
+
+
+def test_a_trusted_certificate_pulls(
+    tmp_path: Path, tls_registry: tuple[Registry, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg, cert = tls_registry
+    digest = push_small(tmp_path, reg)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    image = open_image(f"{reg.host}/tls/proj@{digest}", cache_dir=tmp_path / "cache")
+    assert image.manifest_digest == digest
+    assert list(image.config.config.cmd or []) == ["/hello"]
+
+
+def test_an_untrusted_certificate_fails_at_once_saying_what_to_do(
+    tmp_path: Path, tls_registry: tuple[Registry, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reg, _ = tls_registry
+    digest = push_small(tmp_path, reg)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    t0 = time.monotonic()
+    with pytest.raises(ImageError) as err:
+        open_image(f"{reg.host}/tls/proj@{digest}", cache_dir=tmp_path / "cache")
+    assert time.monotonic() - t0 < 3  # not retried
+    text = str(err.value)
+    assert "certificate" in text and "SSL_CERT_FILE" in text and reg.host in text, text
+
+
+def test_a_plain_http_registry_addressed_as_https_says_so(tmp_path: Path, registry: Registry) -> None:
+    with pytest.raises(ImageError) as err:
+        open_image(f"{registry.host}/tls/proj:v1", cache_dir=tmp_path / "cache")
+    text = str(err.value)
+    assert "TLS failed" in text and "--insecure-registry" in text, text
