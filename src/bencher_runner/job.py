@@ -55,6 +55,7 @@ from bencher_runner.spec.errors import (
     CanceledError,
     GuestOutOfMemoryError,
     GuestPanicError,
+    ImageError,
     JobTimeoutError,
     KernelBundleError,
     RunnerError,
@@ -64,6 +65,7 @@ from bencher_runner.spec.errors import (
 from bencher_runner.spec.launch import Launch, resolve_command, resolve_launch
 from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
 from bencher_runner.spec.units import MIB
+from bencher_runner.staging import memory_tree, out_of_space, stale_memory_tree
 
 TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
 SERIAL_TAIL_LINES = 25
@@ -276,16 +278,31 @@ class Job:
         try:
             return body(work)
         finally:
+            shutil.rmtree(stale_memory_tree(work), ignore_errors=True)
             shutil.rmtree(work, ignore_errors=True)
             os.close(lock)
 
-    def _unpack(self, work: Path, image: LocalImage) -> tuple[Path, str | None, str | None]:
-        """Unpack the image into work/tree (WorkingDir created); returns it with /etc/passwd and group."""
-        tree = work / "tree"
-        tree.mkdir()
-        self.reporter.phase("unpacking layers")
+    def _unpack(
+        self, work: Path, image: LocalImage, *, in_memory: bool = True
+    ) -> tuple[Path, str | None, str | None]:
+        """Unpack the image (WorkingDir created) into a tmpfs tree when it surely fits (staging.py),
+        else into work/tree; returns the tree with the image's /etc/passwd and /etc/group."""
+        compressed = sum(layer.size for layer in image.layers)
+        staged = memory_tree(work, compressed) if in_memory else None
+        tree = staged or work / "tree"
+        tree.mkdir(exist_ok=True)
+        self.reporter.phase(f"unpacking layers{' in memory' if staged else ''}")
         t0 = time.monotonic()
-        stats = unpack_layers(image.layers, tree)
+        try:
+            stats = unpack_layers(image.layers, tree)
+        except ImageError as err:
+            if staged is None or not out_of_space(err):
+                raise
+            self.reporter.warn(f"the image did not fit in {staged.parent}: unpacking it on disk instead")
+            shutil.rmtree(staged, ignore_errors=True)
+            tree = work / "tree"
+            tree.mkdir()
+            stats = unpack_layers(image.layers, tree)
         self.state.timings["unpack_s"] = time.monotonic() - t0
         self._check_cancel("while its image was unpacked")
         if stats.skipped_devices:
@@ -316,7 +333,7 @@ class Job:
 
     def _run_on_host(self, work: Path, image: LocalImage) -> RunnerError | None:
         cfg = self.config
-        template, passwd, group = self._unpack(work, image)
+        template, passwd, group = self._unpack(work, image, in_memory=False)  # iterations rename it
         launch = self._launch(image, passwd, group)
         for index in range(cfg.iterations):
             if self.cancel.is_set():
