@@ -160,19 +160,31 @@ class RegistryClient:
         self._retries = retries
         self._backoff = backoff
         self._max_backoff = max_backoff
-        self._client = httpx.Client(
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 15.0)),
-            verify=verify,
-            transport=transport,
-            headers={"User-Agent": USER_AGENT},
-            follow_redirects=True,
-        )
+        self._client_options: dict[str, Any] = {
+            "timeout": httpx.Timeout(timeout, connect=min(timeout, 15.0)),
+            "verify": verify,
+            "transport": transport,
+            "headers": {"User-Agent": USER_AGENT},
+            "follow_redirects": True,
+        }
+        self._client_: httpx.Client | None = None
+        self._client_lock = threading.Lock()
         self._lock = threading.Lock()
         self._auth: str | None = f"Bearer {self._creds.token}" if self._creds.token else None
         self._realm_fetched_at: float | None = None
 
+    @property
+    def _client(self) -> httpx.Client:
+        """Made on first use: a pull whose blobs are all cached never pays for the TLS context
+        (loading the CA bundle takes about 25 ms, most of a warm job's image step)."""
+        with self._client_lock:
+            if self._client_ is None:
+                self._client_ = httpx.Client(**self._client_options)
+            return self._client_
+
     def close(self) -> None:
-        self._client.close()
+        if self._client_ is not None:
+            self._client_.close()
 
     def __enter__(self) -> RegistryClient:
         return self
