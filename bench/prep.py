@@ -9,8 +9,8 @@ quoted as ratios against a reference measured alongside, as shared/design/BENCHM
    root-disk template (pull from a loopback docker-registry, unpack, ``mkfs.ext4 -d`` of a 1024 MiB
    disk, the job's disk copy), against ``skopeo copy`` + ``umoci unpack`` + ``mkfs.ext4 -d`` on a
    1024 MiB file. Goal <= 0.8. Each phase of both is reported.
-2. warm image prep (blobs and template cached: manifest check, template lookup, disk copy) against
-   the cold prep. Goal <= 0.05.
+2. warm image prep (blobs and template cached: manifest read from the cache, template lookup, disk
+   copy) against the cold prep. Goal <= 0.05. Ours names the image by digest, as Bencher jobs do.
 3. peak RSS of a fresh process pulling (and, separately, pulling + unpacking) a 512 MiB layer.
    Goal <= 120 MiB.
 
@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 from bench.images import big_layer_layout, layer_sizes, loopback_registry, push, realistic_layout
-from bencher_runner.job import copy_sparse
+from bencher_runner.job import Job, copy_sparse
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.source import open_image
-from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
 from bencher_runner.rootfs import TemplateCache, build_rootfs, template_key
+from bencher_runner.spec.config import make_run_config
 
 DISK_MIB = 1024
 MKFS_REFERENCE = ["mkfs.ext4", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
@@ -70,11 +70,9 @@ class Stopwatch:
 # --- ours ---------------------------------------------------------------------------------------------
 
 
-def ours_cold(ref: str, cache: Path, work: Path, tree_dir: Path | None = None) -> Phases:
-    """A cold job's prep, as job.py does it: pull, unpack, mkfs (template put), the iteration's copy.
-
-    ``tree_dir``: unpack there instead of in the work dir (a what-if, e.g. a tmpfs; job.py does not).
-    """
+def ours_cold(ref: str, cache: Path, work: Path) -> Phases:
+    """A cold job's prep, as job.py does it: pull, unpack (Job._unpack: in memory when it fits),
+    mkfs (template put), the iteration's copy."""
     watch = Stopwatch()
     mark = watch.mark
     image = open_image(ref, cache_dir=image_cache_dir(cache), insecure=True)
@@ -82,11 +80,8 @@ def ours_cold(ref: str, cache: Path, work: Path, tree_dir: Path | None = None) -
     templates = TemplateCache(cache)
     key = template_key(image.manifest_digest, DISK_MIB)
     assert templates.get(key) is None, "the template cache must start empty"
-    tree = Path(tempfile.mkdtemp(prefix="tree-", dir=tree_dir)) if tree_dir else work / "tree"
-    tree.mkdir(parents=True, exist_ok=True)
-    unpack_layers(image.layers, tree)
-    ensure_directory(tree, image.config.config.working_dir or "/")
-    passwd, group = read_image_file(tree, "etc/passwd"), read_image_file(tree, "etc/group")
+    job = Job(make_run_config(image=ref, disk_mib=DISK_MIB), cache=cache)
+    tree, passwd, group = job._unpack(work, image)
     mark("unpack")
     built = work / "rootfs.ext4"
     build_rootfs(tree, built, DISK_MIB, allocate=False)
@@ -215,7 +210,7 @@ def _scratch(base: Path, name: str) -> Path:
     return path
 
 
-def run(repeat: int = 3, profile: Path | None = None, tree_dir: Path | None = None) -> dict[str, float]:
+def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
     """Run every image-prep figure ``repeat`` times; prints and returns the medians."""
     realistic = realistic_layout()
     big = big_layer_layout(BIG_LAYER_MIB)
@@ -223,19 +218,21 @@ def run(repeat: int = 3, profile: Path | None = None, tree_dir: Path | None = No
     with tempfile.TemporaryDirectory(prefix="bench-prep-") as tmp_name:
         tmp = Path(tmp_name)
         with loopback_registry(tmp) as reg:
-            push(realistic, reg, "proj", "v1")
+            digest = push(realistic, reg, "proj", "v1")
             push(big, reg, "big", "latest")
             host_ref = f"{reg.host}/proj:v1"
-            ref = f"http://{host_ref}"
+            ref = f"http://{reg.host}/proj@{digest}"  # by digest, as Bencher jobs name images
             gz_bytes, _ = layer_sizes(realistic)
 
             cold, warm, refs = [], [], []
             for i in range(repeat):
                 work = _scratch(tmp, "reference")
+                os.sync()  # both start with no dirty pages of the other's run to write back
                 refs.append(reference(host_ref, work))
                 shutil.rmtree(work)
                 cache, work = _scratch(tmp, "cache"), _scratch(tmp, "work")
-                cold.append(ours_cold(ref, cache, work, tree_dir))
+                os.sync()
+                cold.append(ours_cold(ref, cache, work))
                 warm.append(ours_warm(ref, cache, work))
                 print(
                     f"  run {i + 1}/{repeat}: reference {refs[-1]['total']:.2f} s ({_fmt(refs[-1])}); "
@@ -245,7 +242,7 @@ def run(repeat: int = 3, profile: Path | None = None, tree_dir: Path | None = No
             if profile is not None:
                 cache, work = _scratch(tmp, "cache"), _scratch(tmp, "work")
                 profiler = cProfile.Profile()
-                profiler.runcall(ours_cold, ref, cache, work, tree_dir)
+                profiler.runcall(ours_cold, ref, cache, work)
                 profiler.dump_stats(f"{profile}.prof")
                 with open(f"{profile}.txt", "w") as out:
                     pstats.Stats(profiler, stream=out).sort_stats("cumulative").print_stats(40)
@@ -282,8 +279,7 @@ def run(repeat: int = 3, profile: Path | None = None, tree_dir: Path | None = No
         )
         results[f"rss_{key}_ru_maxrss_mib"] = statistics.median(r["maxrss_kib"] for r in runs) / 1024
 
-    where = f"; ours unpacks in {tree_dir} (what-if)" if tree_dir else ""
-    print(f"realistic image: {gz_bytes / 2**20:.0f} MiB gzip layer; medians of {repeat}{where}")
+    print(f"realistic image: {gz_bytes / 2**20:.0f} MiB gzip layer; medians of {repeat}")
     print(
         f"cold image prep: ours {cold_m['total']:.2f} s / skopeo+umoci+mkfs {ref_m['total']:.2f} s = "
         f"{results['prep_cold_over_reference']:.3f} (goal <= {GOAL_COLD})"
@@ -316,13 +312,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", type=Path, help="write the figures here as JSON")
     parser.add_argument("--profile", type=Path, help="also cProfile one cold prep into PREFIX.prof/.txt")
-    parser.add_argument(
-        "--tree-dir", type=Path, help="what-if: unpack ours there (e.g. a tmpfs), not in work"
-    )
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("run as root: unpacking keeps image ownership")
-    results = run(args.repeat, args.profile, args.tree_dir)
+    results = run(args.repeat, args.profile)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
 
