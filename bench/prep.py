@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 
 from bench.images import big_layer_layout, layer_sizes, loopback_registry, push, realistic_layout
-from bencher_runner.job import Job, copy_sparse
+from bencher_runner.job import Job
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.source import open_image
-from bencher_runner.rootfs import TemplateCache, build_rootfs, template_key
+from bencher_runner.rootfs import TemplateCache, build_rootfs, copy_disk, template_key
 from bencher_runner.spec.config import make_run_config
 
 DISK_MIB = 1024
@@ -91,7 +91,7 @@ def ours_cold(ref: str, cache: Path, work: Path) -> Phases:
     mark("rmtree_put")
     disk = work / "iter-1" / "rootfs.ext4"
     disk.parent.mkdir()
-    copy_sparse(template.disk, disk)
+    copy_disk(template.disk, disk)
     mark("copy")
     disk.unlink()  # job.py frees it after the VM; not timed
     return watch.done()
@@ -108,7 +108,7 @@ def ours_warm(ref: str, cache: Path, work: Path) -> Phases:
     mark("template")
     disk = work / "iter-warm" / "rootfs.ext4"
     disk.parent.mkdir()
-    copy_sparse(template.disk, disk)
+    copy_disk(template.disk, disk)
     mark("copy")
     disk.unlink()
     return watch.done()

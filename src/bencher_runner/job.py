@@ -29,7 +29,7 @@ from bencher_runner.oci.source import credentials_for, open_image
 from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
 from bencher_runner.paths import work_root
 from bencher_runner.recovery import LOCK_NAME
-from bencher_runner.rootfs import TemplateCache, allocate_disk, build_rootfs, template_key
+from bencher_runner.rootfs import TemplateCache, build_rootfs, copy_disk, template_key
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
@@ -426,7 +426,7 @@ class Job:
             it_dir.mkdir()
             rootfs = it_dir / "rootfs.ext4"
             t0 = time.monotonic()
-            copy_sparse(template, rootfs)  # the cached template stays read-only
+            copy_disk(template, rootfs)  # the cached template stays read-only
             self._add_time("disk_copy_s", time.monotonic() - t0)
             try:
                 output = self._boot(it_dir, rootfs, base, bundle, job_config, accel, label)
@@ -643,14 +643,6 @@ class Job:
         return SandboxError(
             f"the VM stopped without reporting a result ({detail})\nserial console:\n{serial_tail(serial)}"
         )
-
-
-def copy_sparse(src: Path, dest: Path) -> None:
-    """A copy that shares blocks (reflink) where the filesystem can, and keeps holes everywhere."""
-    subprocess.run(
-        ["cp", "--reflink=auto", "--sparse=always", str(src), str(dest)], check=True, capture_output=True
-    )
-    allocate_disk(dest, src.stat().st_size // MIB)  # the guest can never over-commit the host's disk
 
 
 def run_job(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bencher_runner.rootfs import build_rootfs
+from bencher_runner.rootfs import build_rootfs, copy_disk
 from bencher_runner.spec.errors import CanceledError, RootfsError
 from bencher_runner.spec.units import MIB
 
@@ -58,3 +58,17 @@ def test_cancel_stops_a_running_mkfs(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(CanceledError, match="root disk"):
         build_rootfs(tree, tmp_path / "disk.img", 64, cancel=cancel)
     assert time.monotonic() - t0 < 2
+
+
+def test_copy_disk_is_byte_exact_and_fully_allocated(tmp_path: Path) -> None:
+    src, dest = tmp_path / "template.ext4", tmp_path / "job.ext4"
+    size = 64 * MIB
+    with src.open("wb") as f:
+        f.truncate(size)
+        for at, data in ((0, b"boot" * 1024), (20 * MIB, os.urandom(3 * MIB)), (size - 4096, b"\xff" * 4096)):
+            f.seek(at)
+            f.write(data)
+    assert src.stat().st_blocks * 512 < 8 * MIB  # the template is sparse
+    copy_disk(src, dest)
+    assert dest.read_bytes() == src.read_bytes()
+    assert dest.stat().st_blocks * 512 >= size  # every block reserved for the guest
