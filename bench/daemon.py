@@ -42,8 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import build_layout, layer_from_dir
-from tests.vm.conftest import busybox_tree
 
 from bench.images import big_layer_layout, loopback_registry, push
 from bencher_runner.fakeserver import FakeBencher

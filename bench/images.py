@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 import httpx
+from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import (
     OCI_CONFIG,
     OCI_LAYER_TYPES,
@@ -46,7 +47,6 @@ from tests.support.registry import Registry, start_registry, stop_process
 MIB = 1 << 20
 REALISTIC_CMD = ["python3", "-c", "print(sum(range(10**6)))"]
 REALISTIC_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-BUSYBOX_APPLETS = ("sh", "true", "false", "echo", "cat", "ls", "sleep")
 BIG_FILE = "data/random.bin"
 BIG_SEED = 20240101
 SOURCE_TAG = "latest"  # every layout built here tags its image so
@@ -119,19 +119,6 @@ class _RandomStream(io.RawIOBase):
         view[:n] = self._rng.randbytes(n)
         self._left -= n
         return n
-
-
-def busybox_tree(root: Path) -> Path:
-    """A static busybox root (as tests/vm/conftest.py builds it): /bin/busybox, applet links, /etc, /tmp."""
-    (root / "bin").mkdir(parents=True)
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    for applet in BUSYBOX_APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    (root / "etc").mkdir()
-    (root / "etc" / "passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
-    (root / "etc" / "group").write_text("root:x:0:\n")
-    (root / "tmp").mkdir(mode=0o1777)
-    return root
 
 
 def write_single_layer_layout(

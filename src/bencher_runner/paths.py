@@ -12,22 +12,19 @@ import platformdirs
 APP = "bencher-runner"
 
 
-def cache_dir(override: Path | None = None) -> Path:
+def _dir(override: Path | None, env_var: str, default: str) -> Path:
+    """The flag's value, else the environment variable's, else the platform's directory."""
     if override is not None:
         return override
-    env = os.environ.get("BENCHER_RUNNER_CACHE_DIR")
-    if env:
-        return Path(env)
-    return Path(platformdirs.user_cache_dir(APP))
+    return Path(os.environ.get(env_var) or default)
+
+
+def cache_dir(override: Path | None = None) -> Path:
+    return _dir(override, "BENCHER_RUNNER_CACHE_DIR", platformdirs.user_cache_dir(APP))
 
 
 def state_dir(override: Path | None = None) -> Path:
-    if override is not None:
-        return override
-    env = os.environ.get("BENCHER_RUNNER_STATE_DIR")
-    if env:
-        return Path(env)
-    return Path(platformdirs.user_state_dir(APP))
+    return _dir(override, "BENCHER_RUNNER_STATE_DIR", platformdirs.user_state_dir(APP))
 
 
 def work_root(cache: Path) -> Path:

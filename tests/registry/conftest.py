@@ -6,7 +6,6 @@ fault-injecting proxy, and a scriptable fake registry for hostile answers. Every
 from __future__ import annotations
 
 import base64
-import datetime as dt
 import json
 import socket
 import threading
@@ -23,9 +22,8 @@ import httpx
 import jwt
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.x509.oid import NameOID
 
 from tests.support.oci_builder import blob_path, read_index
 from tests.support.registry import (
@@ -34,6 +32,7 @@ from tests.support.registry import (
     start_registry,
     stop_process,
 )
+from tests.support.tls import self_signed
 
 SERVICE = "test-registry"
 ISSUER = "test-token-issuer"
@@ -134,27 +133,6 @@ def _token_handler(ts: TokenServer) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _self_signed() -> tuple[rsa.RSAPrivateKey, x509.Certificate]:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test token issuer")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, False, False, False), critical=True
-        )
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
 class _QuietServer(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -171,7 +149,7 @@ def serve(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, s
 
 @pytest.fixture(scope="session")
 def token_server() -> Iterator[TokenServer]:
-    key, cert = _self_signed()
+    key, cert = self_signed("test token issuer")
     ts = TokenServer("", key, cert)
     server, url = serve(_token_handler(ts))
     ts.url, ts.server = url, server

@@ -18,9 +18,9 @@ from bencher_runner.fakeserver import FakeBencher
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.results import RunResult
+from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import build_layout, layer_from_dir
 from tests.support.registry import Registry, http_push
-from tests.vm.conftest import busybox_tree
 
 from .conftest import JOB_TOKEN
 

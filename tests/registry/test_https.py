@@ -5,43 +5,23 @@ fails at once with a reason and what to do (no retries: a certificate does not g
 does a plain-HTTP registry addressed as HTTPS.
 """
 
-import datetime as dt
-import ipaddress
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.hazmat.primitives import serialization
 
 from bencher_runner.oci.source import open_image
 from bencher_runner.spec.errors import ImageError
 from tests.support.oci_builder import build_layout, file
 from tests.support.registry import Registry, http_push, start_registry, stop_process
-
-LOOPBACK = ipaddress.ip_address("127.0.0.1")
+from tests.support.tls import self_signed
 
 
 def write_certificate(tmp: Path) -> tuple[Path, Path]:
     """A self-signed certificate for 127.0.0.1 (its own CA), as PEM files."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bencher-runner test registry")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(LOOPBACK)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
+    key, cert = self_signed("bencher-runner test registry", ip="127.0.0.1")
     cert_path, key_path = tmp / "registry.crt", tmp / "registry.key"
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path.write_bytes(

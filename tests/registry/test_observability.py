@@ -16,9 +16,9 @@ import httpx
 
 from bencher_runner.fakeserver import FakeBencher
 from bencher_runner.paths import cache_dir
+from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import build_layout, layer_from_dir
 from tests.support.registry import Registry, free_port, http_push
-from tests.vm.conftest import busybox_tree
 
 PROJECT = "7d2f4a10-9c3e-4b8a-a6f1-2e5d8c0b4f77"
 KEY = "bencher_runner_" + "0b5e" * 7 + "0b"

@@ -2,25 +2,17 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bencher_runner.paths import cache_dir, work_root
+from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import Entry, build_layout, layer_from_dir
-
-APPLETS = [
-    *("sh", "echo", "printf", "cat", "id", "pwd", "env", "nproc", "df", "ls", "sleep", "kill", "head"),
-    *("grep", "awk", "true", "false", "wc", "dd", "yes", "wget", "tr", "mkdir", "ln"),
-]
-PASSWD = "root:x:0:0:root:/root:/bin/sh\nbench:x:1000:1000:Bench:/home/bench:/bin/sh\n"
-GROUP = "root:x:0:\nbench:x:1000:\nwheel:x:10:bench\n"
 
 
 @dataclass
@@ -42,19 +34,6 @@ def runner(*args: str, timeout: float = 240) -> Run:
         env={**os.environ, "COLUMNS": "200"},
     )
     return Run(proc.returncode, proc.stdout, proc.stderr.decode(errors="replace"))
-
-
-def busybox_tree(root: Path) -> Path:
-    (root / "bin").mkdir(parents=True)
-    shutil.copy("/bin/busybox", root / "bin" / "busybox")
-    for applet in APPLETS:
-        (root / "bin" / applet).symlink_to("busybox")
-    (root / "etc").mkdir()
-    (root / "etc" / "passwd").write_text(PASSWD)
-    (root / "etc" / "group").write_text(GROUP)
-    (root / "tmp").mkdir(mode=0o1777)
-    (root / "home" / "bench").mkdir(parents=True)
-    return root
 
 
 @pytest.fixture(scope="session")
