@@ -3,16 +3,15 @@
 Flags map one to one onto RunConfig; `BENCHER_RUNNER_*` env vars give defaults where noted.
 """
 
+import importlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import click
 
 from bencher_runner import __version__
 from bencher_runner.cli_options import shared_job_options
-from bencher_runner.daemon.command import daemon_command
-from bencher_runner.host.commands import doctor_command
 from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.config import make_run_config
@@ -31,7 +30,30 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
-@click.group(context_settings=CONTEXT)
+class LazyGroup(click.Group):
+    """Subcommands imported when they run (click's documented lazy-loading pattern): `runner run` does
+    not pay for the daemon's WebSocket and metrics stack or for doctor, about 0.2 s of start-up."""
+
+    LAZY: ClassVar[dict[str, str]] = {
+        "daemon": "bencher_runner.daemon.command:daemon_command",
+        "up": "bencher_runner.daemon.command:daemon_command",
+        "doctor": "bencher_runner.host.commands:doctor_command",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.LAZY])
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.LAZY.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, attr = target.split(":")
+        command = getattr(importlib.import_module(module), attr)
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings=CONTEXT)
 @click.version_option(__version__, prog_name="runner")
 def main() -> None:
     """Run Bencher benchmark jobs (OCI images) inside microVMs."""
@@ -254,11 +276,6 @@ def run(
 
 def _cache(override: Path | None) -> Path:
     return cache_dir(override)
-
-
-main.add_command(daemon_command, name="daemon")
-main.add_command(doctor_command, name="doctor")
-main.add_command(daemon_command, name="up")
 
 
 @main.group(context_settings=CONTEXT)

@@ -1,44 +1,22 @@
 """Prometheus metrics of a runner host (`runner up --metrics-addr HOST:PORT`; off by default).
 
-The counters live in prometheus_client's default registry (which also exports the process's own
-RSS, CPU and open files), are updated where things happen (daemon loop, job phases, caches) and cost
-next to nothing when nobody scrapes. Cache sizes are measured at scrape time.
+The rest of the runner calls the small functions below where things happen (daemon loop, job phases,
+caches). They do nothing until `serve_metrics` has run: only then is prometheus_client imported and
+are the metrics registered (in its default registry, which also exports the process's own RSS, CPU
+and open files), so `runner run` and a daemon without metrics pay neither its import time nor its
+memory. Cache sizes are measured at scrape time.
 """
 
 import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import REGISTRY, GaugeMetricFamily
-from prometheus_client.registry import Collector
+from typing import Any
 
 from bencher_runner import __version__
 from bencher_runner.spec.errors import SpecError
 
 PREFIX = "bencher_runner"
-
-JOBS = Counter(f"{PREFIX}_jobs", "Jobs that ended, by the terminal message sent.", ["outcome"])
-JOB_RUNNING = Gauge(f"{PREFIX}_job_running", "1 while a job runs on this runner.")
-PHASE_SECONDS = Histogram(
-    f"{PREFIX}_job_phase_seconds",
-    "Time a job spent in each phase (pull, unpack, mkfs, disk_copy, boot, command, collect, total).",
-    ["phase"],
-    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
-)
-HEARTBEAT_INTERVAL = Histogram(
-    f"{PREFIX}_heartbeat_interval_seconds",
-    "Time between two heartbeats of one job (the protocol wants 1 s).",
-    buckets=(0.5, 0.9, 1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 5),
-)
-HEARTBEAT_LAG = Gauge(f"{PREFIX}_heartbeat_lag_seconds", "How late the last heartbeat was sent.")
-RECONNECTS = Counter(f"{PREFIX}_reconnects", "WebSocket connections lost or failed, then retried.")
-CACHE_LOOKUPS = Counter(
-    f"{PREFIX}_cache_lookups", "Blob and root-disk template cache lookups.", ["cache", "result"]
-)
-INFO = Gauge(f"{PREFIX}_info", "The runner's version.", ["version"])
-INFO.labels(__version__).set(1)
 
 # job timings key -> phase label
 PHASES = {
@@ -53,14 +31,70 @@ PHASES = {
 }
 
 
+class _Metrics:
+    def __init__(self, cache: Path) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+        from prometheus_client.core import REGISTRY
+
+        self.jobs = Counter(f"{PREFIX}_jobs", "Jobs that ended, by the terminal message sent.", ["outcome"])
+        self.job_running = Gauge(f"{PREFIX}_job_running", "1 while a job runs on this runner.")
+        self.phase_seconds = Histogram(
+            f"{PREFIX}_job_phase_seconds",
+            "Time a job spent in each phase (pull, unpack, mkfs, disk_copy, boot, command, collect, total).",
+            ["phase"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+        )
+        self.heartbeat_interval = Histogram(
+            f"{PREFIX}_heartbeat_interval_seconds",
+            "Time between two heartbeats of one job (the protocol wants 1 s).",
+            buckets=(0.5, 0.9, 1.0, 1.02, 1.05, 1.1, 1.2, 1.5, 2, 5),
+        )
+        self.heartbeat_lag = Gauge(f"{PREFIX}_heartbeat_lag_seconds", "How late the last heartbeat was sent.")
+        self.reconnects = Counter(f"{PREFIX}_reconnects", "Connections lost or failed, then retried.")
+        self.cache_lookups = Counter(
+            f"{PREFIX}_cache_lookups", "Blob and root-disk template cache lookups.", ["cache", "result"]
+        )
+        Gauge(f"{PREFIX}_info", "The runner's version.", ["version"]).labels(__version__).set(1)
+        REGISTRY.register(_CacheSize(cache))
+
+
+_metrics: _Metrics | None = None
+
+
 def cache_lookup(cache: str, hit: bool) -> None:
-    CACHE_LOOKUPS.labels(cache, "hit" if hit else "miss").inc()
+    if _metrics is not None:
+        _metrics.cache_lookups.labels(cache, "hit" if hit else "miss").inc()
 
 
-def job_timings(timings: dict[str, float]) -> None:
+def job_running(running: bool) -> None:
+    if _metrics is not None:
+        _metrics.job_running.set(1 if running else 0)
+
+
+def job_ended(outcome: str) -> None:
+    """A terminal message was sent; ``outcome`` is its event."""
+    if _metrics is not None:
+        _metrics.jobs.labels(outcome).inc()
+
+
+def job_phases(timings: dict[str, float]) -> None:
+    """The phases of a job that ran, from its result's timings."""
+    if _metrics is None:
+        return
     for key, phase in PHASES.items():
         if key in timings:
-            PHASE_SECONDS.labels(phase).observe(timings[key])
+            _metrics.phase_seconds.labels(phase).observe(timings[key])
+
+
+def heartbeat(interval: float, expected: float) -> None:
+    if _metrics is not None:
+        _metrics.heartbeat_interval.observe(interval)
+        _metrics.heartbeat_lag.set(max(0.0, interval - expected))
+
+
+def reconnect() -> None:
+    if _metrics is not None:
+        _metrics.reconnects.inc()
 
 
 def _dir_bytes(path: Path) -> int:
@@ -72,13 +106,15 @@ def _dir_bytes(path: Path) -> int:
     return total
 
 
-class CacheSize(Collector):
+class _CacheSize:
     """Bytes on disk of the blob cache and the root-disk templates, measured when scraped."""
 
     def __init__(self, cache: Path) -> None:
         self.cache = cache
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
         from bencher_runner.oci.blobcache import image_cache_dir
 
         family = GaugeMetricFamily(f"{PREFIX}_cache_bytes", "Bytes on disk in each cache.", labels=["cache"])
@@ -96,13 +132,17 @@ def parse_addr(addr: str) -> tuple[str, int]:
 
 
 def serve_metrics(addr: str, cache: Path) -> tuple[str, int]:
-    """Start the /metrics endpoint in a background thread; returns the bound (host, port)."""
+    """Register the metrics and start the /metrics endpoint in a background thread; the bound address."""
+    global _metrics
     host, port = parse_addr(addr)
-    REGISTRY.register(CacheSize(cache))
+    from prometheus_client import start_http_server
+
     try:
         server, _ = start_http_server(port, host)
     except OSError as err:
         raise SpecError(
             f"cannot serve metrics on {addr}: {err.strerror or err}; pick a free port with --metrics-addr"
         ) from None
+    if _metrics is None:
+        _metrics = _Metrics(cache)
     return host, int(server.server_address[1])

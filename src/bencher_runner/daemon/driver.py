@@ -258,7 +258,7 @@ class Daemon:
         log.info("connection closed: %s", why)
         actions = self.protocol.disconnected(now)
         if not self.protocol.stopped:
-            metrics.RECONNECTS.inc()
+            metrics.reconnect()
             self._start_connect(self.backoff.next())
         return actions
 
@@ -268,7 +268,7 @@ class Daemon:
                 await self._send(action.message)
             elif isinstance(action, PersistTerminal):
                 await asyncio.to_thread(self.outbox.put, action.job, action.message)
-                metrics.JOBS.labels(str(action.message.get("event"))).inc()
+                metrics.job_ended(str(action.message.get("event")))
                 self._last_heartbeat = None
             elif isinstance(action, DropTerminal):
                 await asyncio.to_thread(self.outbox.remove, action.job)
@@ -371,8 +371,7 @@ class Daemon:
         if message.get("event") == "heartbeat":
             if self._last_heartbeat is not None:
                 interval = now - self._last_heartbeat
-                metrics.HEARTBEAT_INTERVAL.observe(interval)
-                metrics.HEARTBEAT_LAG.set(max(0.0, interval - self.settings.heartbeat_interval))
+                metrics.heartbeat(interval, self.settings.heartbeat_interval)
             self._last_heartbeat = now
         with contextlib.suppress(ConnectionClosed):  # the reader reports the close
             await ws.send(encode(message))
@@ -395,15 +394,15 @@ class Daemon:
     async def _run_job(self, job: str, config: RunConfig, cancel: threading.Event) -> None:
         log.info("job started: %s (%d vCPU, %d MiB, disk %d MiB)", config.image, config.vcpus,
                  config.memory_mib, config.disk_mib)  # fmt: skip
-        metrics.JOB_RUNNING.set(1)
+        metrics.job_running(True)
         try:
             result = await asyncio.to_thread(self.executor, config, cancel)
         except Exception as err:  # a crashing executor fails the job, not the daemon
             log.exception("job %s: the executor raised", job)
             result = _crash_result(err)
         finally:
-            metrics.JOB_RUNNING.set(0)
-        metrics.job_timings(result.timings)
+            metrics.job_running(False)
+        metrics.job_phases(result.timings)
         phases = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result.timings.items())
         log.info("job %s%s%s", result.status, f": {result.error}" if result.error else "",
                  f" ({phases})" if phases else "")  # fmt: skip
