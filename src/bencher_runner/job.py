@@ -48,7 +48,7 @@ from bencher_runner.sandbox.network import NetworkPlan, user_nat
 from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_output_disk, read_output_disk
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
-from bencher_runner.sandbox.vmlinux import extract_vmlinux
+from bencher_runner.sandbox.vmlinux import ensure_vmlinux
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import (
     AgentError,
@@ -248,7 +248,7 @@ class Job:
             require_kvm()
             if cfg.network and cfg.network_mode != "tap":
                 raise SpecError("--sandbox firecracker has no user-mode NAT: use --network-mode tap")
-            self.vmlinux = extract_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")
+            self.vmlinux = ensure_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")
             accel = AccelChoice("kvm", "Firecracker runs on KVM")
         else:
             qemu = find_qemu()
@@ -596,7 +596,7 @@ class Job:
         if self.config.kernel is not None:
             return bundle.kernel
         try:
-            return extract_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")
+            return ensure_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")
         except KernelBundleError as err:
             self.reporter.warn(f"booting the compressed kernel: {err}")
             return bundle.kernel

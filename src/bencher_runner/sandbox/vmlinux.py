@@ -19,6 +19,8 @@ import json
 import lzma
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -252,6 +254,38 @@ def _stamp(source: Path) -> dict[str, object]:
     return {"source": str(source.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _source_stamp(bzimage: Path) -> dict[str, object]:
+    try:
+        return _stamp(bzimage)
+    except OSError as err:
+        raise KernelBundleError(
+            f"kernel image {bzimage} cannot be read ({err.strerror}); "
+            "check --kernel or run `runner kernel fetch`"
+        ) from None
+
+
+def _is_fresh(dest: Path, stamp: dict[str, object]) -> bool:
+    with contextlib.suppress(OSError, ValueError):
+        return dest.is_file() and json.loads(dest.with_name(dest.name + ".json").read_text()) == stamp
+    return False
+
+
+def ensure_vmlinux(bzimage: Path, dest: Path) -> Path:
+    """:func:`extract_vmlinux`, run in a child process when the cached copy is stale: decompressing
+    a kernel briefly holds about 150 MB, which a long-lived daemon should not keep as its peak RSS."""
+    if _is_fresh(dest, _source_stamp(bzimage)):
+        return dest
+    proc = subprocess.run(
+        [sys.executable, "-m", "bencher_runner.sandbox.vmlinux", str(bzimage), str(dest)],
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines()
+        raise KernelBundleError(lines[-1] if lines else f"extracting vmlinux from {bzimage} failed")
+    return dest
+
+
 def extract_vmlinux(bzimage: Path, dest: Path) -> Path:
     """Write the ELF kernel inside ``bzimage`` to ``dest`` (reused while ``bzimage`` is unchanged).
 
@@ -259,16 +293,9 @@ def extract_vmlinux(bzimage: Path, dest: Path) -> Path:
     bzImage it came from. Written atomically, so concurrent jobs never see half a file.
     """
     stamp_path = dest.with_name(dest.name + ".json")
-    try:
-        stamp = _stamp(bzimage)
-    except OSError as err:
-        raise KernelBundleError(
-            f"kernel image {bzimage} cannot be read ({err.strerror}); "
-            "check --kernel or run `runner kernel fetch`"
-        ) from None
-    with contextlib.suppress(OSError, ValueError):
-        if dest.is_file() and json.loads(stamp_path.read_text()) == stamp:
-            return dest
+    stamp = _source_stamp(bzimage)
+    if _is_fresh(dest, stamp):
+        return dest
     try:
         image = bzimage.read_bytes()
     except OSError as err:
@@ -289,3 +316,10 @@ def extract_vmlinux(bzimage: Path, dest: Path) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return dest
+
+
+if __name__ == "__main__":  # ensure_vmlinux's child: `python -m bencher_runner.sandbox.vmlinux SRC DEST`
+    try:
+        extract_vmlinux(Path(sys.argv[1]), Path(sys.argv[2]))
+    except KernelBundleError as error:
+        sys.exit(str(error))
