@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bencher_runner import metrics
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
@@ -24,7 +25,7 @@ from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_proc
 from bencher_runner.host.tuning import TuningOptions, tuned_host
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.layout import LocalImage
-from bencher_runner.oci.pull import PullProgress
+from bencher_runner.oci.progress import PullProgress
 from bencher_runner.oci.source import credentials_for, open_image
 from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
 from bencher_runner.paths import work_root
@@ -33,13 +34,9 @@ from bencher_runner.rootfs import TemplateCache, build_rootfs, copy_disk, templa
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
-from bencher_runner.sandbox.firecracker import (
-    FirecrackerVm,
-    JailerConfig,
-    find_firecracker,
-    find_jailer,
-    require_kvm,
-)
+
+if TYPE_CHECKING:
+    from bencher_runner.sandbox.firecracker import FirecrackerVm
 from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
@@ -242,6 +239,8 @@ class Job:
         bundle = resolve_bundle(self.cache, cfg.kernel, cfg.kernel_modules)
         agent = find_agent()
         if cfg.backend == "firecracker":
+            from bencher_runner.sandbox.firecracker import find_firecracker, require_kvm  # its HTTP stack
+
             self.firecracker = find_firecracker(cfg.firecracker)
             if cfg.accel == "tcg":
                 raise SpecError("--sandbox firecracker runs on KVM only; use --sandbox qemu for --accel tcg")
@@ -601,13 +600,15 @@ class Job:
             self.reporter.warn(f"booting the compressed kernel: {err}")
             return bundle.kernel
 
-    def _make_vm(self, spec: VmSpec, it_dir: Path) -> QemuVm | FirecrackerVm:
+    def _make_vm(self, spec: VmSpec, it_dir: Path) -> "QemuVm | FirecrackerVm":
         cfg = self.config
         prefix = self.network.command_prefix() if self.network is not None else None
         if cfg.backend != "firecracker":
             layout = self.layout
             cpus = tuple(layout.benchmark) if layout is not None and layout.has_isolation else None
             return QemuVm(spec, it_dir / "qemu.log", prefix, cpus)
+        from bencher_runner.sandbox.firecracker import FirecrackerVm, JailerConfig, find_jailer
+
         jailer = None
         if cfg.jailer is not None:
             jailer = JailerConfig(

@@ -26,7 +26,7 @@ from rich.status import Status
 
 from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.job import Reporter, run_job
-from bencher_runner.oci.pull import PullProgress
+from bencher_runner.oci.progress import PullProgress
 from bencher_runner.recovery import recover_from_crash
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SpecError

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from bencher_runner.oci.blobcache import BlobCache
-from bencher_runner.oci.pull import PullProgress, pull_image
+from bencher_runner.oci.credentials import Credentials
+from bencher_runner.oci.progress import PullProgress
+from bencher_runner.oci.pull import pull_image
 from bencher_runner.oci.reference import parse_reference, reference_for_job
-from bencher_runner.oci.registry import Credentials
 from bencher_runner.oci.source import open_image
 from bencher_runner.oci.unpack import unpack_layers
 from bencher_runner.spec.errors import DigestMismatchError, ImageError

@@ -4,7 +4,7 @@ import io
 
 from rich.console import Console
 
-from bencher_runner.oci.pull import PullProgress
+from bencher_runner.oci.progress import PullProgress
 from bencher_runner.run import ConsoleReporter
 
 LAYER = "sha256:" + "ab" * 32

@@ -2,8 +2,9 @@ from pathlib import Path
 
 import pytest
 
+from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.reference import ImageReference, parse_reference, reference_for_job
-from bencher_runner.oci.registry import Credentials, parse_challenge
+from bencher_runner.oci.registry import parse_challenge
 from bencher_runner.oci.source import is_local_layout
 from bencher_runner.spec.errors import ImageError
 

@@ -11,13 +11,12 @@ A pull by digest whose blobs are all cached needs no network at all.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from bencher_runner.oci.blobcache import BlobCache
+from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.digest import digest_bytes, is_digest, parse_digest, verify_bytes
 from bencher_runner.oci.imageconfig import parse_image_config
 from bencher_runner.oci.layout import (
@@ -37,35 +36,16 @@ from bencher_runner.oci.layout import (
     _parse,
     _select_platform,
 )
+from bencher_runner.oci.progress import ProgressCallback, PullProgress
 from bencher_runner.oci.reference import ImageReference
-from bencher_runner.oci.registry import MAX_MANIFEST_BYTES, Credentials, RegistryClient
+from bencher_runner.oci.registry import MAX_MANIFEST_BYTES, RegistryClient
+from bencher_runner.oci.source import DEFAULT_MAX_IMAGE_BYTES
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
 
-DEFAULT_MAX_IMAGE_BYTES = 16 * 2**30  # compressed: config + layers as the manifest declares them
 DEFAULT_MAX_LAYERS = 128
 DEFAULT_PARALLEL_LAYERS = 3
 
 _HOSTILE = "the image is malformed or hostile, rebuild it"
-
-
-@dataclass(frozen=True)
-class PullProgress:
-    """One progress report. ``kind`` says which blob; ``done``/``total`` are bytes of that blob.
-
-    ``cached``: the blob was already in the cache (reported once, with done == total). ``complete``:
-    the blob is verified and in the cache. Callbacks may arrive from several threads at once.
-    """
-
-    image: str
-    kind: Literal["manifest", "config", "layer"]
-    digest: str
-    done: int
-    total: int
-    cached: bool = False
-    complete: bool = False
-
-
-ProgressCallback = Callable[[PullProgress], None]
 
 
 def _human(n: int) -> str:

@@ -18,12 +18,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import httpx
 
 from bencher_runner import __version__
+from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.digest import Hasher, parse_digest
 from bencher_runner.oci.layout import INDEX_TYPES, MANIFEST_TYPES
 from bencher_runner.oci.reference import ImageReference
@@ -39,26 +40,6 @@ MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 USER_AGENT = f"bencher-runner/{__version__}"
 
 _PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
-
-
-@dataclass(frozen=True)
-class Credentials:
-    """How to authenticate to a registry: a Bearer ``token`` (a job's ``oci_token``), or a username and
-    password (Basic, or exchanged at a token realm). ``repr`` never shows a secret."""
-
-    token: str | None = field(default=None, repr=False)
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-
-    def __repr__(self) -> str:
-        return (
-            f"Credentials(token={'***' if self.token else None}, username={self.username!r}, "
-            f"password={'***' if self.password else None})"
-        )
-
-    @property
-    def has_basic(self) -> bool:
-        return self.username is not None and self.password is not None
 
 
 @dataclass(frozen=True)

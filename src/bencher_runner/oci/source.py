@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.layout import HOST_ARCH, LocalImage, open_layout
-from bencher_runner.oci.pull import DEFAULT_MAX_IMAGE_BYTES, ProgressCallback, pull_image
+from bencher_runner.oci.progress import ProgressCallback
 from bencher_runner.oci.reference import parse_reference
-from bencher_runner.oci.registry import Credentials
 from bencher_runner.spec.config import RunConfig
+
+DEFAULT_MAX_IMAGE_BYTES = 16 * 2**30  # compressed: config + layers as the manifest declares them
 
 
 def is_local_layout(image: str) -> bool:
@@ -54,6 +56,8 @@ def open_image(
     if is_local_layout(image):
         return open_layout(image, arch=arch)
     ref = parse_reference(image, insecure=insecure)
+    from bencher_runner.oci.pull import pull_image  # the HTTP stack, only for registry images
+
     return pull_image(
         ref,
         cache_dir=cache_dir,

@@ -15,8 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
-
 from bencher_runner.spec.errors import KernelBundleError
 
 # The drivers a guest needs: block devices over virtio-mmio, and the NIC for network jobs.
@@ -34,6 +32,8 @@ class KernelBundle:
 
 def modinfo(path: Path) -> dict[str, str]:
     """The ``key=value`` strings of a module's .modinfo section (first value of each key)."""
+    from elftools.elf.elffile import ELFFile  # pyelftools: only when a bundle is fetched or checked
+
     try:
         with path.open("rb") as f:
             section = ELFFile(f).get_section_by_name(".modinfo")

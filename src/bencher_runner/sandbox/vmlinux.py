@@ -26,9 +26,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import zstandard
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.segments import NoteSegment
 
 from bencher_runner.spec.errors import KernelBundleError
 
@@ -172,6 +169,10 @@ def elf_problem(data: bytes, *, require_pvh: bool = True) -> str | None:
         return "not an ELF file"
     if len(data) < 64 or data[4] != 2 or data[5] != 1:
         return "not a 64-bit little-endian ELF file"
+    from elftools.common.exceptions import ELFError  # pyelftools: only when a kernel is checked
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.segments import NoteSegment
+
     try:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] != "EM_X86_64":
