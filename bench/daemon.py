@@ -402,9 +402,10 @@ def fresh_cache(dest: Path) -> Path:
     source = cache_dir()
     if not (source / "kernel").is_dir():
         raise BenchError(f"no kernel bundle in {source}: run `make setup` (or `runner kernel fetch`) first")
-    for sub in ("kernel", "initramfs"):
-        if (source / sub).is_dir():
-            shutil.copytree(source / sub, dest / sub)
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "kernel").symlink_to(source / "kernel")  # with its vmlinux, as `runner kernel fetch` leaves it
+    if (source / "initramfs").is_dir():
+        shutil.copytree(source / "initramfs", dest / "initramfs")
     return dest
 
 

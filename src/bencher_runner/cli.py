@@ -291,9 +291,11 @@ def kernel() -> None:
 def kernel_fetch(package: str, cache_dir: Path | None) -> None:
     """Download the distribution's kernel package and unpack kernel + guest modules into the cache."""
     from bencher_runner.sandbox.kernel import fetch_debian_bundle
+    from bencher_runner.sandbox.vmlinux import ensure_vmlinux
 
     try:
         bundle = fetch_debian_bundle(_cache(cache_dir), package)
+        ensure_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")  # what VMs boot: ready before a job
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(2)
