@@ -95,6 +95,9 @@ async def test_metrics_move_and_json_logs_carry_the_job(tmp_path: Path, registry
     lines = [json.loads(line) for line in stderr.splitlines()]  # every line is one JSON object
     assert all({"time", "level", "logger", "message", "job"} <= set(doc) for doc in lines)
     mine = [doc["message"] for doc in lines if doc["job"] == job]
+    stray = [doc for doc in lines if job in doc["message"] or doc["logger"] == "bencher_runner.job"]
+    assert all(doc["job"] == job for doc in stray), [d for d in stray if d["job"] != job]  # pull threads too
+    assert any("pulled" in m for m in mine), mine
     assert any(m.startswith("job started") for m in mine), mine
     assert any("booting VM" in m for m in mine), mine  # logged from the worker thread
     assert any(m.startswith("job completed") and "total" in m for m in mine), mine

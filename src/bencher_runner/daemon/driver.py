@@ -235,7 +235,10 @@ class Daemon:
                 raise event[1]
             else:  # pragma: no cover
                 continue
-            current_job.set(self.protocol.job.uuid if self.protocol.job is not None else None)
+            if kind == "finished":  # the protocol has let go of the job; its messages still belong to it
+                current_job.set(event[1])
+            else:
+                current_job.set(self.protocol.job.uuid if self.protocol.job is not None else None)
             code = await self._execute(actions)
             if code is not None:
                 return code

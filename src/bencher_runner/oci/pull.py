@@ -10,6 +10,7 @@ A pull by digest whose blobs are all cached needs no network at all.
 
 from __future__ import annotations
 
+import contextvars
 import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -228,7 +229,11 @@ def pull_image(
         config_path = puller.blob(manifest.config, "config")
         config = parse_image_config(config_path.read_bytes())
         with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="oci-pull") as pool:
-            futures = [pool.submit(puller.blob, layer, "layer") for layer in manifest.layers]
+            # each in a copy of this context: log lines from the download threads keep the job's uuid
+            futures = [
+                pool.submit(contextvars.copy_context().run, puller.blob, layer, "layer")
+                for layer in manifest.layers
+            ]
             try:
                 paths = [f.result() for f in futures]
             except BaseException:
