@@ -195,7 +195,14 @@ class RegistryClient:
         if auth is not None:
             hdrs["Authorization"] = auth
         request = self._client.build_request(method, url, headers=hdrs)
-        return self._client.send(request, stream=True)
+        try:
+            return self._client.send(request, stream=True)
+        except httpx.TransportError as e:
+            tls = _tls_problem(e)
+            if tls is not None:  # a certificate does not get better by retrying: no caller retries this
+                where = request.url.netloc.decode()
+                raise ImageError(f"cannot connect to {where} over HTTPS: {tls}") from None
+            raise
 
     def _request(self, method: str, url: str, headers: dict[str, str], what: str) -> httpx.Response:
         """Send with retries (transport errors, 429/5xx) and one authentication round on 401.
@@ -209,9 +216,6 @@ class RegistryClient:
             try:
                 resp = self._send_once(method, url, headers, auth)
             except httpx.TransportError as e:
-                tls = _tls_problem(e)
-                if tls is not None:  # a certificate does not get better by retrying
-                    raise ImageError(f"cannot fetch {what} from {self._where} over HTTPS: {tls}") from None
                 if attempt >= self._retries:
                     raise ImageError(
                         f"cannot fetch {what} from {self._where} ({type(e).__name__}: {e}) after "
