@@ -33,7 +33,7 @@ import httpx
 from bencher_runner.sandbox.accel import KVM_DEVICE, kvm_device_problem
 from bencher_runner.sandbox.network import NetworkPlan
 from bencher_runner.sandbox.vm import VmSpec
-from bencher_runner.sandbox.vmprocess import VmProcess
+from bencher_runner.sandbox.vmprocess import RunsAsVmProcess, VmProcess
 from bencher_runner.spec.errors import SandboxError
 
 FIRECRACKER_BINARY = "firecracker"
@@ -455,7 +455,7 @@ def new_vm_id() -> str:
     return f"bencher-{os.urandom(8).hex()}"
 
 
-class FirecrackerVm:
+class FirecrackerVm(RunsAsVmProcess):
     """One running Firecracker microVM; use as a context manager, the process is gone when it exits.
 
     ``work`` holds the API socket, Firecracker's log and (optional) metrics file. The guest serial
@@ -565,15 +565,6 @@ class FirecrackerVm:
             f"Firecracker API socket {self.socket} not ready after {SOCKET_WAIT_S:.0f} s ({last}): "
             + (self.log() or "(no output)")
         )
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def wait(self, deadline: float) -> int | None:
-        """Exit status, or None if the VM is still running at ``deadline`` (a time.monotonic value)."""
-        assert self._proc is not None
-        return self._proc.wait(deadline)
 
     def kill(self) -> None:
         """Ctrl-Alt-Del (the guest reboots, Firecracker exits), up to 2 s, then SIGKILL."""

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 
 from bencher_runner.sandbox.vm import VmSpec
-from bencher_runner.sandbox.vmprocess import VmProcess
+from bencher_runner.sandbox.vmprocess import RunsAsVmProcess, VmProcess
 from bencher_runner.spec.errors import SandboxError
 
 QEMU_BINARY = "qemu-system-x86_64"
@@ -59,7 +59,7 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
     return argv
 
 
-class QemuVm:
+class QemuVm(RunsAsVmProcess):
     """One running VM. Use as a context manager: the process is gone when the block exits.
 
     QEMU runs as a VmProcess: its own session, dead with the thread that started it, so a runner that
@@ -88,15 +88,6 @@ class QemuVm:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.kill()
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc else None
-
-    def wait(self, deadline: float) -> int | None:
-        """Exit status, or None if the VM is still running at ``deadline`` (a time.monotonic value)."""
-        assert self._proc is not None
-        return self._proc.wait(deadline)
 
     def kill(self) -> None:
         if self._proc is not None:

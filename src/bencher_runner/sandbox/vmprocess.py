@@ -68,3 +68,18 @@ class VmProcess:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
+
+
+class RunsAsVmProcess:
+    """What every backend's VM answers the same way, from the VmProcess it started (``_proc``)."""
+
+    _proc: VmProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def wait(self, deadline: float) -> int | None:
+        """Exit status, or None if the VM is still running at ``deadline`` (a time.monotonic value)."""
+        assert self._proc is not None
+        return self._proc.wait(deadline)
