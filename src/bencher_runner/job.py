@@ -335,8 +335,7 @@ class Job:
         template, passwd, group = self._unpack(work, image, in_memory=False)  # iterations rename it
         launch = self._launch(image, passwd, group)
         for index in range(cfg.iterations):
-            if self.cancel.is_set():
-                raise CanceledError("the job was canceled")
+            self._check_cancel("before an iteration started")
             label = f"iteration {index + 1}/{cfg.iterations}"
             tree = work / f"iter-{index + 1}"
             if index == cfg.iterations - 1:
@@ -366,8 +365,7 @@ class Job:
                 ),
             )
             self.state.results.append(output)
-            if self.cancel.is_set():
-                raise CanceledError("the job was canceled while the benchmark ran")
+            self._check_cancel("while the benchmark ran")
             if run.timed_out:
                 raise JobTimeoutError(
                     f"the benchmark timed out after {cfg.timeout_s} s ({label}) and was killed; "
