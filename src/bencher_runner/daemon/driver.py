@@ -272,7 +272,6 @@ class Daemon:
             elif isinstance(action, PersistTerminal):
                 await asyncio.to_thread(self.outbox.put, action.job, action.message)
                 metrics.job_ended(str(action.message.get("event")))
-                self._last_heartbeat = None
             elif isinstance(action, DropTerminal):
                 await asyncio.to_thread(self.outbox.remove, action.job)
             elif isinstance(action, StartJob):
