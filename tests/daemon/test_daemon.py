@@ -11,6 +11,7 @@ import pytest
 
 from bencher_runner.daemon import AuthError, Daemon, DaemonSettings
 from bencher_runner.fakeserver import FakeBencher, default_spec
+from bencher_runner.protocol import Terminal
 from bencher_runner.spec.results import IterationOutput, RunResult
 
 from .conftest import KEY, Runner, blocker, sleeper
@@ -123,7 +124,7 @@ async def test_daemon_killed_mid_job_and_restarted(server: FakeBencher, start: S
     await asyncio.gather(first.task, return_exceptions=True)
     server.drop_connection()
     Outbox(tmp_path / "state" / "outbox").put(
-        job, {"event": "completed", "job": job, "results": [{"exit_code": 0, "stdout": "late"}]}
+        Terminal.of({"event": "completed", "job": job, "results": [{"exit_code": 0, "stdout": "late"}]})
     )
     second = start(sleeper(0.1))
     await server.wait_for(_done(server, job))

@@ -165,8 +165,11 @@ def daemon_command(
             sys.exit(2)
         log.info("metrics at http://%s:%d/metrics", *bound)
     recover_from_crash(cache, warn=log.warning, info=log.info)  # a crashed daemon's VMs died with it
+    from bencher_runner.daemon.preflight import HostPreflight, fetch_default_kernel
+
+    preflight = HostPreflight(cache, settings.job_options, fetch_kernel=fetch_default_kernel)
     try:
-        code = run_daemon(settings, default_executor(cache, tuning))
+        code = run_daemon(settings, default_executor(cache, tuning), preflight)
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(1)

@@ -8,6 +8,7 @@ loop keeps sending heartbeats whatever the job does; a cancel sets the job's thr
 import asyncio
 import contextlib
 import contextvars
+import json
 import logging
 import platform
 import random
@@ -15,7 +16,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,17 +34,31 @@ from bencher_runner.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     Action,
     CancelJob,
+    CheckHost,
+    Connected,
+    Disconnected,
     DropTerminal,
+    Heartbeat,
+    HostChecked,
+    Input,
+    JobFinished,
     Log,
+    ParkTerminal,
     PersistTerminal,
     ProtocolSettings,
+    Received,
     Reconnect,
+    RunnerMessage,
     RunnerProtocol,
     Send,
+    ShutdownRequested,
     StartJob,
     Stop,
+    Terminal,
+    Tick,
     UpdateAvailable,
-    encode,
+    parse_server_message,
+    terminal_message,
 )
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import RunnerError, SpecError
@@ -54,11 +69,15 @@ log = logging.getLogger("bencher_runner.daemon")
 
 Executor = Callable[[RunConfig, threading.Event], RunResult]
 """Runs one job to its end; must return soon after the event is set (the default kills the VM)."""
+HostCheck = Callable[[], str | None]
+"""Why no job can run on this host now (what is missing, and the fix), or None."""
 
 KEY_PATTERN = re.compile(r"^bencher_runner_[A-Za-z0-9]{30}$")
 EXIT_OK = 0
 QUICK_CLOSE_S = 2.0  # a close this soon after the upgrade, with no message, counts as a rejection
 QUICK_CLOSES_BEFORE_WARNING = 3
+MAX_FRAME_BYTES = 1024 * 1024  # a `job` message is a few KiB; anything near this is hostile
+JOB_STOP_WAIT_S = 3.0  # at exit, how long to wait for a canceled job's thread
 
 
 class AuthError(RunnerError):
@@ -124,6 +143,7 @@ class DaemonSettings:
     backoff_base: float = 1.0
     backoff_cap: float = 60.0
     open_timeout: float = 10.0
+    max_frame_bytes: int = MAX_FRAME_BYTES
 
 
 def default_executor(cache: Path, tuning: TuningOptions | None = None) -> Executor:
@@ -143,13 +163,20 @@ def _crash_result(err: BaseException) -> RunResult:
 
 
 class Daemon:
-    """`await Daemon(settings, executor).run()` serves jobs until shutdown; returns the exit status."""
+    """`await Daemon(settings, executor).run()` serves jobs until shutdown; returns the exit status.
 
-    def __init__(self, settings: DaemonSettings, executor: Executor) -> None:
+    ``host_check`` (run in a thread before every `ready`) returns why no job can run on this host, or
+    None; without one the host is assumed fit (tests with fake executors).
+    """
+
+    def __init__(
+        self, settings: DaemonSettings, executor: Executor, host_check: HostCheck | None = None
+    ) -> None:
         validate_key(settings.key)
         self.settings = settings
         self.url = channel_url(settings.host, settings.runner)
         self.executor = executor
+        self.host_check = host_check
         self.outbox = Outbox(settings.state_dir / "outbox")
         self.protocol = RunnerProtocol(
             ProtocolSettings(
@@ -161,31 +188,33 @@ class Daemon:
                 poll_margin=settings.poll_margin,
                 max_message_bytes=settings.max_message_bytes,
                 shutdown_cancels=settings.on_shutdown == "cancel",
+                check_host=host_check is not None,
                 job_options=settings.job_options,
             ),
             pending=self.outbox.load(),
         )
         self.backoff = Backoff(settings.backoff_base, settings.backoff_cap)
         self._events: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._ws: ClientConnection | None = None
         self._conn_id = 0
         self._connect_task: asyncio.Task[None] | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._jobs: dict[str, tuple[asyncio.Task[None], threading.Event]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._jobs: dict[str, tuple[threading.Thread, threading.Event]] = {}
         self._quick_closes = 0
         self._connected_at = 0.0
         self._got_message = False
-        self._fatal: BaseException | None = None
         self._last_heartbeat: float | None = None
-        self.sent: list[tuple[float, dict[str, Any]]] = []  # for tests and debugging
+        self.sent: list[tuple[float, dict[str, Any]]] = []  # for tests and debugging (small messages)
 
     # -- public --------------------------------------------------------------------------------------
     def request_shutdown(self) -> None:
-        """Safe to call from a signal handler running in the loop."""
+        """Safe to call from a signal handler running in the loop (a second call hurries it)."""
         self._events.put_nowait(("shutdown",))
 
     async def run(self, *, handle_signals: bool = False) -> int:
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_shutdown)
@@ -195,7 +224,7 @@ class Daemon:
                     "%d unacknowledged result(s) in the outbox will be resent", len(self.protocol.pending)
                 )
             self._start_connect(0.0)
-            return await self._loop()
+            return await self._serve()
         finally:
             if handle_signals:
                 for sig in (signal.SIGTERM, signal.SIGINT):
@@ -203,47 +232,70 @@ class Daemon:
             await self._teardown()
 
     # -- main loop -----------------------------------------------------------------------------------
-    async def _loop(self) -> int:
+    async def _next_event(self) -> tuple[Any, ...]:
+        """The next queued event, or a tick once the protocol's next timer is due.
+
+        A due timer never hides queued events: they are taken first (a zero-timeout `wait_for` would
+        time out even with events queued, and the events that clear the timer would never be read).
+        """
+        deadline = self.protocol.next_timer()
+        if deadline is None:
+            return await self._events.get()
+        if not self._events.empty():
+            return self._events.get_nowait()
+        timeout = deadline - time.monotonic()
+        if timeout <= 0:
+            return ("tick",)
+        try:
+            return await asyncio.wait_for(self._events.get(), timeout)
+        except TimeoutError:
+            return ("tick",)
+
+    async def _serve(self) -> int:
         while True:
-            deadline = self.protocol.next_timer()
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                event = await asyncio.wait_for(self._events.get(), timeout)
-            except TimeoutError:
-                event = ("tick",)
+            event = await self._next_event()
             now = time.monotonic()
             kind = event[0]
+            inp: Input
             if kind == "tick":
-                actions = self.protocol.tick(now)
+                inp = Tick()
             elif kind == "frame":
                 if event[1] != self._conn_id:
                     continue
                 self._got_message = True
-                actions = self.protocol.received(event[2], now)
+                inp = Received(parse_server_message(event[2]))
             elif kind == "connected":
-                actions = self.protocol.connect(now)
+                if event[1] != self._conn_id:
+                    continue
+                inp = Connected()
             elif kind == "closed":
                 if event[1] != self._conn_id:
                     continue
-                actions = self._on_closed(now, event[2])
+                self._on_closed(now, event[2])
+                inp = Disconnected(event[2])
             elif kind == "finished":
-                actions = self.protocol.job_finished(event[1], event[2], now)
+                inp = JobFinished(event[1], event[2])
+            elif kind == "host":
+                inp = HostChecked(event[1])
             elif kind == "shutdown":
                 log.info("shutdown requested")
-                actions = self.protocol.shutdown(now)
+                inp = ShutdownRequested()
             elif kind == "fatal":
                 raise event[1]
             else:  # pragma: no cover
                 continue
-            if kind == "finished":  # the protocol has let go of the job; its messages still belong to it
+            if kind == "finished":  # the protocol lets go of the job; its messages still belong to it
                 current_job.set(event[1])
             else:
                 current_job.set(self.protocol.job.uuid if self.protocol.job is not None else None)
-            code = await self._execute(actions)
+            code = await self._execute(self.protocol.handle(inp, now))
             if code is not None:
                 return code
+            if kind == "closed" and not self.protocol.stopped:
+                metrics.reconnect()
+                self._start_connect(self.backoff.next())
 
-    def _on_closed(self, now: float, why: str) -> list[Action]:
+    def _on_closed(self, now: float, why: str) -> None:
         self._ws = None
         quick = not self._got_message and now - self._connected_at < QUICK_CLOSE_S
         if quick:
@@ -259,32 +311,31 @@ class Daemon:
         if self._got_message:
             self.backoff.reset()
         log.info("connection closed: %s", why)
-        actions = self.protocol.disconnected(now)
-        if not self.protocol.stopped:
-            metrics.reconnect()
-            self._start_connect(self.backoff.next())
-        return actions
 
     async def _execute(self, actions: list[Action]) -> int | None:
         for action in actions:
             if isinstance(action, Send):
                 await self._send(action.message)
             elif isinstance(action, PersistTerminal):
-                await asyncio.to_thread(self.outbox.put, action.job, action.message)
-                metrics.job_ended(str(action.message.get("event")))
+                await asyncio.to_thread(self.outbox.put, action.message)
+                metrics.job_ended(action.message.event)
             elif isinstance(action, DropTerminal):
                 await asyncio.to_thread(self.outbox.remove, action.job)
+            elif isinstance(action, ParkTerminal):
+                parked = await asyncio.to_thread(self.outbox.park, action.job)
+                log.error("the undelivered result of job %s is kept in %s", action.job, parked)
             elif isinstance(action, StartJob):
                 self._start_job(action.job, action.config)
             elif isinstance(action, CancelJob):
                 entry = self._jobs.get(action.job)
                 if entry is not None:
                     entry[1].set()
+            elif isinstance(action, CheckHost):
+                self._spawn(self._check_host())
             elif isinstance(action, Log):
                 log.log(action.level, "%s", action.text)
             elif isinstance(action, Reconnect):
-                await self._drop_connection()
-                # _on_closed runs when the reader reports the close; it schedules the reconnect.
+                self._drop_connection()  # the reader reports the close; then we connect again
             elif isinstance(action, UpdateAvailable):
                 log.warning(
                     "runner update available: version %s at %s (sha256 %s)",
@@ -302,6 +353,19 @@ class Daemon:
                 return action.exit_code
         return None
 
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _check_host(self) -> None:
+        check = self.host_check
+        try:
+            problem = None if check is None else await asyncio.to_thread(check)
+        except Exception as err:  # a broken check must not stop the daemon: report it as the problem
+            problem = f"the host check failed: {type(err).__name__}: {err}"
+        self._events.put_nowait(("host", problem))
+
     # -- connection ----------------------------------------------------------------------------------
     def _start_connect(self, delay: float) -> None:
         if self._connect_task is not None and not self._connect_task.done():
@@ -318,7 +382,8 @@ class Daemon:
                     self.url,
                     additional_headers={"Authorization": f"Bearer {self.settings.key}"},
                     open_timeout=self.settings.open_timeout,
-                    max_size=None,
+                    max_size=self.settings.max_frame_bytes,
+                    max_queue=16,
                     ping_interval=20,
                     ping_timeout=20,
                     logger=log.getChild("ws"),
@@ -346,7 +411,7 @@ class Daemon:
                 self._connected_at = time.monotonic()
                 self._got_message = False
                 log.info("connected to %s", self.url)
-                self._events.put_nowait(("connected",))
+                self._events.put_nowait(("connected", self._conn_id))
                 self._reader = asyncio.create_task(self._read(ws, self._conn_id))
                 return
             delay = self.backoff.next()
@@ -364,22 +429,26 @@ class Daemon:
             why = f"closed by the server ({ws.close_code} {ws.close_reason or ''})".rstrip()
         self._events.put_nowait(("closed", conn_id, why))
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: RunnerMessage) -> None:
         ws = self._ws
         if ws is None:
             return
         now = time.monotonic()
-        self.sent.append((now, message))
-        if message.get("event") == "heartbeat":
+        text = message.wire()
+        if not isinstance(message, Terminal):
+            self.sent.append((now, json.loads(text)))
+        else:
+            self.sent.append((now, {"event": message.event, "job": message.job}))
+        if isinstance(message, Heartbeat):
             if self._last_heartbeat is not None:
                 interval = now - self._last_heartbeat
                 metrics.heartbeat(interval, self.settings.heartbeat_interval)
             self._last_heartbeat = now
         with contextlib.suppress(ConnectionClosed):  # the reader reports the close
-            await ws.send(encode(message))
-        log.debug("sent %s", message.get("event"))
+            await ws.send(text)
+        log.debug("sent %s", text[:40])
 
-    async def _drop_connection(self) -> None:
+    def _drop_connection(self) -> None:
         ws = self._ws
         if ws is not None:
             ws.transport.abort()
@@ -389,16 +458,24 @@ class Daemon:
         cancel = threading.Event()
         context = contextvars.copy_context()
         context.run(current_job.set, job)  # every log line of the job, in the loop and the worker thread
-        task = asyncio.create_task(self._run_job(job, config, cancel), context=context)
-        self._jobs[job] = (task, cancel)
+        # A daemon thread, not asyncio.to_thread: a job that does not stop must not hold the exit.
+        thread = threading.Thread(
+            target=context.run,
+            args=(self._run_job, job, config, cancel),
+            name=f"job-{job[:8]}",
+            daemon=True,
+        )
+        self._jobs[job] = (thread, cancel)
         self._last_heartbeat = None
+        thread.start()
 
-    async def _run_job(self, job: str, config: RunConfig, cancel: threading.Event) -> None:
+    def _run_job(self, job: str, config: RunConfig, cancel: threading.Event) -> None:
+        """The worker thread: run the job, build its (capped, encoded) terminal message, hand it over."""
         log.info("job started: %s (%d vCPU, %d MiB, disk %d MiB)", config.image, config.vcpus,
                  config.memory_mib, config.disk_mib)  # fmt: skip
         metrics.job_running(True)
         try:
-            result = await asyncio.to_thread(self.executor, config, cancel)
+            result = self.executor(config, cancel)
         except Exception as err:  # a crashing executor fails the job, not the daemon
             log.exception("job %s: the executor raised", job)
             result = _crash_result(err)
@@ -408,29 +485,39 @@ class Daemon:
         phases = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result.timings.items())
         log.info("job %s%s%s", result.status, f": {result.error}" if result.error else "",
                  f" ({phases})" if phases else "")  # fmt: skip
+        message = terminal_message(job, result, self.settings.max_message_bytes)
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: the daemon is gone
+                loop.call_soon_threadsafe(self._job_done, job, message)
+
+    def _job_done(self, job: str, message: Terminal) -> None:
         self._jobs.pop(job, None)
-        self._events.put_nowait(("finished", job, result))
+        self._events.put_nowait(("finished", job, message))
 
     async def _teardown(self) -> None:
         for _, cancel in self._jobs.values():
             cancel.set()
-        for task, _ in list(self._jobs.values()):
-            with contextlib.suppress(Exception):
-                await task
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._connect_task
+        for thread, _ in list(self._jobs.values()):  # a canceled job stops within a second or so
+            await asyncio.to_thread(thread.join, JOB_STOP_WAIT_S)
+            if thread.is_alive():
+                log.error("a job did not stop within %g s of its cancel; exiting anyway", JOB_STOP_WAIT_S)
+        for task in [self._connect_task, *self._tasks]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
         ws = self._ws
         if ws is not None:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(ws.close(1000, "runner shutting down"), 2.0)
+                await asyncio.wait_for(ws.close(1000, "runner shutting down"), 1.0)
+            ws.transport.abort()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(BaseException):
                 await self._reader
 
 
-def run_daemon(settings: DaemonSettings, executor: Executor) -> int:
+def run_daemon(settings: DaemonSettings, executor: Executor, host_check: HostCheck | None = None) -> int:
     """Blocking entry point: serve until SIGTERM/SIGINT or an update; the process exit status."""
-    return asyncio.run(Daemon(settings, executor).run(handle_signals=True))
+    return asyncio.run(Daemon(settings, executor, host_check).run(handle_signals=True))
