@@ -1,3 +1,4 @@
+import re
 from typing import Any
 
 import pytest
@@ -123,3 +124,71 @@ def test_no_sandbox_job_runs_without_a_sandbox_only_when_allowed() -> None:
         build_config_from_job(parse_job(message), JobOptions(backend="firecracker")).backend == "firecracker"
     )
     assert build_config_from_job(parse_job(message), JobOptions()).backend == "qemu"
+
+
+@pytest.mark.parametrize(
+    "uuid",
+    [
+        "",
+        "not-a-uuid",
+        "../../outbox/evil",
+        "550e8400-e29b-41d4-a716-44665544000",  # one digit short
+        "550e8400-e29b-41d4-a716-4466554400000",  # one digit long
+        "550e8400e29b41d4a716446655440000",  # valid for uuid.UUID(), not the wire form
+        "{550e8400-e29b-41d4-a716-446655440000}",
+        "urn:uuid:550e8400-e29b-41d4-a716-446655440000",
+        "550e8400-e29b-41d4-a716-446655440000\n",
+        "550e8400-e29b-41d4-a716-44665544000g",
+        "x" * 100_000,
+        5,
+        None,
+        ["550e8400-e29b-41d4-a716-446655440000"],
+    ],
+)
+def test_job_uuid_must_be_a_uuid(uuid: Any) -> None:
+    message = job()
+    message["uuid"] = uuid
+    with pytest.raises(SpecError, match=r"^invalid job message: uuid: ") as err:
+        parse_job(message)
+    assert len(str(err.value)) < 300  # a hostile value is not echoed in full
+    assert "\n" not in str(err.value)
+
+
+def test_job_uuid_any_case_is_kept_as_sent() -> None:
+    upper = UUID.upper()
+    message = job()
+    message["uuid"] = upper
+    assert parse_job(message).uuid == upper  # acks and outbox entries use the server's spelling
+
+
+@pytest.mark.parametrize("uuid", ["../spec", "", "spec one", 7])
+def test_spec_uuid_when_present_must_be_a_uuid(uuid: Any) -> None:
+    with pytest.raises(SpecError, match=r"spec\.uuid: "):
+        parse_job(job(default_spec(uuid=uuid)))
+
+
+def test_spec_uuid_may_be_absent_or_null() -> None:
+    spec = default_spec()
+    del spec["uuid"]
+    assert parse_job(job(spec)).spec.uuid is None
+    assert parse_job(job(default_spec(uuid=None))).spec.uuid is None
+
+
+@given(
+    st.one_of(
+        st.text(max_size=64),
+        st.uuids().map(str),
+        st.integers(),
+        st.none(),
+        st.lists(st.text(max_size=4), max_size=2),
+        st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+    )
+)
+def test_any_uuid_value_gives_a_claimed_job_or_a_spec_error(uuid: Any) -> None:
+    message = job()
+    message["uuid"] = uuid
+    try:
+        claimed = parse_job(message)
+    except SpecError:
+        return
+    assert re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", claimed.uuid)

@@ -2,16 +2,17 @@
 
 Resources come only from the job (spec.cpu, spec.memory/disk in bytes rounded up to MiB, spec.network):
 the runner adds no defaults of its own. Anything invalid or not supported becomes a SpecError whose text
-goes into the `failed` message, so a bad job never crashes the daemon.
+goes into the `failed` message, so a bad job never crashes the daemon. The job's uuid names outbox files
+and tags log lines, so it must be a UUID in the wire form (8-4-4-4-12 hex digits) and nothing else.
 """
 
 import re
 from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationError
 
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, Accel, RunConfig, make_run_config
 from bencher_runner.spec.errors import SpecError
@@ -27,6 +28,23 @@ NO_SANDBOX_ERROR = (
 )
 _DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+SHOWN_VALUE_CHARS = 60  # a hostile value is echoed at most this long
+
+
+def shown(value: str) -> str:
+    """``repr(value)``, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 4] + "…" + text[-3:]
+
+
+def _check_uuid(value: str) -> str:
+    if not _UUID.fullmatch(value):
+        raise ValueError(f"expected a UUID such as 550e8400-e29b-41d4-a716-446655440000, got {shown(value)}")
+    return value
+
+
+Uuid = Annotated[str, AfterValidator(_check_uuid)]  # kept as sent: acks must repeat the server's spelling
 
 ImageLayout = Literal["bencher", "legacy"]
 
@@ -36,7 +54,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    uuid: str | None = None
+    uuid: Uuid | None = None
     name: str | None = None
     os: str | None = None
     architecture: str | None = None
@@ -72,7 +90,7 @@ class ClaimedJob(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    uuid: str
+    uuid: Uuid
     spec: JobSpec
     config: JobConfig
     oci_token: SecretStr | None = None
@@ -103,7 +121,7 @@ def parse_job(message: dict[str, Any]) -> ClaimedJob:
         problems = []
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "job"
-            problems.append(f"{where}: {e['msg']}")
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
         raise SpecError("invalid job message: " + "; ".join(problems)) from None
 
 
