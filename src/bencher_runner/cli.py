@@ -97,7 +97,7 @@ def main() -> None:
     type=click.IntRange(1),
     default=300,
     show_default=True,
-    help="Seconds for boot + benchmark, per iteration.",
+    help="Seconds for the whole job: the image pull, every boot and every iteration together.",
 )
 @click.option(
     "--iter",

@@ -192,3 +192,11 @@ def test_any_uuid_value_gives_a_claimed_job_or_a_spec_error(uuid: Any) -> None:
     except SpecError:
         return
     assert re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", claimed.uuid)
+
+
+def test_the_job_deadline_counts_from_started_at_else_from_now() -> None:
+    from bencher_runner.spec.config import make_run_config
+
+    assert make_run_config(image="x", timeout_s=20).deadline(now=100.0) == 120.0
+    assert make_run_config(image="x", timeout_s=20, started_at=90.0).deadline(now=100.0) == 110.0
+    assert make_run_config(image="x", timeout_s=20, started_at=50.0).deadline(now=100.0) == 70.0

@@ -2,6 +2,11 @@
 
 Validated with pydantic so that a bad value from a flag or a job message becomes a SpecError naming
 the field and the value, never a crash deep inside the pipeline.
+
+`timeout_s` bounds the whole job (the pull, every boot and every iteration), as Bencher's server
+does: its hard limit is the timeout plus 60 s counted from `running`, which the daemon sends when the
+job arrives. So the clock is an explicit `started_at` (a time.monotonic() instant) that the daemon
+sets; `runner run` leaves it unset and the clock starts when the job does.
 """
 
 from pathlib import Path
@@ -30,7 +35,8 @@ class RunConfig(BaseModel):
     vcpus: int = Field(default=1, ge=1, le=255)
     memory_mib: int = Field(default=512, ge=MIN_MEMORY_MIB)
     disk_mib: int = Field(default=1024, ge=MIN_DISK_MIB)
-    timeout_s: int = Field(default=300, ge=1)
+    timeout_s: int = Field(default=300, ge=1)  # the whole job, from started_at
+    started_at: float | None = None  # time.monotonic() when the job's clock started; None: at run_job
     iterations: int = Field(default=1, ge=0)
     allow_failure: bool = False
     max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0)
@@ -55,6 +61,10 @@ class RunConfig(BaseModel):
     accel: Accel = "auto"
     kernel: Path | None = None
     kernel_modules: Path | None = None
+
+    def deadline(self, now: float) -> float:
+        """The time.monotonic() instant by which the whole job must end (``now``: when it starts)."""
+        return (now if self.started_at is None else self.started_at) + self.timeout_s
 
     @field_validator("env")
     @classmethod
