@@ -2,6 +2,7 @@
 
 import http.server
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,21 +101,26 @@ def test_large_stdout_is_capped_and_the_benchmark_exits_0(plain_image: str) -> N
     assert result["truncated"] == ["stdout"]
 
 
-def test_timeout_keeps_printed_output(plain_image: str) -> None:
+def test_the_timeout_covers_all_iterations_together(plain_image: str) -> None:
+    # Each iteration (boot + 8 s) fits 20 s; three of them cannot, however fast the VM boots.
+    started = time.monotonic()
     run = runner(
-        "--image",
-        plain_image,
-        "--json",
-        "--timeout",
-        "8",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo before-sleep; sleep 600",
-    )
-    assert run.returncode == 1
-    assert "timed out after 8 s" in run.doc["error"]
-    assert run.doc["results"][0]["stdout"] == "before-sleep\n"
+        "--image", plain_image, "--json", "--iter", "3", "--timeout", "20", "--", "/bin/sh", "-c",
+        "sleep 8; echo done",
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert run.returncode == 1 and run.doc["status"] == "failed", "the job's time is for all iterations"
+    error = run.doc["error"]
+    assert "timed out after 20 s" in error and "the whole job" in error
+    assert elapsed < 20 + 60  # stopped at the deadline, not after a third full iteration
+    results = run.doc["results"]
+    assert 1 <= len(results) <= 3
+    assert all(r["exit_code"] == 0 and r["stdout"] == "done\n" for r in results[:-1])
+    last = results[-1]
+    if last["exit_code"] == 124:  # stopped while it ran
+        assert f"in iteration {len(results)}/3" in error
+    else:  # the deadline passed between two iterations
+        assert last["stdout"] == "done\n" and f"before iteration {len(results) + 1}/3 started" in error
 
 
 def test_output_files(make_image: Any, tmp_path: Path) -> None:
