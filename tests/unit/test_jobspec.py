@@ -75,8 +75,6 @@ def test_defaults_and_iter_zero() -> None:
         ({}, {"cmd": ["x"] * 65}, "at most 64"),
         ({}, {"env": {f"V{i}": "" for i in range(256)}}, "at most 255"),
         ({}, {"file_paths": [f"/f{i}" for i in range(256)]}, "at most 255"),
-        ({}, {"build_time": True}, "not supported yet"),
-        ({}, {"file_size": True}, "not supported yet"),
         ({}, {"digest": "sha256:short"}, "config.digest"),
     ],
 )
@@ -200,3 +198,46 @@ def test_the_job_deadline_counts_from_started_at_else_from_now() -> None:
     assert make_run_config(image="x", timeout_s=20).deadline(now=100.0) == 120.0
     assert make_run_config(image="x", timeout_s=20, started_at=90.0).deadline(now=100.0) == 110.0
     assert make_run_config(image="x", timeout_s=20, started_at=50.0).deadline(now=100.0) == 70.0
+
+
+def test_build_time_and_file_size_are_mapped() -> None:
+    cfg = build(job(build_time=True, file_size=True, file_paths=["/out/app"]))
+    assert cfg.build_time and cfg.file_size and cfg.output_paths == ("/out/app",)
+    plain = build(job())
+    assert not plain.build_time and not plain.file_size
+    assert not build(job(build_time=None, file_size=False)).build_time
+
+
+@pytest.mark.parametrize(
+    ("config", "name"),
+    [
+        ({"entrypoint": ["/bin/sh", "-c"], "cmd": ["cargo build"]}, "/bin/sh -c cargo build"),
+        ({"cmd": ["make", "-j4"]}, "make -j4"),
+        ({"entrypoint": ["./build.sh"]}, "./build.sh"),
+        (
+            {"entrypoint": [], "cmd": [], "image": "registry.bencher.dev/p/app:v1"},
+            "registry.bencher.dev/p/app:v1",
+        ),
+        ({"image": "registry.bencher.dev/p/app:v1"}, "registry.bencher.dev/p/app:v1"),
+        ({}, f"11111111-2222-3333-4444-555555555555@sha256:{'a' * 64}"),
+        ({"image": ""}, f"11111111-2222-3333-4444-555555555555@sha256:{'a' * 64}"),
+    ],
+)
+def test_the_build_time_benchmark_is_named_like_bencher_names_it(config: dict[str, Any], name: str) -> None:
+    assert build(job(build_time=True, **config)).build_time_name() == name
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"entrypoint": ("/bin/sh", "-c"), "cmd": ("make",)}, "/bin/sh -c make"),
+        ({"cmd": ("make",)}, "make"),
+        ({}, "examples/hello/oci:latest"),
+    ],
+)
+def test_runner_run_names_the_build_time_benchmark_by_its_command_else_image(
+    fields: dict[str, Any], name: str
+) -> None:
+    from bencher_runner.spec.config import make_run_config
+
+    assert make_run_config(image="examples/hello/oci:latest", **fields).build_time_name() == name

@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from bencher_runner.spec.bmf import benchmark_name
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.units import MIB
 
@@ -41,6 +42,11 @@ class RunConfig(BaseModel):
     allow_failure: bool = False
     max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0)
     output_paths: tuple[str, ...] = ()
+    # Bencher's metric modes (spec/bmf.py): each iteration reports, instead of its output files, its
+    # command's run time (build_time) and/or each output file's size (file_size) as BMF.
+    build_time: bool = False
+    file_size: bool = False
+    benchmark_name: str | None = None  # of the build time; None: entrypoint + cmd, else the image
     max_file_count: int = Field(default=255, ge=0)
     grace_period_s: int = Field(default=1, ge=1, le=900)
     max_symlinks: int = Field(default=40, ge=0)
@@ -65,6 +71,11 @@ class RunConfig(BaseModel):
     def deadline(self, now: float) -> float:
         """The time.monotonic() instant by which the whole job must end (``now``: when it starts)."""
         return (now if self.started_at is None else self.started_at) + self.timeout_s
+
+    def build_time_name(self) -> str:
+        """The build-time benchmark's name: as set (a job's), else entrypoint + cmd, else the image."""
+        command = " ".join((*(self.entrypoint or ()), *(self.cmd or ())))
+        return benchmark_name(self.benchmark_name, command, self.image)
 
     @field_validator("env")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationError
 
+from bencher_runner.spec.bmf import benchmark_name
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, Accel, RunConfig, make_run_config
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.units import bytes_to_mib
@@ -147,6 +148,13 @@ def image_reference(config: JobConfig, layout: ImageLayout = "bencher") -> tuple
     return f"{registry}/{repo}@{config.digest}", insecure
 
 
+def build_time_benchmark(config: JobConfig) -> str:
+    """Bencher's name for a job's build time: entrypoint + cmd joined by spaces, else the image
+    reference, else project@digest."""
+    command = " ".join((*(config.entrypoint or ()), *(config.cmd or ())))
+    return benchmark_name(command, config.image, f"{config.project}@{config.digest}")
+
+
 def _check_len(name: str, items: Sized | None, limit: int) -> None:
     if items is not None and len(items) > limit:
         raise SpecError(f"config.{name} has {len(items)} items; at most {limit} are allowed")
@@ -172,10 +180,6 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
     _check_len("cmd", config.cmd, MAX_CMD_LEN)
     _check_len("env", config.env, MAX_ENV_LEN)
     _check_len("file_paths", config.file_paths, MAX_FILE_PATHS_LEN)
-    if config.build_time:
-        raise SpecError("config.build_time is not supported yet by this runner")
-    if config.file_size:
-        raise SpecError("config.file_size is not supported yet by this runner")
     iterations = 1 if config.iter is None else config.iter
     if iterations < 0:
         raise SpecError(f"config.iter={iterations}: the iteration count cannot be negative")
@@ -201,6 +205,9 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
         iterations=iterations,
         allow_failure=bool(config.allow_failure),
         output_paths=tuple(file_paths),
+        build_time=bool(config.build_time),
+        file_size=bool(config.file_size),
+        benchmark_name=build_time_benchmark(config),
         max_output_bytes=options.max_output_bytes,
         max_file_count=options.max_file_count,
         grace_period_s=options.grace_period_s,

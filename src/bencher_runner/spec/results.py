@@ -5,11 +5,14 @@ then stdout/stderr/output only when non-empty, bytes decoded as UTF-8 with repla
 types make `runner run --json` and the daemon's `completed`/`failed` messages. `runner run --json`
 is read by scripts, so its documents always have the same keys (an empty string, dict or list, or
 null, never a missing key): a timeout before the command printed anything must not change the shape.
+A build_time/file_size job reports, instead of its output files, one Bencher Metric Format entry
+(spec/bmf.py); the files stay in `output` for `runner run --output-dir`.
 """
 
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from bencher_runner.spec.bmf import BMF_OUTPUT_KEY
 from bencher_runner.spec.errors import RunnerError
 
 
@@ -25,6 +28,13 @@ class IterationOutput:
     output: dict[str, bytes] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)  # requested output file -> why it is absent
     truncated: tuple[str, ...] = ()  # "stdout", "stderr" and output paths cut at the size limit
+    bmf: str | None = None  # build_time/file_size: BMF JSON reported instead of the files
+
+    def reported_output(self) -> dict[str, str]:
+        """The `output` field: the files as text, or the one metric entry that replaces them."""
+        if self.bmf is not None:
+            return {BMF_OUTPUT_KEY: self.bmf}
+        return {path: lossy(data) for path, data in self.output.items()}
 
     def to_protocol(self) -> dict[str, Any]:
         out: dict[str, Any] = {"exit_code": self.exit_code}
@@ -32,8 +42,8 @@ class IterationOutput:
             out["stdout"] = lossy(self.stdout)
         if self.stderr:
             out["stderr"] = lossy(self.stderr)
-        if self.output:
-            out["output"] = {path: lossy(data) for path, data in self.output.items()}
+        if output := self.reported_output():
+            out["output"] = output
         return out
 
     def to_json(self) -> dict[str, Any]:
@@ -42,7 +52,7 @@ class IterationOutput:
             "exit_code": self.exit_code,
             "stdout": lossy(self.stdout),
             "stderr": lossy(self.stderr),
-            "output": {path: lossy(data) for path, data in self.output.items()},
+            "output": self.reported_output(),
             "missing": dict(self.missing),
             "truncated": list(self.truncated),
         }
