@@ -10,6 +10,7 @@ VM or host command runs, so an iteration that starts late gets only the time tha
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -50,6 +51,7 @@ from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_o
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
 from bencher_runner.sandbox.vmlinux import ensure_vmlinux
+from bencher_runner.spec.bmf import metric_report
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import (
     AgentError,
@@ -388,6 +390,8 @@ class Job:
                     + [p for p, data in run.files.items() if run.file_sizes[p] > len(data)]
                 ),
             )
+            if not run.timed_out:
+                output = self._with_metrics(output, label, run.elapsed_s, run.file_sizes)
             self.state.results.append(output)
             self._check_cancel("while the benchmark ran")
             if run.timed_out:
@@ -587,7 +591,26 @@ class Job:
                 f"the benchmark was killed because the guest ran out of memory ({cfg.memory_mib} MiB): "
                 f"{oom}; raise --memory or reduce what the benchmark allocates"
             )
-        return output
+        command_s = (report.exit.end_ns - report.exit.start_ns) / 1e9
+        return self._with_metrics(output, label, command_s, report.file_sizes)
+
+    def _with_metrics(
+        self, output: IterationOutput, label: str, command_s: float, file_sizes: dict[str, int]
+    ) -> IterationOutput:
+        """build_time/file_size: the iteration's BMF (spec/bmf.py) replaces its files on the wire."""
+        cfg = self.config
+        if not (cfg.build_time or cfg.file_size):
+            return output
+        sizes = {path: file_sizes[path] for path in cfg.output_paths if path in file_sizes}
+        report = metric_report(
+            build_time=(cfg.build_time_name(), command_s) if cfg.build_time else None,
+            file_sizes=sizes if cfg.file_size else None,
+        )
+        for warning in report.warnings:
+            self.reporter.warn(f"{label}: {warning}")
+        if report.bmf is None:  # nothing to report: like Bencher, no files either
+            return dataclasses.replace(output, output={})
+        return dataclasses.replace(output, bmf=report.bmf)
 
     def _collect_allowance(self) -> float:
         """Time to read and write the requested output files at the slowest disk speed we plan for."""

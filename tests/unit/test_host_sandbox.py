@@ -207,3 +207,44 @@ def test_a_pull_stops_at_the_deadline(tmp_path: Path) -> None:
     event = PullProgress(image="x", kind="layer", digest="sha256:" + "0" * 64, done=1, total=2)
     with pytest.raises(JobTimeoutError, match=r"timed out after 5 s .* while its image was pulled"):
         job._pull_progress(event)  # called from the download threads: raising there stops the pull
+
+
+def test_build_time_and_file_size_replace_the_files_by_bmf(image: str, tmp_path: Path) -> None:
+    code, doc, stderr = run(
+        "--image", image, "--build-time", "--file-size", "--iter", "2", "--output-dir", str(tmp_path / "out"),
+        "--output", "inside.txt", "--output", "/data/missing", "--", "sh", "-c", "sleep 0.3; echo built",
+    )  # fmt: skip
+    assert code == 0, stderr
+    for index, result in enumerate(doc["results"], start=1):
+        assert result["stdout"] == "built\n" and list(result["output"]) == ["\0bencher"]
+        bmf = json.loads(result["output"]["\0bencher"])
+        assert list(bmf) == ["sh -c sleep 0.3; echo built", "inside.txt"]
+        build = bmf["sh -c sleep 0.3; echo built"]["build-time"]
+        assert build["lower_value"] is None and build["upper_value"] is None
+        assert 0.3 <= build["value"] < 0.3 + 10  # the command's own time, not the unpack
+        assert bmf["inside.txt"] == {"file-size": {"value": 6.0, "lower_value": None, "upper_value": None}}
+        assert "/data/missing" in result["missing"]
+        assert (tmp_path / "out" / f"iter-{index}" / "files" / "inside.txt").read_bytes() == b"inside"
+
+
+def test_build_time_alone_drops_the_files_and_is_named_by_the_image(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    (root / "bin" / "sh").symlink_to("busybox")
+    layout = tmp_path / "layout"
+    config = {"Env": ["PATH=/bin"], "Cmd": ["sh", "-c", "echo x > /made"]}
+    build_layout(layout, [layer_from_dir(root)], config, tag="v1")
+    code, doc, stderr = run("--image", f"{layout}:v1", "--build-time", "--output", "/made")
+    assert code == 0, stderr
+    [result] = doc["results"]
+    assert list(result["output"]) == ["\0bencher"]  # the file's content is not reported
+    assert list(json.loads(result["output"]["\0bencher"])) == [f"{layout}:v1"]  # no command given
+
+
+def test_file_size_needs_output_files(image: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bencher_runner", "run", "--sandbox", "none", "--file-size", "--image", image],
+        capture_output=True,
+    )
+    assert proc.returncode == 2 and b"--file-size needs the files to measure" in proc.stderr

@@ -1,6 +1,7 @@
 """Job semantics on real microVMs: iterations, output files, limits, timeout, network, guest failures."""
 
 import http.server
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -169,3 +170,42 @@ def test_guest_out_of_memory_is_reported(plain_image: str) -> None:
     assert run.returncode == 1
     assert "ran out of memory (128 MiB)" in run.doc["error"]
     assert run.doc["results"][0]["exit_code"] == 137
+
+
+def test_a_build_time_and_file_size_job_reports_bmf(plain_image: str) -> None:
+    from bencher_runner.fakeserver import default_config, default_spec
+    from bencher_runner.job import run_job
+    from bencher_runner.paths import cache_dir
+    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+
+    script = "sleep 1; mkdir /out; head -c 1234 /dev/zero > /out/app.bin; printf abc > /out/notes.txt"
+    message = {
+        "event": "job",
+        "uuid": "550e8400-e29b-41d4-a716-446655440000",
+        "spec": default_spec(),
+        "config": default_config(
+            entrypoint=["/bin/sh", "-c"],
+            cmd=[script],
+            build_time=True,
+            file_size=True,
+            file_paths=["/out/app.bin", "/out/notes.txt", "/out/none"],
+        ),
+        "oci_token": "x.y.z",
+        "timeout": 120,
+    }
+    config = build_config_from_job(parse_job(message), JobOptions())
+    local = config.model_copy(update={"image": plain_image, "insecure_registry": False, "token": None})
+    result = run_job(local, cache=cache_dir())
+    assert result.status == "completed", result.error
+    [wire] = [r.to_protocol() for r in result.results]  # what `completed` carries
+    assert set(wire) == {"exit_code", "output"} and wire["exit_code"] == 0
+    assert list(wire["output"]) == ["\0bencher"]
+    text = wire["output"]["\0bencher"]
+    name = f"/bin/sh -c {script}"
+    seconds = json.loads(text)[name]["build-time"]["value"]
+    assert 1.0 <= seconds < 1.0 + 30  # the command (sleep 1 and two writes), not the boot
+    assert text == (
+        f'{{"{name}":{{"build-time":{{"value":{seconds},"lower_value":null,"upper_value":null}}}},'
+        '"app.bin":{"file-size":{"value":1234.0,"lower_value":null,"upper_value":null}},'
+        '"notes.txt":{"file-size":{"value":3.0,"lower_value":null,"upper_value":null}}}'
+    )
