@@ -97,7 +97,7 @@ def main() -> None:
     type=click.IntRange(1),
     default=300,
     show_default=True,
-    help="Seconds for boot + benchmark, per iteration.",
+    help="Seconds for the whole job: the image pull, every boot and every iteration together.",
 )
 @click.option(
     "--iter",
@@ -114,6 +114,18 @@ def main() -> None:
     multiple=True,
     metavar="PATH",
     help="Guest file to collect after the benchmark (repeatable; relative to the working dir).",
+)
+@click.option(
+    "--build-time",
+    is_flag=True,
+    help="Report each iteration's command run time (not pull or boot) as Bencher Metric Format "
+    "(measure build-time) in place of the output files.",
+)
+@click.option(
+    "--file-size",
+    is_flag=True,
+    help="Report each --output file's size in bytes, keyed by file name, as Bencher Metric Format "
+    "(measure file-size) in place of its content.",
 )
 @click.option(
     "--output-dir",
@@ -187,6 +199,8 @@ def run(
     allow_failure: bool,
     max_output_size: int,
     outputs: tuple[str, ...],
+    build_time: bool,
+    file_size: bool,
     output_dir: Path | None,
     max_file_count: int,
     grace_period: int,
@@ -226,6 +240,8 @@ def run(
         raise click.UsageError("--sandbox-log-level, --firecracker and --jailer need --sandbox firecracker")
     if not network and "network_mode" in given:
         raise click.UsageError("--network-mode needs --network")
+    if file_size and not outputs:
+        raise click.UsageError("--file-size needs the files to measure: give them with --output PATH")
     cmd = cmd_opts or cmd_args
     tuning = tuning_options_from(tuning_flags)
     try:
@@ -246,6 +262,8 @@ def run(
             allow_failure=allow_failure,
             max_output_bytes=max_output_size,
             output_paths=outputs,
+            build_time=build_time,
+            file_size=file_size,
             max_file_count=max_file_count,
             grace_period_s=grace_period,
             network=network,

@@ -3,9 +3,14 @@
 Everything a job creates lives in one work directory that is removed on every exit path. Every
 failure becomes a RunResult with status "failed" and the error's user-facing text; partial results
 (earlier iterations, output produced before a timeout) are kept.
+
+The timeout is one deadline for the whole job (RunConfig.deadline), as Bencher's server counts it:
+checked after the pull, the unpack and the root disk build, before every iteration, and while every
+VM or host command runs, so an iteration that starts late gets only the time that is left.
 """
 
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -46,6 +51,7 @@ from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_o
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
 from bencher_runner.sandbox.vmlinux import ensure_vmlinux
+from bencher_runner.spec.bmf import metric_report
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import (
     AgentError,
@@ -65,6 +71,9 @@ from bencher_runner.spec.units import MIB
 from bencher_runner.staging import memory_tree, out_of_space, stale_memory_tree
 
 TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
+# Results written after the command exited are still collected this long past the deadline: half
+# the server's 60 s grace, so the terminal message still beats its hard limit.
+RESULT_OVERRUN_S = 30.0
 SERIAL_TAIL_LINES = 25
 
 
@@ -150,9 +159,11 @@ class Job:
         self.firecracker: str | None = None
         self.vmlinux = Path()
         self.boot_kernel = Path()  # what QEMU boots: the bundle's vmlinux when it has one
+        self.deadline = config.deadline(time.monotonic())  # reset when run() starts
 
     def run(self) -> RunResult:
         started = time.monotonic()
+        self.deadline = self.config.deadline(started)
         try:
             with tuned_host(self.tuning, log=self.reporter.phase) as report:
                 self.state.metadata["tuning"] = report.to_dict()
@@ -195,8 +206,21 @@ class Job:
         if self.cancel.is_set():
             raise CanceledError(f"the job was canceled {during}")
 
+    def _timed_out(self, what: str) -> JobTimeoutError:
+        return JobTimeoutError(
+            f"the job timed out after {self.config.timeout_s} s (the timeout covers the whole job: "
+            f"the image pull, every boot and every iteration) {what}; raise the timeout "
+            "(runner run --timeout, bencher run --job-timeout) or run fewer iterations"
+        )
+
+    def _check_deadline(self, during: str) -> None:
+        """A phase between the job's start and its iterations may not end past the deadline."""
+        self._check_cancel(during)
+        if time.monotonic() >= self.deadline:
+            raise self._timed_out(during)
+
     def _pull_progress(self, event: PullProgress) -> None:
-        self._check_cancel("while its image was pulled")  # raised in the download thread: the pull stops
+        self._check_deadline("while its image was pulled")  # raised in the download thread: it stops
         if event.kind != "manifest" and (event.complete or event.cached):
             metrics.cache_lookup("blob", event.cached)
         self.reporter.pull(event)
@@ -215,6 +239,7 @@ class Job:
 
     def _run(self) -> RunnerError | None:
         cfg = self.config
+        self._check_deadline("before it started")
         t0 = time.monotonic()
         image = open_image(
             cfg.image,
@@ -224,7 +249,7 @@ class Job:
             progress=self._pull_progress,
         )
         self.state.timings["pull_s"] = time.monotonic() - t0
-        self._check_cancel("after its image was pulled")
+        self._check_deadline("while its image was pulled")
         self.reporter.phase(f"image {image.manifest_digest[:19]}… verified ({len(image.layers)} layers)")
         resolve_command(image.config.config.entrypoint, image.config.config.cmd, cfg.entrypoint, cfg.cmd)
         if len(cfg.output_paths) > cfg.max_file_count:
@@ -333,10 +358,11 @@ class Job:
     def _run_on_host(self, work: Path, image: LocalImage) -> RunnerError | None:
         cfg = self.config
         template, passwd, group = self._unpack(work, image, in_memory=False)  # iterations rename it
+        self._check_deadline("while its image was unpacked")
         launch = self._launch(image, passwd, group)
         for index in range(cfg.iterations):
-            self._check_cancel("before an iteration started")
             label = f"iteration {index + 1}/{cfg.iterations}"
+            self._check_deadline(f"before {label} started")
             tree = work / f"iter-{index + 1}"
             if index == cfg.iterations - 1:
                 template.rename(tree)
@@ -346,7 +372,7 @@ class Job:
             run = run_on_host(
                 tree,
                 launch,
-                timeout_s=cfg.timeout_s,
+                deadline=self.deadline,
                 max_output=cfg.max_output_bytes,
                 outputs=cfg.output_paths,
                 max_symlinks=cfg.max_symlinks,
@@ -364,12 +390,13 @@ class Job:
                     + [p for p, data in run.files.items() if run.file_sizes[p] > len(data)]
                 ),
             )
+            if not run.timed_out:
+                output = self._with_metrics(output, label, run.elapsed_s, run.file_sizes)
             self.state.results.append(output)
             self._check_cancel("while the benchmark ran")
             if run.timed_out:
-                raise JobTimeoutError(
-                    f"the benchmark timed out after {cfg.timeout_s} s ({label}) and was killed; "
-                    "raise --timeout if it needs longer"
+                raise self._timed_out(
+                    f"in {label}, which ran {run.elapsed_s:.1f} s and was killed (its output so far is kept)"
                 )
             self.reporter.iteration(index, output)
             if output.exit_code != 0 and not cfg.allow_failure:
@@ -397,6 +424,7 @@ class Job:
             shutil.rmtree(tree)
             template = templates.put(key, built, passwd, group)
         self.state.timings["rootfs_s"] = time.monotonic() - t0
+        self._check_deadline("while its root disk was prepared")
         launch = self._launch(image, template.passwd, template.group)
         base = base_initramfs(self.cache, agent, bundle.modules)
         with contextlib.ExitStack() as stack:
@@ -417,8 +445,8 @@ class Job:
     ) -> RunnerError | None:
         cfg = self.config
         for index in range(cfg.iterations):
-            self._check_cancel("before an iteration started")
             label = f"iteration {index + 1}/{cfg.iterations}"
+            self._check_deadline(f"before {label} started")
             it_dir = work / f"iter-{index + 1}"
             it_dir.mkdir()
             rootfs = it_dir / "rootfs.ext4"
@@ -481,7 +509,7 @@ class Job:
         )
         self.reporter.phase(f"{label}: booting VM ({cfg.vcpus} vCPU, {cfg.memory_mib} MiB, {accel.accel})")
         t0 = time.monotonic()
-        deadline = t0 + cfg.timeout_s
+        deadline = self.deadline  # the job's: a late iteration gets only the time that is left
         timed_out = canceled = grace_expired = False
         watcher = ExitWatcher(out_disk)
         grace_deadline: float | None = None
@@ -498,10 +526,14 @@ class Job:
                 if self.cancel.is_set():
                     canceled = True
                 elif grace_deadline is None and watcher.poll():
-                    # The command has exited: the guest gets the grace period to write its results.
-                    grace_deadline = now + cfg.grace_period_s + self._collect_allowance()
-                elif grace_deadline is not None and now >= grace_deadline:
-                    grace_expired = True
+                    # The command has exited in time: the guest gets the grace period to write its
+                    # results, even past the deadline, up to RESULT_OVERRUN_S.
+                    grace_deadline = min(
+                        now + cfg.grace_period_s + self._collect_allowance(),
+                        max(now + 1.0, deadline + RESULT_OVERRUN_S),
+                    )
+                elif grace_deadline is not None:
+                    grace_expired = now >= grace_deadline
                 elif now >= deadline:
                     timed_out = True
                 if canceled or grace_expired or timed_out:
@@ -517,9 +549,9 @@ class Job:
             raise CanceledError("the job was canceled while the benchmark ran")
         if timed_out:
             self.state.results.append(IterationOutput(TIMEOUT_EXIT_CODE, report.stdout, report.stderr))
-            raise JobTimeoutError(
-                f"the benchmark timed out after {cfg.timeout_s} s ({label}, boot included) and was stopped; "
-                "raise --timeout if it needs longer"
+            raise self._timed_out(
+                f"in {label}, which ran {t1 - t0:.1f} s (boot included) and was stopped (its output so far "
+                "is kept)"
             )
         if report.exit is None:
             raise self._no_result_error(report, spec.serial_log, status, vm_log)
@@ -559,7 +591,26 @@ class Job:
                 f"the benchmark was killed because the guest ran out of memory ({cfg.memory_mib} MiB): "
                 f"{oom}; raise --memory or reduce what the benchmark allocates"
             )
-        return output
+        command_s = (report.exit.end_ns - report.exit.start_ns) / 1e9
+        return self._with_metrics(output, label, command_s, report.file_sizes)
+
+    def _with_metrics(
+        self, output: IterationOutput, label: str, command_s: float, file_sizes: dict[str, int]
+    ) -> IterationOutput:
+        """build_time/file_size: the iteration's BMF (spec/bmf.py) replaces its files on the wire."""
+        cfg = self.config
+        if not (cfg.build_time or cfg.file_size):
+            return output
+        sizes = {path: file_sizes[path] for path in cfg.output_paths if path in file_sizes}
+        report = metric_report(
+            build_time=(cfg.build_time_name(), command_s) if cfg.build_time else None,
+            file_sizes=sizes if cfg.file_size else None,
+        )
+        for warning in report.warnings:
+            self.reporter.warn(f"{label}: {warning}")
+        if report.bmf is None:  # nothing to report: like Bencher, no files either
+            return dataclasses.replace(output, output={})
+        return dataclasses.replace(output, bmf=report.bmf)
 
     def _collect_allowance(self) -> float:
         """Time to read and write the requested output files at the slowest disk speed we plan for."""

@@ -23,6 +23,7 @@ from bencher_runner.paths import cache_dir, work_root
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.results import RunResult
 from tests.support.busybox import busybox_tree
+from tests.support.guest_output import wait_for_guest_stdout
 from tests.support.oci_builder import build_layout, layer_from_dir
 from tests.support.registry import Registry, http_push
 
@@ -140,7 +141,8 @@ async def test_cancel_during_the_boot_kills_the_vm(
     tmp_path: Path, registry: Registry, harness: Callable[[], Harness]
 ) -> None:
     h = harness()
-    job = h.add_job(push(tmp_path, registry, "echo never", "boot"))
+    # The command outlives any boot: a fast (KVM) boot cannot finish the job before the cancel lands.
+    job = h.add_job(push(tmp_path, registry, "sleep 600; echo never", "boot"))
     await h.server.wait_for(h.executor.booting.is_set, timeout=120)
     await h.cancel_and_check(job)
 
@@ -151,7 +153,8 @@ async def test_cancel_during_the_benchmark_kills_the_vm_and_the_next_job_runs(
     h = harness()
     job = h.add_job(push(tmp_path, registry, "echo started; sleep 600", "bench"))
     await h.server.wait_for(h.executor.booting.is_set, timeout=120)
-    await asyncio.sleep(8)  # TCG boot to command is about 2 s here
+    # the benchmark has started (its first line is on the output disk), however long the boot took
+    await asyncio.to_thread(wait_for_guest_stdout, work_root(h.executor.cache), b"started\n", 120)
     await h.cancel_and_check(job)
     h.executor.returned.clear()
     after = h.add_job(push(tmp_path, registry, "echo after", "after"))

@@ -137,3 +137,114 @@ def test_an_unexpected_host_error_is_one_line_not_a_traceback(
     result = run_job(make_run_config(image=image, backend="none", cmd=("true",)), cache=tmp_path)
     assert result.status == "failed"
     assert result.error == "the job failed on this host: OSError: [Errno 28] No space left on device"
+
+
+def _host_job(image: str, tmp_path: Path, script: str, **fields: Any) -> Any:
+    from bencher_runner.job import run_job
+    from bencher_runner.spec.config import make_run_config
+
+    config = make_run_config(image=image, backend="none", cmd=("sh", "-c", script), **fields)
+    return run_job(config, cache=tmp_path)
+
+
+def test_the_timeout_covers_the_whole_job_not_each_iteration(image: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = _host_job(image, tmp_path, "echo run; sleep 1", iterations=6, timeout_s=3)
+    elapsed = time.monotonic() - started
+    assert result.status == "failed", "each iteration fits the timeout, the whole job does not"
+    assert 3 <= elapsed < 3 + 10
+    assert "timed out after 3 s" in (result.error or "")
+    assert "the whole job" in (result.error or "")
+    codes = [r.exit_code for r in result.results]
+    assert 1 <= len(codes) <= 3  # 3 iterations of >= 1 s cannot all end before 3 s
+    assert all(code == 0 for code in codes[:-1])
+    if codes[-1] == 124:  # stopped while it ran: its output so far is kept
+        assert f"iteration {len(codes)}/6" in (result.error or "")
+        assert result.results[-1].stdout in (b"", b"run\n")
+
+
+def test_the_job_clock_starts_at_started_at(image: str, tmp_path: Path) -> None:
+    started = time.monotonic()
+    result = _host_job(image, tmp_path, "echo hi; sleep 100", timeout_s=5, started_at=started - 3)
+    assert result.status == "failed" and "timed out after 5 s" in (result.error or "")
+    assert time.monotonic() - started < 2 + 5  # 2 s were left when the job began
+    [partial] = result.results
+    assert partial.exit_code == 124 and partial.stdout == b"hi\n"
+
+
+def test_a_job_whose_time_is_already_up_runs_nothing(image: str, tmp_path: Path) -> None:
+    result = _host_job(image, tmp_path, "echo never", timeout_s=5, started_at=time.monotonic() - 10)
+    assert result.status == "failed" and result.results == []
+    assert "timed out after 5 s" in (result.error or "") and "before" in (result.error or "")
+
+
+def test_run_on_host_stops_at_the_deadline_it_is_given(tmp_path: Path) -> None:
+    import threading
+
+    from bencher_runner.sandbox.host import run_on_host
+    from bencher_runner.spec.launch import Launch, User
+
+    tree = tmp_path / "tree"
+    (tree / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", tree / "bin" / "sh")
+    launch = Launch(("sh", "-c", "echo a; sleep 100"), (("PATH", "/bin"),), "/", User(0, 0, (), "/"))
+    limits: dict[str, Any] = {"max_output": 1024, "outputs": (), "max_symlinks": 40}
+    t0 = time.monotonic()
+    run = run_on_host(tree, launch, deadline=t0 + 1.0, cancel=threading.Event(), **limits)
+    assert run.timed_out and bytes(run.stdout.data) == b"a\n"
+    assert 1.0 <= time.monotonic() - t0 < 1.0 + 5
+    past = run_on_host(tree, launch, deadline=t0, cancel=threading.Event(), **limits)
+    assert past.timed_out  # a deadline already gone: killed at once, still a timeout
+
+
+def test_a_pull_stops_at_the_deadline(tmp_path: Path) -> None:
+    from bencher_runner.job import Job
+    from bencher_runner.oci.progress import PullProgress
+    from bencher_runner.spec.config import make_run_config
+    from bencher_runner.spec.errors import JobTimeoutError
+
+    job = Job(make_run_config(image="x", timeout_s=5, started_at=time.monotonic() - 6), cache=tmp_path)
+    event = PullProgress(image="x", kind="layer", digest="sha256:" + "0" * 64, done=1, total=2)
+    with pytest.raises(JobTimeoutError, match=r"timed out after 5 s .* while its image was pulled"):
+        job._pull_progress(event)  # called from the download threads: raising there stops the pull
+
+
+def test_build_time_and_file_size_replace_the_files_by_bmf(image: str, tmp_path: Path) -> None:
+    code, doc, stderr = run(
+        "--image", image, "--build-time", "--file-size", "--iter", "2", "--output-dir", str(tmp_path / "out"),
+        "--output", "inside.txt", "--output", "/data/missing", "--", "sh", "-c", "sleep 0.3; echo built",
+    )  # fmt: skip
+    assert code == 0, stderr
+    for index, result in enumerate(doc["results"], start=1):
+        assert result["stdout"] == "built\n" and list(result["output"]) == ["\0bencher"]
+        bmf = json.loads(result["output"]["\0bencher"])
+        assert list(bmf) == ["sh -c sleep 0.3; echo built", "inside.txt"]
+        build = bmf["sh -c sleep 0.3; echo built"]["build-time"]
+        assert build["lower_value"] is None and build["upper_value"] is None
+        assert 0.3 <= build["value"] < 0.3 + 10  # the command's own time, not the unpack
+        assert bmf["inside.txt"] == {"file-size": {"value": 6.0, "lower_value": None, "upper_value": None}}
+        assert "/data/missing" in result["missing"]
+        assert (tmp_path / "out" / f"iter-{index}" / "files" / "inside.txt").read_bytes() == b"inside"
+
+
+def test_build_time_alone_drops_the_files_and_is_named_by_the_image(tmp_path: Path) -> None:
+    root = tmp_path / "tree"
+    (root / "bin").mkdir(parents=True)
+    shutil.copy("/bin/busybox", root / "bin" / "busybox")
+    (root / "bin" / "sh").symlink_to("busybox")
+    layout = tmp_path / "layout"
+    config = {"Env": ["PATH=/bin"], "Cmd": ["sh", "-c", "echo x > /made"]}
+    build_layout(layout, [layer_from_dir(root)], config, tag="v1")
+    code, doc, stderr = run("--image", f"{layout}:v1", "--build-time", "--output", "/made")
+    assert code == 0, stderr
+    [result] = doc["results"]
+    assert list(result["output"]) == ["\0bencher"]  # the file's content is not reported
+    assert list(json.loads(result["output"]["\0bencher"])) == [f"{layout}:v1"]  # no command given
+
+
+def test_file_size_needs_output_files(image: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "bencher_runner", "run", "--sandbox", "none", "--file-size", "--image", image],
+        capture_output=True,
+    )
+    assert proc.returncode == 2 and b"--file-size needs the files to measure" in proc.stderr

@@ -1,3 +1,4 @@
+import re
 from typing import Any
 
 import pytest
@@ -74,8 +75,6 @@ def test_defaults_and_iter_zero() -> None:
         ({}, {"cmd": ["x"] * 65}, "at most 64"),
         ({}, {"env": {f"V{i}": "" for i in range(256)}}, "at most 255"),
         ({}, {"file_paths": [f"/f{i}" for i in range(256)]}, "at most 255"),
-        ({}, {"build_time": True}, "not supported yet"),
-        ({}, {"file_size": True}, "not supported yet"),
         ({}, {"digest": "sha256:short"}, "config.digest"),
     ],
 )
@@ -123,3 +122,122 @@ def test_no_sandbox_job_runs_without_a_sandbox_only_when_allowed() -> None:
         build_config_from_job(parse_job(message), JobOptions(backend="firecracker")).backend == "firecracker"
     )
     assert build_config_from_job(parse_job(message), JobOptions()).backend == "qemu"
+
+
+@pytest.mark.parametrize(
+    "uuid",
+    [
+        "",
+        "not-a-uuid",
+        "../../outbox/evil",
+        "550e8400-e29b-41d4-a716-44665544000",  # one digit short
+        "550e8400-e29b-41d4-a716-4466554400000",  # one digit long
+        "550e8400e29b41d4a716446655440000",  # valid for uuid.UUID(), not the wire form
+        "{550e8400-e29b-41d4-a716-446655440000}",
+        "urn:uuid:550e8400-e29b-41d4-a716-446655440000",
+        "550e8400-e29b-41d4-a716-446655440000\n",
+        "550e8400-e29b-41d4-a716-44665544000g",
+        "x" * 100_000,
+        5,
+        None,
+        ["550e8400-e29b-41d4-a716-446655440000"],
+    ],
+)
+def test_job_uuid_must_be_a_uuid(uuid: Any) -> None:
+    message = job()
+    message["uuid"] = uuid
+    with pytest.raises(SpecError, match=r"^invalid job message: uuid: ") as err:
+        parse_job(message)
+    assert len(str(err.value)) < 300  # a hostile value is not echoed in full
+    assert "\n" not in str(err.value)
+
+
+def test_job_uuid_any_case_is_kept_as_sent() -> None:
+    upper = UUID.upper()
+    message = job()
+    message["uuid"] = upper
+    assert parse_job(message).uuid == upper  # acks and outbox entries use the server's spelling
+
+
+@pytest.mark.parametrize("uuid", ["../spec", "", "spec one", 7])
+def test_spec_uuid_when_present_must_be_a_uuid(uuid: Any) -> None:
+    with pytest.raises(SpecError, match=r"spec\.uuid: "):
+        parse_job(job(default_spec(uuid=uuid)))
+
+
+def test_spec_uuid_may_be_absent_or_null() -> None:
+    spec = default_spec()
+    del spec["uuid"]
+    assert parse_job(job(spec)).spec.uuid is None
+    assert parse_job(job(default_spec(uuid=None))).spec.uuid is None
+
+
+@given(
+    st.one_of(
+        st.text(max_size=64),
+        st.uuids().map(str),
+        st.integers(),
+        st.none(),
+        st.lists(st.text(max_size=4), max_size=2),
+        st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+    )
+)
+def test_any_uuid_value_gives_a_claimed_job_or_a_spec_error(uuid: Any) -> None:
+    message = job()
+    message["uuid"] = uuid
+    try:
+        claimed = parse_job(message)
+    except SpecError:
+        return
+    assert re.fullmatch(r"[0-9a-fA-F]{8}(-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}", claimed.uuid)
+
+
+def test_the_job_deadline_counts_from_started_at_else_from_now() -> None:
+    from bencher_runner.spec.config import make_run_config
+
+    assert make_run_config(image="x", timeout_s=20).deadline(now=100.0) == 120.0
+    assert make_run_config(image="x", timeout_s=20, started_at=90.0).deadline(now=100.0) == 110.0
+    assert make_run_config(image="x", timeout_s=20, started_at=50.0).deadline(now=100.0) == 70.0
+
+
+def test_build_time_and_file_size_are_mapped() -> None:
+    cfg = build(job(build_time=True, file_size=True, file_paths=["/out/app"]))
+    assert cfg.build_time and cfg.file_size and cfg.output_paths == ("/out/app",)
+    plain = build(job())
+    assert not plain.build_time and not plain.file_size
+    assert not build(job(build_time=None, file_size=False)).build_time
+
+
+@pytest.mark.parametrize(
+    ("config", "name"),
+    [
+        ({"entrypoint": ["/bin/sh", "-c"], "cmd": ["cargo build"]}, "/bin/sh -c cargo build"),
+        ({"cmd": ["make", "-j4"]}, "make -j4"),
+        ({"entrypoint": ["./build.sh"]}, "./build.sh"),
+        (
+            {"entrypoint": [], "cmd": [], "image": "registry.bencher.dev/p/app:v1"},
+            "registry.bencher.dev/p/app:v1",
+        ),
+        ({"image": "registry.bencher.dev/p/app:v1"}, "registry.bencher.dev/p/app:v1"),
+        ({}, f"11111111-2222-3333-4444-555555555555@sha256:{'a' * 64}"),
+        ({"image": ""}, f"11111111-2222-3333-4444-555555555555@sha256:{'a' * 64}"),
+    ],
+)
+def test_the_build_time_benchmark_is_named_like_bencher_names_it(config: dict[str, Any], name: str) -> None:
+    assert build(job(build_time=True, **config)).build_time_name() == name
+
+
+@pytest.mark.parametrize(
+    ("fields", "name"),
+    [
+        ({"entrypoint": ("/bin/sh", "-c"), "cmd": ("make",)}, "/bin/sh -c make"),
+        ({"cmd": ("make",)}, "make"),
+        ({}, "examples/hello/oci:latest"),
+    ],
+)
+def test_runner_run_names_the_build_time_benchmark_by_its_command_else_image(
+    fields: dict[str, Any], name: str
+) -> None:
+    from bencher_runner.spec.config import make_run_config
+
+    assert make_run_config(image="examples/hello/oci:latest", **fields).build_time_name() == name

@@ -1,7 +1,9 @@
 """Job semantics on real microVMs: iterations, output files, limits, timeout, network, guest failures."""
 
 import http.server
+import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,21 +102,26 @@ def test_large_stdout_is_capped_and_the_benchmark_exits_0(plain_image: str) -> N
     assert result["truncated"] == ["stdout"]
 
 
-def test_timeout_keeps_printed_output(plain_image: str) -> None:
+def test_the_timeout_covers_all_iterations_together(plain_image: str) -> None:
+    # Each iteration (boot + 8 s) fits 20 s; three of them cannot, however fast the VM boots.
+    started = time.monotonic()
     run = runner(
-        "--image",
-        plain_image,
-        "--json",
-        "--timeout",
-        "8",
-        "--",
-        "/bin/sh",
-        "-c",
-        "echo before-sleep; sleep 600",
-    )
-    assert run.returncode == 1
-    assert "timed out after 8 s" in run.doc["error"]
-    assert run.doc["results"][0]["stdout"] == "before-sleep\n"
+        "--image", plain_image, "--json", "--iter", "3", "--timeout", "20", "--", "/bin/sh", "-c",
+        "sleep 8; echo done",
+    )  # fmt: skip
+    elapsed = time.monotonic() - started
+    assert run.returncode == 1 and run.doc["status"] == "failed", "the job's time is for all iterations"
+    error = run.doc["error"]
+    assert "timed out after 20 s" in error and "the whole job" in error
+    assert elapsed < 20 + 60  # stopped at the deadline, not after a third full iteration
+    results = run.doc["results"]
+    assert 1 <= len(results) <= 3
+    assert all(r["exit_code"] == 0 and r["stdout"] == "done\n" for r in results[:-1])
+    last = results[-1]
+    if last["exit_code"] == 124:  # stopped while it ran
+        assert f"in iteration {len(results)}/3" in error
+    else:  # the deadline passed between two iterations
+        assert last["stdout"] == "done\n" and f"before iteration {len(results) + 1}/3 started" in error
 
 
 def test_output_files(make_image: Any, tmp_path: Path) -> None:
@@ -163,3 +170,42 @@ def test_guest_out_of_memory_is_reported(plain_image: str) -> None:
     assert run.returncode == 1
     assert "ran out of memory (128 MiB)" in run.doc["error"]
     assert run.doc["results"][0]["exit_code"] == 137
+
+
+def test_a_build_time_and_file_size_job_reports_bmf(plain_image: str) -> None:
+    from bencher_runner.fakeserver import default_config, default_spec
+    from bencher_runner.job import run_job
+    from bencher_runner.paths import cache_dir
+    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+
+    script = "sleep 1; mkdir /out; head -c 1234 /dev/zero > /out/app.bin; printf abc > /out/notes.txt"
+    message = {
+        "event": "job",
+        "uuid": "550e8400-e29b-41d4-a716-446655440000",
+        "spec": default_spec(),
+        "config": default_config(
+            entrypoint=["/bin/sh", "-c"],
+            cmd=[script],
+            build_time=True,
+            file_size=True,
+            file_paths=["/out/app.bin", "/out/notes.txt", "/out/none"],
+        ),
+        "oci_token": "x.y.z",
+        "timeout": 120,
+    }
+    config = build_config_from_job(parse_job(message), JobOptions())
+    local = config.model_copy(update={"image": plain_image, "insecure_registry": False, "token": None})
+    result = run_job(local, cache=cache_dir())
+    assert result.status == "completed", result.error
+    [wire] = [r.to_protocol() for r in result.results]  # what `completed` carries
+    assert set(wire) == {"exit_code", "output"} and wire["exit_code"] == 0
+    assert list(wire["output"]) == ["\0bencher"]
+    text = wire["output"]["\0bencher"]
+    name = f"/bin/sh -c {script}"
+    seconds = json.loads(text)[name]["build-time"]["value"]
+    assert 1.0 <= seconds < 1.0 + 30  # the command (sleep 1 and two writes), not the boot
+    assert text == (
+        f'{{"{name}":{{"build-time":{{"value":{seconds},"lower_value":null,"upper_value":null}}}},'
+        '"app.bin":{"file-size":{"value":1234.0,"lower_value":null,"upper_value":null}},'
+        '"notes.txt":{"file-size":{"value":3.0,"lower_value":null,"upper_value":null}}}'
+    )

@@ -5,7 +5,8 @@ started with --danger-allow-no-sandbox). The environment is cleared then set, th
 working dir and output files are resolved inside the tree (symlinks followed at most --max-symlinks
 times, never out of it), the image's user is taken when the runner is root, stdout/stderr are
 capped like the guest agent caps them (read and dropped, so the command never blocks), and the
-timeout kills the whole process group.
+job's deadline (a time.monotonic() instant: the timeout covers the whole job, not one iteration)
+kills the whole process group.
 """
 
 import contextlib
@@ -70,7 +71,7 @@ def run_on_host(
     tree: Path,
     launch: Launch,
     *,
-    timeout_s: float,
+    deadline: float,
     max_output: int,
     outputs: tuple[str, ...],
     max_symlinks: int,
@@ -105,7 +106,6 @@ def run_on_host(
     ]
     for reader in readers:
         reader.start()
-    deadline = started + timeout_s
     timed_out = False
     while proc.poll() is None:
         if cancel.is_set() or time.monotonic() >= deadline:

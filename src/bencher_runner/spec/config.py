@@ -2,6 +2,11 @@
 
 Validated with pydantic so that a bad value from a flag or a job message becomes a SpecError naming
 the field and the value, never a crash deep inside the pipeline.
+
+`timeout_s` bounds the whole job (the pull, every boot and every iteration), as Bencher's server
+does: its hard limit is the timeout plus 60 s counted from `running`, which the daemon sends when the
+job arrives. So the clock is an explicit `started_at` (a time.monotonic() instant) that the daemon
+sets; `runner run` leaves it unset and the clock starts when the job does.
 """
 
 from pathlib import Path
@@ -9,6 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from bencher_runner.spec.bmf import benchmark_name
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.units import MIB
 
@@ -30,11 +36,17 @@ class RunConfig(BaseModel):
     vcpus: int = Field(default=1, ge=1, le=255)
     memory_mib: int = Field(default=512, ge=MIN_MEMORY_MIB)
     disk_mib: int = Field(default=1024, ge=MIN_DISK_MIB)
-    timeout_s: int = Field(default=300, ge=1)
+    timeout_s: int = Field(default=300, ge=1)  # the whole job, from started_at
+    started_at: float | None = None  # time.monotonic() when the job's clock started; None: at run_job
     iterations: int = Field(default=1, ge=0)
     allow_failure: bool = False
     max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0)
     output_paths: tuple[str, ...] = ()
+    # Bencher's metric modes (spec/bmf.py): each iteration reports, instead of its output files, its
+    # command's run time (build_time) and/or each output file's size (file_size) as BMF.
+    build_time: bool = False
+    file_size: bool = False
+    benchmark_name: str | None = None  # of the build time; None: entrypoint + cmd, else the image
     max_file_count: int = Field(default=255, ge=0)
     grace_period_s: int = Field(default=1, ge=1, le=900)
     max_symlinks: int = Field(default=40, ge=0)
@@ -55,6 +67,15 @@ class RunConfig(BaseModel):
     accel: Accel = "auto"
     kernel: Path | None = None
     kernel_modules: Path | None = None
+
+    def deadline(self, now: float) -> float:
+        """The time.monotonic() instant by which the whole job must end (``now``: when it starts)."""
+        return (now if self.started_at is None else self.started_at) + self.timeout_s
+
+    def build_time_name(self) -> str:
+        """The build-time benchmark's name: as set (a job's), else entrypoint + cmd, else the image."""
+        command = " ".join((*(self.entrypoint or ()), *(self.cmd or ())))
+        return benchmark_name(self.benchmark_name, command, self.image)
 
     @field_validator("env")
     @classmethod

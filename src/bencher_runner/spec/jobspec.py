@@ -2,17 +2,19 @@
 
 Resources come only from the job (spec.cpu, spec.memory/disk in bytes rounded up to MiB, spec.network):
 the runner adds no defaults of its own. Anything invalid or not supported becomes a SpecError whose text
-goes into the `failed` message, so a bad job never crashes the daemon.
+goes into the `failed` message, so a bad job never crashes the daemon. The job's uuid names outbox files
+and tags log lines, so it must be a UUID in the wire form (8-4-4-4-12 hex digits) and nothing else.
 """
 
 import re
 from collections.abc import Sized
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, SecretStr, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationError
 
+from bencher_runner.spec.bmf import benchmark_name
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, Accel, RunConfig, make_run_config
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.units import bytes_to_mib
@@ -27,6 +29,23 @@ NO_SANDBOX_ERROR = (
 )
 _DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+SHOWN_VALUE_CHARS = 60  # a hostile value is echoed at most this long
+
+
+def shown(value: str) -> str:
+    """``repr(value)``, cut to a readable length."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_VALUE_CHARS else text[: SHOWN_VALUE_CHARS - 4] + "…" + text[-3:]
+
+
+def _check_uuid(value: str) -> str:
+    if not _UUID.fullmatch(value):
+        raise ValueError(f"expected a UUID such as 550e8400-e29b-41d4-a716-446655440000, got {shown(value)}")
+    return value
+
+
+Uuid = Annotated[str, AfterValidator(_check_uuid)]  # kept as sent: acks must repeat the server's spelling
 
 ImageLayout = Literal["bencher", "legacy"]
 
@@ -36,7 +55,7 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    uuid: str | None = None
+    uuid: Uuid | None = None
     name: str | None = None
     os: str | None = None
     architecture: str | None = None
@@ -72,7 +91,7 @@ class ClaimedJob(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    uuid: str
+    uuid: Uuid
     spec: JobSpec
     config: JobConfig
     oci_token: SecretStr | None = None
@@ -103,7 +122,7 @@ def parse_job(message: dict[str, Any]) -> ClaimedJob:
         problems = []
         for e in err.errors():
             where = ".".join(str(p) for p in e["loc"]) or "job"
-            problems.append(f"{where}: {e['msg']}")
+            problems.append(f"{where}: {e['msg'].removeprefix('Value error, ')}")
         raise SpecError("invalid job message: " + "; ".join(problems)) from None
 
 
@@ -127,6 +146,13 @@ def image_reference(config: JobConfig, layout: ImageLayout = "bencher") -> tuple
         )
     repo = f"{config.project}/images" if layout == "legacy" else config.project
     return f"{registry}/{repo}@{config.digest}", insecure
+
+
+def build_time_benchmark(config: JobConfig) -> str:
+    """Bencher's name for a job's build time: entrypoint + cmd joined by spaces, else the image
+    reference, else project@digest."""
+    command = " ".join((*(config.entrypoint or ()), *(config.cmd or ())))
+    return benchmark_name(command, config.image, f"{config.project}@{config.digest}")
 
 
 def _check_len(name: str, items: Sized | None, limit: int) -> None:
@@ -154,10 +180,6 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
     _check_len("cmd", config.cmd, MAX_CMD_LEN)
     _check_len("env", config.env, MAX_ENV_LEN)
     _check_len("file_paths", config.file_paths, MAX_FILE_PATHS_LEN)
-    if config.build_time:
-        raise SpecError("config.build_time is not supported yet by this runner")
-    if config.file_size:
-        raise SpecError("config.file_size is not supported yet by this runner")
     iterations = 1 if config.iter is None else config.iter
     if iterations < 0:
         raise SpecError(f"config.iter={iterations}: the iteration count cannot be negative")
@@ -183,6 +205,9 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
         iterations=iterations,
         allow_failure=bool(config.allow_failure),
         output_paths=tuple(file_paths),
+        build_time=bool(config.build_time),
+        file_size=bool(config.file_size),
+        benchmark_name=build_time_benchmark(config),
         max_output_bytes=options.max_output_bytes,
         max_file_count=options.max_file_count,
         grace_period_s=options.grace_period_s,
