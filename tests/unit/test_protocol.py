@@ -380,3 +380,13 @@ def test_everything_on_the_wire_is_utf8(text: str) -> None:
     msg.wire().encode("utf-8")
     encode({"error": text}).encode("utf-8")
     json.loads(msg.wire())
+
+
+def test_terminal_message_keeps_a_bmf_entry_whole() -> None:
+    bmf = '{"bench":{"file-size":{"value":3000000.0,"lower_value":null,"upper_value":null}}}'
+    out = IterationOutput(0, stdout=b"s" * 200_000, output={"/out/big": b"b" * 3_000_000}, bmf=bmf)
+    msg = terminal_message(J, RunResult("completed", [out], None), 100_000)
+    doc = json.loads(msg.wire())
+    assert len(msg.wire().encode()) <= 100_000
+    assert doc["results"][0]["output"] == {"\u0000bencher": bmf}
+    assert TRUNCATION_NOTE in doc["results"][0]["stdout"]

@@ -20,7 +20,7 @@ import enum
 import logging
 import uuid as uuidlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bencher_runner.protocol.messages import (
@@ -651,10 +651,9 @@ def _is_uuid(text: str) -> bool:
 
 
 def _started_at(config: RunConfig, now: float) -> RunConfig:
-    """The job's clock starts when it is claimed (`running` goes out now): its deadline counts from here."""
-    if hasattr(config, "started_at"):
-        return replace(config, started_at=now)  # type: ignore[call-arg]
-    return config
+    """The job's clock starts when it is claimed (`running` goes out now, and the server counts its hard
+    limit from there): its one deadline, across pull, boots and iterations, counts from this instant."""
+    return config.model_copy(update={"started_at": now})
 
 
 S = State

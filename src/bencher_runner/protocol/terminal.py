@@ -39,10 +39,20 @@ def _share(sizes: list[int], budget: int) -> list[int]:
     return caps
 
 
+def _sources(outputs: Sequence[IterationOutput]) -> list[int]:
+    """Sizes of what goes on the wire: stdout, stderr and (unless a BMF entry replaces them) the files."""
+    sizes: list[int] = []
+    for out in outputs:
+        sizes += [len(out.stdout), len(out.stderr)]
+        if out.bmf is None:
+            sizes += [len(data) for data in out.output.values()]
+    return sizes
+
+
 def _trimmed(outputs: Sequence[IterationOutput], caps: list[int]) -> tuple[list[IterationOutput], bool]:
     """Copies of ``outputs`` whose stdout, stderr and files are cut to ``caps`` (in that order)."""
     note = TRUNCATION_NOTE.encode()
-    it = iter(caps)
+    it = iter(caps)  # in the order of `_sources`
     cut_any = False
 
     def cap(data: bytes) -> bytes:
@@ -57,7 +67,7 @@ def _trimmed(outputs: Sequence[IterationOutput], caps: list[int]) -> tuple[list[
     trimmed = []
     for out in outputs:
         stdout, stderr = cap(out.stdout), cap(out.stderr)
-        files = {path: cap(data) for path, data in out.output.items()}
+        files = out.output if out.bmf is not None else {path: cap(data) for path, data in out.output.items()}
         trimmed.append(replace(out, stdout=stdout, stderr=stderr, output=files))
     return trimmed, cut_any
 
@@ -86,8 +96,13 @@ def terminal_message(job: str, result: RunResult, max_bytes: int = DEFAULT_MAX_M
             }
         )
 
-    sizes = [len(b) for out in outputs for b in (out.stdout, out.stderr, *out.output.values())]
-    empty = [replace(o, stdout=b"", stderr=b"", output={p: b"" for p in o.output}) for o in outputs]
+    sizes = _sources(outputs)
+    empty = [
+        replace(
+            o, stdout=b"", stderr=b"", output=o.output if o.bmf is not None else dict.fromkeys(o.output, b"")
+        )
+        for o in outputs
+    ]
     note = "outputs truncated to fit the message size limit"
     overhead = wire_size(build(empty, note))
     dropped = 0
@@ -102,7 +117,7 @@ def terminal_message(job: str, result: RunResult, max_bytes: int = DEFAULT_MAX_M
         overhead = wire_size(build(empty, f"{note}; {dropped} iteration result(s) dropped"))
     if dropped:
         outputs = outputs[: len(empty)]
-        sizes = [len(b) for out in outputs for b in (out.stdout, out.stderr, *out.output.values())]
+        sizes = _sources(outputs)
         note = f"{note}; {dropped} iteration result(s) dropped"
     if not dropped and sum(sizes) * 6 + overhead <= max_bytes:  # fits whatever the escaping does
         return Terminal(result.status, job, build(outputs, None))
