@@ -1,0 +1,96 @@
+"""HostPreflight: the check before every `ready` that keeps a host from claiming jobs it cannot run."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from bencher_runner.daemon.preflight import HostPreflight
+from bencher_runner.spec.jobspec import JobOptions
+
+TCG = JobOptions(accel="tcg")  # no KVM probe in unit tests
+
+
+def fake_bundle(cache: Path) -> None:
+    kernel = cache / "kernel"
+    kernel.mkdir(parents=True, exist_ok=True)
+    (kernel / "vmlinuz").write_bytes(b"not really a kernel")
+    (kernel / "bundle.json").write_text(json.dumps({"release": "x", "kernel": "vmlinuz", "modules": []}))
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("BENCHER_RUNNER_KERNEL", raising=False)
+    monkeypatch.delenv("BENCHER_RUNNER_KERNEL_MODULES", raising=False)
+
+
+def test_an_empty_cache_is_not_fit_and_says_how_to_fix_it(tmp_path: Path) -> None:
+    problem = HostPreflight(tmp_path, TCG)()
+    assert problem is not None
+    assert "no guest kernel bundle" in problem and "runner kernel fetch" in problem
+
+
+def test_a_missing_kernel_is_fetched_once_then_the_host_is_fit(tmp_path: Path) -> None:
+    fetched: list[Path] = []
+
+    def fetch(cache: Path) -> None:
+        fetched.append(cache)
+        fake_bundle(cache)
+
+    check = HostPreflight(tmp_path, TCG, fetch_kernel=fetch)
+    assert check() is None
+    assert check() is None
+    assert fetched == [tmp_path]
+
+
+def test_a_failing_fetch_is_reported_and_not_retried_at_once(tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def fetch(cache: Path) -> None:
+        from bencher_runner.spec.errors import KernelBundleError
+
+        calls.append(1)
+        raise KernelBundleError("`apt-get download linux-image-cloud-amd64` failed: no network")
+
+    check = HostPreflight(tmp_path, TCG, fetch_kernel=fetch)
+    problem = check()
+    assert problem is not None and "apt-get download" in problem
+    assert "no guest kernel bundle" in (check() or "")
+    assert calls == [1]
+
+
+def test_no_kernel_fetch_when_the_user_names_a_kernel(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BENCHER_RUNNER_KERNEL", str(tmp_path / "missing-vmlinux"))
+    check = HostPreflight(tmp_path, TCG, fetch_kernel=lambda cache: pytest.fail("fetched"))
+    problem = check()
+    assert problem is not None and "missing-vmlinux" in problem
+
+
+def test_too_little_free_space_is_not_fit(tmp_path: Path) -> None:
+    fake_bundle(tmp_path)
+    problem = HostPreflight(tmp_path, TCG, min_free_bytes=1 << 62)()
+    assert problem is not None and "MiB are free" in problem and "--cache-dir" in problem
+
+
+def test_an_unwritable_work_dir_is_not_fit(tmp_path: Path) -> None:
+    fake_bundle(tmp_path)
+    (tmp_path / "work").write_text("a file where the work dir should be")
+    problem = HostPreflight(tmp_path, TCG)()
+    assert problem is not None and "not writable" in problem
+
+
+def test_a_missing_vmm_is_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_bundle(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("BENCHER_RUNNER_QEMU", raising=False)
+    problem = HostPreflight(tmp_path, TCG)()
+    assert problem is not None and "qemu-system-x86_64" in problem
+    assert os.environ["PATH"] == str(tmp_path)
+
+
+def test_a_fit_host(tmp_path: Path) -> None:
+    fake_bundle(tmp_path)
+    assert HostPreflight(tmp_path, TCG)() is None
