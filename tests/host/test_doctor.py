@@ -129,3 +129,10 @@ def test_virtualised_check(tmp_path: Path) -> None:
     (tmp_path / "proc/cpuinfo").write_text("flags\t\t: fpu vme sse hypervisor\n")
     virt = check_virtualised(paths, lambda name: None)
     assert virt.status == "warn" and "QEMU" in virt.detail and "hypervisor" in virt.detail
+
+
+def test_doctor_shows_the_daemon_preflight_verdict(tmp_path: Path) -> None:
+    from bencher_runner.host.commands import _preflight_check
+
+    check = _preflight_check(tmp_path / "empty-cache")
+    assert check.status == "fail" and "runner kernel fetch" in (check.fix or "")

@@ -7,7 +7,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from bencher_runner.host.doctor import DoctorEnv, can_run_jobs, run_checks, to_json
+from bencher_runner.host.doctor import Check, DoctorEnv, can_run_jobs, run_checks, to_json
 from bencher_runner.paths import cache_dir
 
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
@@ -28,7 +28,9 @@ def doctor_command(cache_opt: Path | None, as_json: bool) -> None:
     Exits 0 when jobs can run (QEMU, kernel bundle, guest agent and mkfs.ext4 present); TCG-only KVM is
     a warning. The KVM probe boots a guest once (up to 15 s) and caches the answer.
     """
-    checks = run_checks(DoctorEnv(cache=cache_dir(cache_opt)))
+    cache = cache_dir(cache_opt)
+    checks = run_checks(DoctorEnv(cache=cache))
+    checks.append(_preflight_check(cache))
     ok = can_run_jobs(checks)
     if as_json:
         click.echo(json.dumps(to_json(checks), indent=2))
@@ -47,3 +49,14 @@ def doctor_command(cache_opt: Path | None, as_json: bool) -> None:
             else "[bold red]this host cannot run jobs yet[/bold red]"
         )
     raise SystemExit(0 if ok else 1)
+
+
+def _preflight_check(cache: Path) -> Check:
+    """The verdict `runner up` reaches before each `ready` (daemon/preflight.py), for this cache."""
+    from bencher_runner.daemon.preflight import HostPreflight
+    from bencher_runner.spec.jobspec import JobOptions
+
+    problem = HostPreflight(cache, JobOptions())()
+    if problem is None:
+        return Check("runner up preflight", "ok", "runner up would ask for jobs")
+    return Check("runner up preflight", "fail", "runner up would not ask for jobs", problem)
