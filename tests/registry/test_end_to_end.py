@@ -102,3 +102,36 @@ async def test_daemon_runs_a_bencher_job_from_a_token_registry(
         daemon.request_shutdown()
         await asyncio.wait_for(task, 30)
         await server.close()
+
+
+async def test_the_job_timeout_covers_all_iterations_and_fails_before_the_servers_limit(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """Issue #13 finding 3: 5 iterations of boot + 7 s (about 12 s each under TCG) with timeout 20.
+    Per-iteration timeouts let each fit, and the server's hard limit (timeout + 60 s from `running`)
+    canceled the job mid-run. One job deadline fails it with the runner's own error, soon after 20 s."""
+    digest = push_benchmark(tmp_path, registry, "echo iteration; sleep 7")
+    server = FakeBencher(key=KEY, heartbeat_timeout=30.0, grace_period=60.0)
+    await server.start()
+    job = server.add_job(registry=registry.url, project=PROJECT, digest=digest, timeout=20, iter=5)
+    settings = DaemonSettings(host=server.url, runner=server.runner, key=KEY, state_dir=tmp_path / "state",
+                              poll_timeout=2, auto_update=False)  # fmt: skip
+    daemon = Daemon(settings, default_executor(cache_dir()))
+    task = asyncio.create_task(daemon.run())
+    try:
+        await server.wait_for(
+            lambda: server.job_state(job) in ("processed", "failed", "canceled"), timeout=120
+        )
+        running = server.events("running")[0][0]
+        ended = server.events("failed")[0][0]
+        assert server.job_state(job) == "failed"
+        result = server.results(job)
+        assert result is not None
+        assert "timed out" in result["error"] and "20 s" in result["error"], result["error"]
+        assert 1 <= len(result["results"]) < 5
+        assert result["results"][-1]["exit_code"] == 124
+        assert 20 - 1 <= ended - running <= 20 + 15, ended - running
+    finally:
+        daemon.request_shutdown()
+        await asyncio.wait_for(task, 30)
+        await server.close()
