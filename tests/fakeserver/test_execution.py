@@ -116,7 +116,7 @@ async def test_ping_gets_pong(server: FakeBencher) -> None:
 async def test_pings_do_not_reset_the_heartbeat_timeout(make_server: MakeServer) -> None:
     """channel_ping_does_not_reset_heartbeat_timeout: only protocol messages count as liveness during a
     job, so a runner that only pings is timed out and its job failed."""
-    server = await make_server(heartbeat_timeout=0.5)
+    server = await make_server(heartbeat_timeout=1.0)
     async with open_channel(server) as ws:
         job = await start_job(server, ws)
 
@@ -139,7 +139,7 @@ async def test_heartbeat_timeout_fails_the_job_and_closes(make_server: MakeServe
     """channel_heartbeat_timeout, channel_close_reason_on_heartbeat_timeout: silence during a job fails
     it and the server sends Close 1000 with the JSON reason `"heartbeat_timeout"` (quotes included),
     whether the job was running or only claimed."""
-    server = await make_server(heartbeat_timeout=0.5)
+    server = await make_server(heartbeat_timeout=1.0)
     async with open_channel(server) as ws:
         job = await (start_job(server, ws) if before == "running" else claim(server, ws))
         await assert_closed_with(ws, 1000, '"heartbeat_timeout"')
@@ -150,7 +150,7 @@ async def test_heartbeat_timeout_fails_the_job_and_closes(make_server: MakeServe
 async def test_hard_timeout_on_silence_cancels_and_closes(make_server: MakeServer, clock: Clock) -> None:
     """channel_job_timeout: when the read timeout fires and the job has run past timeout + grace (10 +
     60 s here), it is canceled, not failed, and the Close reason is `"job_timeout_exceeded"`."""
-    server = await make_server(heartbeat_timeout=0.5, grace_period=60.0)
+    server = await make_server(heartbeat_timeout=1.0, grace_period=60.0)
     async with open_channel(server) as ws:
         job = await claim(server, ws, server.add_job(timeout=10))
         assert await exchange(ws, RUNNING) == ack(job)
@@ -244,14 +244,14 @@ async def test_completed_before_running_drops_the_connection(make_server: MakeSe
     """channel_completed_before_running, channel_completed_rejects_non_terminal_unexpected_state:
     `completed` while the job is only claimed is an invalid transition: no ack, the connection is
     dropped, the job stays claimed (and the disconnect timeout later fails it)."""
-    server = await make_server(heartbeat_timeout=0.5)
+    server = await make_server(heartbeat_timeout=1.0)
     async with open_channel(server) as ws:
         job = await claim(server, ws)
         await send(ws, completed(job))
         await assert_dropped(ws)
     assert server.job_state(job) == "claimed"
     assert server.results(job) is None
-    clock.advance(1)  # the server clock passes the heartbeat timeout too
+    clock.advance(2)  # the server clock passes the heartbeat timeout too
     await server.wait_for(lambda: server.job_state(job) == "failed", timeout=WAIT)
 
 
@@ -389,7 +389,7 @@ async def test_a_message_over_the_size_limit_drops_the_connection(
     frame (tungstenite's capacity error), and the job in flight gets the disconnect timeout; a message
     of exactly the limit is read (and, being no JSON, ignored)."""
     limit = 1024 * 1024
-    server = await make_server(max_message_size=limit, heartbeat_timeout=0.5)
+    server = await make_server(max_message_size=limit, heartbeat_timeout=1.0)
     async with open_channel(server, max_size=None) as ws:
         job = await start_job(server, ws)
         await send(ws, "x" * limit)
@@ -399,7 +399,7 @@ async def test_a_message_over_the_size_limit_drops_the_connection(
             await send(ws, "x" * (limit + extra))
         await assert_dropped(ws)
     assert server.job_state(job) == "running"
-    clock.advance(1)
+    clock.advance(2)
     await server.wait_for(lambda: server.job_state(job) == "failed", timeout=WAIT)
 
 
@@ -407,11 +407,11 @@ async def test_only_valid_messages_reset_the_read_timeout(make_server: MakeServe
     """(notes 6.1 item 9) `ready`, unparseable text and binary frames get no liveness credit during a
     job (a stray `ready` is acked with the job's uuid), so a runner sending only those is timed out;
     heartbeats alone keep the same job alive past the timeout."""
-    server = await make_server(heartbeat_timeout=0.6)
+    server = await make_server(heartbeat_timeout=1.5)
     async with open_channel(server) as ws:
         job = await start_job(server, ws)
-        for _ in range(4):  # 0.8 s of heartbeats, longer than the timeout
-            await asyncio.sleep(0.2)
+        for _ in range(8):  # 2 s of heartbeats, longer than the timeout
+            await asyncio.sleep(0.25)
             assert await exchange(ws, HEARTBEAT) == ack(job)
         assert await exchange(ws, ready(5)) == ack(job)
         stop = asyncio.get_running_loop().time() + WAIT

@@ -241,7 +241,7 @@ async def test_invalid_stored_config_is_never_sent(server: FakeBencher, config: 
 async def test_poll_ignores_everything_the_runner_sends(make_server: MakeServer) -> None:
     """(notes 3.2, PROTOCOL.md Flow) while a `ready` poll is open every text (even a terminal message
     or bad JSON) and binary frame is ignored, unanswered; there is no read timeout; pings get pongs."""
-    server = await make_server(heartbeat_timeout=0.3)
+    server = await make_server(heartbeat_timeout=1.0)
     job = server.add_job()
     server.set_status(job, "running")
     server.jobs[job].runner = server.runner_uuid
@@ -259,7 +259,7 @@ async def test_poll_ignores_everything_the_runner_sends(make_server: MakeServer)
             await send(ws, text)
         await ws.send(b"\x00\x01")
         await asyncio.wait_for(await ws.ping(b"p"), WAIT)
-        await asyncio.sleep(0.5)  # longer than the read timeout: none applies while polling
+        await asyncio.sleep(1.2)  # longer than the read timeout: none applies while polling
         assert await recv(ws) == {"event": "no_job"}
     assert server.job_state(job) == "running"
     states = {f.state for f in server.log}
@@ -311,12 +311,12 @@ async def test_idle_binary_frames_are_ignored(server: FakeBencher) -> None:
 async def test_idle_read_timeout(make_server: MakeServer, ping: bool) -> None:
     """(notes 3.1, 6.1 item 4) an idle connection silent for `heartbeat_timeout` is dropped without a
     Close frame; any frame, a ping included, keeps it alive."""
-    server = await make_server(heartbeat_timeout=1.0)
+    server = await make_server(heartbeat_timeout=1.5)
     async with open_channel(server) as ws:
         if not ping:
             await assert_dropped(ws)
             return
-        for _ in range(15):  # 1.5 s of pings, longer than the timeout
+        for _ in range(20):  # 2 s of pings, longer than the timeout
             await asyncio.wait_for(await ws.ping(), WAIT)
             await asyncio.sleep(0.1)
         await assert_idle(ws)
@@ -347,3 +347,20 @@ async def test_ready_with_metadata_and_update(make_server: MakeServer) -> None:
         async with open_channel(server) as ws:
             await send(ws, ready(1, runner=bad))
             await assert_dropped(ws)
+
+
+async def test_canary_update(make_server: MakeServer) -> None:
+    """(notes 2.5, upstream `canary_channel_checksum_fetch_failure_proceeds` and the `ready` unit tests)
+    a canary runner is offered `update` only when it reports a checksum that differs from the
+    published one; version "canary"."""
+    published = "b" * 64
+    server = await make_server(canary_checksum=published)
+    meta = {"os": "linux", "arch": "x86_64", "version": "0.1.0", "channel": "canary"}
+    for skip in (meta, {**meta, "checksum": published}):
+        async with open_channel(server) as ws:
+            assert await exchange(ws, ready(1, runner=skip)) == {"event": "no_job"}
+    async with open_channel(server) as ws:
+        reply = await exchange(ws, ready(1, runner={**meta, "checksum": "c" * 64}))
+        assert reply == {"event": "update", "version": "canary", "url": "https://example.invalid/canary/runner",
+                         "checksum": published}  # fmt: skip
+        await assert_dropped(ws)

@@ -22,11 +22,11 @@ from .conftest import (
 
 
 @pytest.mark.parametrize("state", ["idle", "polling", "claimed", "running"])
-async def test_close_1001_on_server_shutdown(make_server: MakeServer, state: str) -> None:
+async def test_close_1001_on_server_shutdown(make_server: MakeServer, clock: Clock, state: str) -> None:
     """channel_closes_on_server_shutdown, channel_shutdown_midjob_preserves_job: on shutdown the server
     sends Close 1001 `server shutting down` whatever the connection is doing; a job in flight is left
     as it was (claimed or running) and no disconnect timeout is scheduled for it."""
-    server = await make_server(heartbeat_timeout=0.3)
+    server = await make_server(heartbeat_timeout=1.0)
     job = None
     async with open_channel(server) as ws:
         if state == "polling":
@@ -40,7 +40,8 @@ async def test_close_1001_on_server_shutdown(make_server: MakeServer, state: str
         await assert_closed_with(ws, 1001, "server shutting down")
         await asyncio.wait_for(stopping, WAIT)
     if job is not None:
-        await asyncio.sleep(0.6)  # twice the heartbeat timeout: nothing fails the job
+        clock.advance(5)
+        await asyncio.sleep(1.3)  # past the heartbeat timeout: nothing fails the job
         assert server.job_state(job) == state
 
 
@@ -48,11 +49,11 @@ async def test_restart_recovers_jobs_left_in_flight(make_server: MakeServer, clo
     """(notes 3.4, `spawn_job_recovery`) after a restart the running job is failed once
     `heartbeat_timeout` passes without its result; a runner that delivers the result on a new
     connection first gets it processed instead."""
-    server = await make_server(heartbeat_timeout=0.5)
+    server = await make_server(heartbeat_timeout=1.0)
     async with open_channel(server) as ws:
         lost = await start_job(server, ws)
         await server.restart()
-    clock.advance(1)
+    clock.advance(2)
     await server.wait_for(lambda: server.job_state(lost) == "failed", timeout=WAIT)
 
     saved = server.add_job()
@@ -63,8 +64,8 @@ async def test_restart_recovers_jobs_left_in_flight(make_server: MakeServer, clo
     async with open_channel(server) as ws:
         assert await exchange(ws, completed(saved)) == ack(saved)
     assert server.job_state(saved) == "processed"
-    clock.advance(1)
-    await asyncio.sleep(0.7)  # past the recovery check: the result stays
+    clock.advance(2)
+    await asyncio.sleep(1.3)  # past the recovery check: the result stays
     assert server.job_state(saved) == "processed"
 
 
