@@ -1,17 +1,23 @@
-"""A faithful fake of the Bencher API's runner channel (PROTOCOL.md, protocol notes section 6.1).
+"""A fake Bencher API server that behaves like v0.6.12 on the runner channel (protocol notes section 6.1).
 
-In-memory job store, key auth (upgrade then silent drop, or a 401 mode), long poll with `no_job` at the
-deadline, acks carrying the job uuid, heartbeat (read) timeout, hard timeout on heartbeats, conditional
-job-state transitions, results stored once per transition, and fault injection for tests.
+One WebSocket per connection runs the server's three states in a loop: Idle (waiting for `ready`; idle
+retries of terminal messages), Polling (the `ready` long poll) and Executing (one claimed job). What
+each state does with each frame, which close it sends and when it spawns the disconnect timeout follow
+`plus/api_runners/src/channel.rs`; the job rules live in `jobs.py`, the parsing rules in `wire.py`.
+Fault injection (`inject`) and an injectable clock are explicit options for tests; the defaults behave
+like the real server in real time.
 """
 
 import asyncio
 import contextlib
-import hashlib
+import datetime as dt
 import json
+import logging
 import time
 import uuid as uuidlib
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -19,31 +25,54 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-TERMINAL = ("completed", "processed", "failed", "canceled")
+from bencher_runner.fakeserver import wire
+from bencher_runner.fakeserver.connection import ChannelConnection
+from bencher_runner.fakeserver.jobs import (
+    HAS_RUN,
+    FakeJob,
+    InvalidTransition,
+    JobStatus,
+    JobStore,
+    Priority,
+    Reply,
+    ResultCheck,
+    RunnerRecord,
+    accept_all,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEY = "bencher_runner_" + "a1" * 15
+DEFAULT_MAX_MESSAGE = 4 * 1024 * 1024  # request_body_max_bytes, 1 << 22
 FAKE_OCI_TOKEN = (
     "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0ZXN0In0.SflKxwRJSMeKKF2QT4fwpMeJf36POk6yJV_adQssw5c"
 )
-RUNNER_EVENTS = ("ready", "running", "heartbeat", "completed", "failed", "canceled")
+SHUTDOWN_REASON = "server shutting down"
+FAULT_POINTS = ("job", "ready", "running", "heartbeat", "completed", "failed", "canceled")
+
+
+class Fault(StrEnum):
+    """What an injected fault does to the message that hits it."""
+
+    DROP = "drop"  # drop the connection on receipt; the message is not applied ("job": after sending it)
+    DROP_AFTER = "drop-after"  # apply the message, then drop the connection without replying
+    WITHHOLD = "withhold"  # apply the message, send no reply, keep the connection
+    LOSE = "lose"  # neither apply nor answer the message ("job": claim it, never send it, drop)
 
 
 class _Drop(Exception):
-    """End the connection abruptly (no Close frame), as the real server does on errors."""
+    """End the connection without a Close frame, as the real server does on every error."""
 
 
 @dataclass
-class FakeJob:
-    uuid: str
-    spec: dict[str, Any]
-    config: dict[str, Any]
-    timeout: int
-    status: str = "pending"
-    runner: str | None = None
-    started: float | None = None
-    last_heartbeat: float = 0.0
-    output: dict[str, Any] | None = None
-    output_writes: int = 0
-    history: list[str] = field(default_factory=list)
-    oci_token: str = FAKE_OCI_TOKEN
+class LoggedFrame:
+    """One data frame the server received: when, on which connection, in which state, what it was."""
+
+    t: float
+    connection: int
+    state: str
+    data: str | bytes
+    message: dict[str, Any] | None  # the parsed JSON object when the frame is a valid RunnerMessage
 
 
 def default_spec(**overrides: Any) -> dict[str, Any]:
@@ -78,67 +107,135 @@ def default_config(**overrides: Any) -> dict[str, Any]:
     return config
 
 
+def new_key() -> str:
+    return wire.KEY_PREFIX + uuidlib.uuid4().hex[:30]
+
+
+@dataclass
+class _Session:
+    id: int
+    conn: ChannelConnection
+    runner: RunnerRecord
+    state: str = "idle"
+    job: FakeJob | None = None
+    shutting_down: bool = False
+
+
 class FakeBencher:
-    """`await FakeBencher(...).start()`; then `add_job`, `cancel`, `job_state`, `results`, ..."""
+    """`await FakeBencher(...).start()`; then `add_job`, `cancel`, `job_state`, `results`, `inject`, ...
+
+    The default runner (`runner` slug, `key`) has `default_spec()` linked, so jobs added with that spec
+    are claimable. `clock` is the server's clock for job timestamps (claimed, started, last heartbeat:
+    the hard limit and the disconnect check read it); read timeouts and the poll deadline run on the
+    event loop's clock, as the real server's tokio timers do, so tests shorten them with
+    `heartbeat_timeout` and a small `poll_timeout`.
+    """
 
     def __init__(
         self,
         *,
         runner: str = "fake-runner",
-        key: str = "bencher_runner_" + "a1" * 15,
+        key: str = DEFAULT_KEY,
+        runner_uuid: str | None = None,
         heartbeat_timeout: float = 90.0,
         grace_period: float = 60.0,
         default_poll_timeout: int = 30,
-        max_message_size: int = 4 * 1024 * 1024,
+        poll_interval: float = 1.0,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE,
         reject_with_401: bool = False,
         server_version: str | None = None,
+        update_checksum: str | None = "0" * 64,
+        canary_checksum: str | None = None,
+        update_base: str = "https://example.invalid/",
+        result_check: ResultCheck = accept_all,
+        clock: Callable[[], float] = time.monotonic,
+        path_prefix: str = "",
+        close_timeout: float = 2.0,
     ) -> None:
-        self.runner = runner
-        self.key_hash = hashlib.sha256(key.encode()).hexdigest()
         self.heartbeat_timeout = heartbeat_timeout
-        self.grace_period = grace_period
         self.default_poll_timeout = default_poll_timeout
+        self.poll_interval = poll_interval
         self.max_message_size = max_message_size
         self.reject_with_401 = reject_with_401
         self.server_version = server_version
-        self.jobs: dict[str, FakeJob] = {}
-        self.received: list[tuple[float, dict[str, Any]]] = []  # every parsed runner message
-        self.connections = 0
+        self.update_checksum = update_checksum
+        self.canary_checksum = canary_checksum
+        self.update_base = update_base
+        self.clock = clock
+        self.path_prefix = path_prefix.rstrip("/")
+        self.close_timeout = close_timeout
+        self.store = JobStore(grace_period=grace_period, result_check=result_check)
+        default = self.add_runner(runner, key=key, uuid=runner_uuid)
+        default.specs.add(default_spec()["uuid"])
+        self.runner = default.slug
+        self.runner_uuid = default.uuid
+        self.received: list[tuple[float, dict[str, Any]]] = []  # every valid RunnerMessage, any state
+        self.log: list[LoggedFrame] = []  # every data frame, parsed or not
+        self.connections = 0  # authenticated connections
         self.rejected_auth = 0
+        self.claim_errors = 0  # claim attempts that met a job whose stored config does not deserialize
+        self._claim_errors_logged: set[str] = set()
         self.port = 0
         self._server: Server | None = None
-        self._conns: set[ServerConnection] = set()
-        self._job_added = asyncio.Event()
-        self._faults: list[tuple[str, bool]] = []  # (point, process first)
-        self._timers: set[asyncio.Task[None]] = set()
+        self._sessions: dict[int, _Session] = {}
+        self._faults: list[list[Any]] = []  # [point, fault, times left or None]
+        self._timers: dict[str, asyncio.Task[None]] = {}
+        self._session_ids = 0
 
-    # -- lifecycle -----------------------------------------------------------------------------------
+    # -- compatibility views -----------------------------------------------------------------------------
+    @property
+    def jobs(self) -> dict[str, FakeJob]:
+        return self.store.jobs
+
+    @property
+    def grace_period(self) -> float:
+        return self.store.grace_period
+
+    @grace_period.setter
+    def grace_period(self, value: float) -> None:
+        self.store.grace_period = value
+
+    @property
+    def _conns(self) -> set[ServerConnection]:
+        return {s.conn for s in self._sessions.values()}
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}{self.path_prefix}"
 
     async def start(self, port: int | None = None) -> "FakeBencher":
+        """Listen on loopback; like a server start, recover jobs a previous run left in flight."""
+        ChannelConnection.max_message = self.max_message_size
         self._server = await serve(
             self._handle,
             "127.0.0.1",
             port if port is not None else self.port,
             process_request=self._process_request,
-            max_size=self.max_message_size,
+            max_size=None,  # ChannelConnection enforces the limit without a Close frame
+            compression=None,  # tungstenite negotiates no extensions
             ping_interval=None,
+            close_timeout=self.close_timeout,
+            create_connection=ChannelConnection.limited_to(self.max_message_size),
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]
+        for job in self.store.recover(self.clock(), self.heartbeat_timeout):
+            self._spawn_timeout(job)
         return self
 
     async def stop(self) -> None:
-        """Graceful shutdown: Close 1001 `server shutting down`; running jobs stay running."""
+        """Graceful shutdown: Close 1001 `server shutting down` on every connection, in every state; jobs
+        in flight stay as they are and no timeout is scheduled (the process is going away)."""
         if self._server is None:
             return
-        for ws in list(self._conns):
-            with contextlib.suppress(Exception):
-                await ws.close(1001, "server shutting down")
+        sessions = list(self._sessions.values())
+        for s in sessions:
+            s.shutting_down = True
+        await asyncio.gather(*(s.conn.close(1001, SHUTDOWN_REASON) for s in sessions), return_exceptions=True)
         self._server.close()
         await self._server.wait_closed()
         self._server = None
+        self._cancel_timers()
 
     async def restart(self, pause: float = 0.0) -> None:
         await self.stop()
@@ -147,31 +244,86 @@ class FakeBencher:
 
     async def close(self) -> None:
         await self.stop()
-        for task in list(self._timers):
-            task.cancel()
+        self._cancel_timers()
 
-    # -- test API ------------------------------------------------------------------------------------
+    def _cancel_timers(self) -> None:
+        for task in self._timers.values():
+            task.cancel()
+        self._timers.clear()
+
+    # -- runners and jobs ----------------------------------------------------------------------------------
+    def add_runner(self, slug: str, *, key: str | None = None, uuid: str | None = None) -> RunnerRecord:
+        record = RunnerRecord(uuid or str(uuidlib.uuid4()), slug, wire.key_hash(key or new_key()))
+        return self.store.add_runner(record)
+
+    def runner_record(self, runner: str | None = None) -> RunnerRecord:
+        found = self.store.find_runner(runner or self.runner_uuid)
+        if found is None:
+            raise KeyError(f"no runner {runner!r}")
+        return found
+
+    def rotate_key(self, runner: str | None = None) -> str:
+        """A new key for the runner; the old one stops working at once. Archived runners: refused."""
+        record = self.runner_record(runner)
+        if record.archived:
+            raise PermissionError(f"runner {record.slug} is archived: its key cannot be rotated")
+        key = new_key()
+        record.key_hash = wire.key_hash(key)
+        return key
+
+    def archive_runner(self, runner: str | None = None) -> None:
+        self.runner_record(runner).archived = True
+
+    def link_spec(self, spec_uuid: str, runner: str | None = None) -> None:
+        self.runner_record(runner).specs.add(spec_uuid)
+
+    def unlink_spec(self, spec_uuid: str, runner: str | None = None) -> None:
+        self.runner_record(runner).specs.discard(spec_uuid)
+
     def add_job(
         self,
         *,
         spec: dict[str, Any] | None = None,
         config: dict[str, Any] | None = None,
-        oci_token: str = FAKE_OCI_TOKEN,
+        oci_token: str | None = None,
+        priority: Priority = Priority.PLUS,
+        organization: str = "fake-org",
+        source_ip: str = "127.0.0.1",
+        created: float | None = None,
         **config_fields: Any,
     ) -> str:
+        """Queue a pending job. The config is stored as given; one that would not deserialize on the
+        server is never sent (claim attempts error on it, as they do upstream). `oci_token` None: a
+        pull-only JWT is minted at claim time."""
         cfg = config if config is not None else default_config(**config_fields)
-        job = FakeJob(str(uuidlib.uuid4()), spec or default_spec(), cfg, int(cfg.get("timeout", 60)))
-        job.oci_token = oci_token
-        self.jobs[job.uuid] = job
-        self._job_added.set()
-        return job.uuid
+        timeout = cfg.get("timeout") if isinstance(cfg, dict) else None
+        job = FakeJob(
+            str(uuidlib.uuid4()),
+            spec or default_spec(),
+            cfg,
+            timeout if isinstance(timeout, int) and not isinstance(timeout, bool) else 0,
+            priority=priority,
+            organization=organization,
+            source_ip=source_ip,
+            created=self.clock() if created is None else created,
+            created_text=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            oci_token=oci_token,
+        )
+        job.history.append(JobStatus.PENDING)
+        return self.store.add(job).uuid
 
     def cancel(self, job: str) -> None:
-        """An external cancel: the runner learns it on its next `running`/`heartbeat`."""
-        self._transition(self.jobs[job], ("pending", "claimed", "running"), "canceled")
+        """An external cancel of a live job: the runner learns it on its next `running`/`heartbeat`."""
+        found = self.jobs[job]
+        if found.status in (JobStatus.PENDING, JobStatus.CLAIMED, JobStatus.RUNNING):
+            self.store.set_status(found, JobStatus.CANCELED)
+
+    def set_status(self, job: str, status: JobStatus | str) -> None:
+        """Write a job's status directly, as the upstream tests do to simulate races."""
+        self.store.set_status(self.jobs[job], JobStatus(status))
 
     def job_state(self, job: str) -> str:
-        return self.jobs[job].status
+        return self.jobs[job].status.value
 
     def results(self, job: str) -> dict[str, Any] | None:
         return self.jobs[job].output
@@ -179,288 +331,330 @@ class FakeBencher:
     def output_writes(self, job: str) -> int:
         return self.jobs[job].output_writes
 
-    def drop_connection(self) -> None:
-        """Drop every runner connection now, without a Close frame."""
-        for ws in list(self._conns):
-            ws.transport.abort()
-
-    def fail_at(self, point: str, *, process: bool = False) -> None:
-        """One-shot fault: drop the connection at `point` ("job" = right after sending a job, or a
-        runner event name); with process=True the message is applied first but never answered."""
-        self._faults.append((point, process))
-
     def events(self, name: str) -> list[tuple[float, dict[str, Any]]]:
         return [(t, m) for t, m in self.received if m.get("event") == name]
 
-    async def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
             if time.monotonic() > deadline:
                 raise TimeoutError("condition not met in time")
             await asyncio.sleep(0.02)
 
-    # -- auth ----------------------------------------------------------------------------------------
-    def _authorized(self, request: Request) -> bool:
-        parts = request.path.split("?")[0].rstrip("/").split("/")
-        if len(parts) < 4 or parts[-1] != "channel" or parts[-3] != "runners" or parts[-4] != "v0":
-            return False
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token.startswith("bencher_runner_") or len(token) != 45:
-            return False
-        return hashlib.sha256(token.encode()).hexdigest() == self.key_hash and parts[-2] == self.runner
+    # -- fault injection ---------------------------------------------------------------------------------
+    def inject(self, point: str, fault: Fault | str, *, times: int | None = 1) -> None:
+        """Apply `fault` to the next `times` messages (None: all of them) that reach `point`: a runner
+        event the server handles (Idle or Executing), or "job" (the server has just claimed a job)."""
+        if point not in FAULT_POINTS:
+            raise ValueError(f"fault point {point!r} is not one of {', '.join(FAULT_POINTS)}")
+        self._faults.append([point, Fault(fault), times])
+
+    def fail_at(self, point: str, *, process: bool = False) -> None:
+        """One-shot: drop the connection at `point`; with process=True the message is applied first."""
+        self.inject(point, Fault.DROP_AFTER if process else Fault.DROP)
+
+    def clear_faults(self) -> None:
+        self._faults.clear()
+
+    def _fault(self, point: str) -> Fault | None:
+        for entry in self._faults:
+            if entry[0] == point:
+                fault: Fault = entry[1]
+                if entry[2] is not None:
+                    entry[2] -= 1
+                    if entry[2] <= 0:
+                        self._faults.remove(entry)
+                return fault
+        return None
+
+    def drop_connection(self) -> None:
+        """Drop every runner connection now, without a Close frame."""
+        for s in self._sessions.values():
+            s.conn.drop()
+
+    async def broadcast(self, data: str | bytes) -> None:
+        """Send a raw frame on every open connection (to test how a runner takes hostile frames)."""
+        for s in list(self._sessions.values()):
+            with contextlib.suppress(ConnectionClosed):
+                await s.conn.send(data)
+
+    # -- HTTP and auth -----------------------------------------------------------------------------------
+    def _runner_path(self, request: Request) -> str | None:
+        path = request.path.split("?", 1)[0]
+        prefix = f"{self.path_prefix}/v0/runners/"
+        if not path.startswith(prefix) or not path.endswith("/channel"):
+            return None
+        resource = path[len(prefix) : -len("/channel")]
+        return resource if resource and "/" not in resource else None
+
+    def _authenticate(self, request: Request) -> RunnerRecord | None:
+        """`RunnerAuth::from_header`: Bearer token, key format, then a runner with that key hash, not
+        archived, whose UUID or slug is the one in the path."""
+        resource = self._runner_path(request)
+        token = wire.bearer_token(request.headers.get("Authorization"))
+        if resource is None or token is None or not wire.valid_key(token):
+            return None
+        runner = self.store.find_runner(resource)
+        if runner is None or runner.archived or runner.key_hash != wire.key_hash(token):
+            return None
+        return runner
 
     def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        if self.reject_with_401 and not self._authorized(request):
+        if self._runner_path(request) is None:
+            return Response(404, "Not Found", Headers(), b"Not Found\n")
+        if self.reject_with_401 and self._authenticate(request) is None:
             self.rejected_auth += 1
             return Response(401, "Unauthorized", Headers(), b"Invalid runner key\n")
         return None
 
-    # -- channel -------------------------------------------------------------------------------------
-    def _fault(self, point: str) -> tuple[bool, bool]:
-        for i, (p, process) in enumerate(self._faults):
-            if p == point:
-                del self._faults[i]
-                return True, process
-        return False, False
-
-    async def _handle(self, ws: ServerConnection) -> None:
-        assert ws.request is not None
-        if not self._authorized(ws.request):
+    # -- the channel -------------------------------------------------------------------------------------
+    async def _handle(self, conn: ServerConnection) -> None:
+        assert isinstance(conn, ChannelConnection) and conn.request is not None
+        runner = self._authenticate(conn.request)
+        if runner is None:  # the upgrade already happened: end the connection without a word
             self.rejected_auth += 1
-            ws.transport.abort()
+            conn.drop()
             return
         self.connections += 1
-        self._conns.add(ws)
-        current: FakeJob | None = None
+        self._session_ids += 1
+        s = _Session(self._session_ids, conn, runner)
+        self._sessions[s.id] = s
         try:
             while True:
-                current = None
-                poll = await self._idle(ws)
-                current = await self._poll(ws, poll)
-                if current is not None:
-                    await self._execute(ws, current)
-                    current = None
-        except (_Drop, ConnectionClosed):
-            ws.transport.abort()
+                s.state, s.job = "idle", None
+                poll_timeout = await self._idle(s)
+                s.state = "polling"
+                s.job = await self._poll(s, poll_timeout)
+                if s.job is not None:
+                    s.state = "executing"
+                    await self._execute(s, s.job)
+        except (_Drop, ConnectionClosed) as exc:
+            if not s.shutting_down:
+                log.info("connection %d ended in %s: %s", s.id, s.state, exc or type(exc).__name__)
+                conn.drop()
+                if s.state == "executing" and s.job is not None and s.job.status not in HAS_RUN:
+                    self._spawn_timeout(s.job)
         finally:
-            self._conns.discard(ws)
-            if current is not None and current.status in ("claimed", "running"):
-                self._spawn_timeout(current)
+            del self._sessions[s.id]
 
-    async def _recv(self, ws: ServerConnection, timeout: float) -> dict[str, Any] | str | None:
-        """A parsed message, None on a timeout, or the raw text when it does not parse."""
-        try:
-            frame = await asyncio.wait_for(ws.recv(), timeout)
-        except TimeoutError:
-            return None
-        if isinstance(frame, bytes):
-            return ""
-        try:
-            msg = json.loads(frame)
-        except ValueError:
-            return frame
-        if not isinstance(msg, dict) or msg.get("event") not in RUNNER_EVENTS or not self._valid(msg):
-            return frame
-        self.received.append((time.monotonic(), msg))
-        hit, process = self._fault(msg["event"])
-        if hit and not process:
-            raise _Drop
-        if hit:
-            msg["_drop_after"] = True
-        return msg
-
-    @staticmethod
-    def _valid(msg: dict[str, Any]) -> bool:
-        event = msg["event"]
-        if event == "ready":
-            pt = msg.get("poll_timeout")
-            return pt is None or (isinstance(pt, int) and 1 <= pt <= 900)
-        if event in ("completed", "failed"):
-            ok = isinstance(msg.get("job"), str) and isinstance(msg.get("results"), list)
-            return ok and (event == "completed" or isinstance(msg.get("error"), str))
-        if event == "canceled":
-            return isinstance(msg.get("job"), str)
-        return True
-
-    async def _reply(self, ws: ServerConnection, msg: dict[str, Any], reply: dict[str, Any]) -> None:
-        if msg.get("_drop_after"):
-            raise _Drop
-        await ws.send(json.dumps(reply))
-
-    async def _idle(self, ws: ServerConnection) -> int:
+    async def _frame(
+        self, conn: ChannelConnection, deadline: float | Callable[[], float]
+    ) -> str | bytes | None:
+        """The next data frame, or None once `deadline` (event-loop time; a function is re-read after
+        every wake-up, so that the deadline may move) has passed. Raises ConnectionClosed."""
+        loop = asyncio.get_running_loop()
         while True:
-            msg = await self._recv(ws, self.heartbeat_timeout)
-            if msg is None or isinstance(msg, str):
-                raise _Drop  # idle silence or a parse failure: drop
-            event = msg["event"]
-            if event == "ready":
-                if self.server_version and isinstance(msg.get("runner"), dict):
-                    meta = msg["runner"]
-                    if meta.get("os") == "linux" and meta.get("version") != self.server_version:
-                        v = self.server_version
-                        await ws.send(
-                            json.dumps(
-                                {
-                                    "event": "update",
-                                    "version": v,
-                                    "url": f"https://example.invalid/v{v}/runner",
-                                    "checksum": "0" * 64,
-                                }
-                            )
-                        )
-                        raise _Drop
-                pt = msg.get("poll_timeout")
-                return pt if isinstance(pt, int) else self.default_poll_timeout
-            if event in ("completed", "failed", "canceled"):
-                job = self.jobs.get(msg["job"])
-                if job is not None and job.runner == self.runner:
-                    self._terminal(job, msg)
-                await self._reply(ws, msg, {"event": "ack", "job": msg["job"]})
-            # running / heartbeat in idle: ignored without a reply
-
-    async def _poll(self, ws: ServerConnection, poll_timeout: int) -> FakeJob | None:
-        deadline = time.monotonic() + poll_timeout
-        while True:
-            job = self._claim()
-            if job is not None:
-                payload = {
-                    "event": "job",
-                    "uuid": job.uuid,
-                    "spec": job.spec,
-                    "config": job.config,
-                    "oci_token": job.oci_token,
-                    "timeout": job.timeout,
-                    "created": "2026-01-01T00:00:00Z",
-                }
-                await ws.send(json.dumps(payload))
-                hit, _ = self._fault("job")
-                if hit:
-                    self._spawn_timeout(job)
-                    raise _Drop
-                return job
-            remaining = deadline - time.monotonic()
+            remaining = (deadline() if callable(deadline) else deadline) - loop.time()
             if remaining <= 0:
-                await ws.send(json.dumps({"event": "no_job"}))
                 return None
-            self._job_added.clear()
-            recv = asyncio.ensure_future(ws.recv())
-            added = asyncio.ensure_future(self._job_added.wait())
-            done, _ = await asyncio.wait(
-                {recv, added}, timeout=min(1.0, remaining), return_when="FIRST_COMPLETED"
-            )
-            added.cancel()
-            if recv in done:
-                recv.result()  # raises ConnectionClosed; text while polling is ignored
-            else:
-                recv.cancel()
-                with contextlib.suppress(BaseException):
-                    await recv
+            with contextlib.suppress(TimeoutError):
+                return await asyncio.wait_for(conn.recv(), remaining)
 
-    def _claim(self) -> FakeJob | None:
-        for job in self.jobs.values():
-            if job.status == "pending":
-                job.runner = self.runner
-                job.last_heartbeat = time.monotonic()
-                self._transition(job, ("pending",), "claimed")
-                return job
-        return None
+    def _note(self, s: _Session, data: str | bytes) -> wire.RunnerMessage | None:
+        """Log a frame; return it parsed when it is a valid RunnerMessage."""
+        parsed: wire.RunnerMessage | None = None
+        raw: dict[str, Any] | None = None
+        if isinstance(data, str):
+            with contextlib.suppress(wire.WireError):
+                parsed = wire.parse_runner_message(data)
+                raw = wire.loads(data)
+        now = time.monotonic()
+        self.log.append(LoggedFrame(now, s.id, s.state, data, raw))
+        if raw is not None:
+            self.received.append((now, raw))
+        return parsed
 
-    def _hard_timeout(self, job: FakeJob) -> bool:
-        return job.started is not None and time.monotonic() - job.started > job.timeout + self.grace_period
+    async def _send(self, s: _Session, message: dict[str, Any]) -> None:
+        await s.conn.send(wire.dumps(message))
 
-    async def _execute(self, ws: ServerConnection, job: FakeJob) -> None:
-        job.last_heartbeat = time.monotonic()
+    # Idle ----------------------------------------------------------------------------------------------
+    async def _idle(self, s: _Session) -> int:
+        """Wait for `ready` (returns its poll timeout). Any frame, pings included, resets the read timeout;
+        text that does not parse drops the connection; `running`/`heartbeat` get no reply; terminal
+        messages are idle retries."""
+        entered = asyncio.get_running_loop().time()
         while True:
-            remaining = job.last_heartbeat + self.heartbeat_timeout - time.monotonic()
-            msg = await self._recv(ws, max(0.0, remaining))
-            if msg is None:  # read timeout
-                reason = "job_timeout_exceeded" if self._hard_timeout(job) else "heartbeat_timeout"
-                self._transition(
-                    job, ("claimed", "running"), "canceled" if self._hard_timeout(job) else "failed"
-                )
-                await ws.close(1000, json.dumps(reason))
-                raise _Drop
-            if isinstance(msg, str):
-                continue  # unparseable text while executing: ignored
-            event = msg["event"]
-            ack = {"event": "ack", "job": job.uuid}
-            if event == "ready":
-                await self._reply(ws, msg, ack)
+            data = await self._frame(s.conn, lambda: max(entered, s.conn.last_frame) + self.heartbeat_timeout)
+            if data is None:
+                raise _Drop("idle timeout")
+            msg = self._note(s, data)
+            if isinstance(data, bytes):
                 continue
-            job.last_heartbeat = time.monotonic()
-            if event == "running":
-                if job.status == "claimed":
-                    job.started = time.monotonic()
-                    self._transition(job, ("claimed",), "running")
-                if job.status == "canceled":
-                    await self._reply(ws, msg, {"event": "cancel"})
-                    return
-                await self._reply(ws, msg, ack)
-            elif event == "heartbeat":
-                if job.status == "canceled":
-                    await self._reply(ws, msg, {"event": "cancel"})
-                    return
-                if self._hard_timeout(job):
-                    self._transition(job, ("claimed", "running"), "canceled")
-                    await self._reply(ws, msg, {"event": "cancel"})
-                    return
-                await self._reply(ws, msg, ack)
-            else:
-                self._terminal(job, msg)
-                await self._reply(ws, msg, ack)
+            if msg is None:
+                raise _Drop("a message that does not parse while idle")
+            fault = self._fault(msg.event)
+            if fault is Fault.DROP:
+                raise _Drop(f"injected fault at {msg.event}")
+            if fault is Fault.LOSE:
+                continue
+            reply: dict[str, Any] | None = None
+            if isinstance(msg, wire.Ready):
+                update = self._update_for(msg.runner)
+                if update is not None:
+                    await self._send(s, update)
+                    raise _Drop("update sent")
+            elif isinstance(msg, wire.Completed | wire.Failed | wire.Canceled):
+                job = self.store.owned(msg.job, s.runner)
+                if job is not None:
+                    self._apply_terminal(job, msg)
+                reply = {"event": "ack", "job": msg.job}  # the message's uuid, even for an unknown job
+            # else running / heartbeat while idle: ignored, no reply
+            if fault is Fault.DROP_AFTER:
+                raise _Drop(f"injected fault after {msg.event}")
+            if isinstance(msg, wire.Ready):
+                return msg.poll_timeout if msg.poll_timeout is not None else self.default_poll_timeout
+            if reply is not None and fault is not Fault.WITHHOLD:
+                await self._send(s, reply)
+
+    def _update_for(self, meta: wire.RunnerMetadata | None) -> dict[str, Any] | None:
+        if meta is None or meta.os != "linux":
+            return None
+        if meta.channel in (None, "stable"):
+            version = self.server_version
+            if version is None or meta.version == version or self.update_checksum is None:
+                return None  # no update (None checksum: its fetch failed, the server carries on)
+            url = f"{self.update_base}v{version}/runner"
+            return {"event": "update", "version": version, "url": url, "checksum": self.update_checksum}
+        if meta.checksum is None or self.canary_checksum is None or meta.checksum == self.canary_checksum:
+            return None
+        url = f"{self.update_base}canary/runner"
+        return {"event": "update", "version": "canary", "url": url, "checksum": self.canary_checksum}
+
+    # Polling -------------------------------------------------------------------------------------------
+    async def _poll(self, s: _Session, poll_timeout: int) -> FakeJob | None:
+        """Try to claim now, then every poll interval and after every frame, until the deadline; then
+        `no_job`. Everything the runner sends meanwhile is ignored; there is no read timeout."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + poll_timeout
+        while True:
+            job = self._try_claim(s.runner)
+            if job is not None:
+                fault = self._fault("job")
+                if fault is Fault.LOSE:  # the send failed: no timeout is scheduled (gotcha 9)
+                    raise _Drop("injected fault: job not sent")
+                await self._send(s, self._job_message(job))
+                if fault is Fault.DROP:
+                    s.state, s.job = "executing", job
+                    raise _Drop("injected fault after sending the job")
+                return job
+            if loop.time() >= deadline:
+                await self._send(s, {"event": "no_job"})
+                return None
+            wake = min(deadline, loop.time() + self.poll_interval)
+            data = await self._frame(s.conn, wake)
+            if data is not None:
+                self._note(s, data)
+
+    def _try_claim(self, runner: RunnerRecord) -> FakeJob | None:
+        job = self.store.next_claimable(runner)
+        if job is None:
+            return None
+        problem = wire.config_error(job.config)
+        if problem is not None:
+            self.claim_errors += 1
+            if job.uuid not in self._claim_errors_logged:
+                self._claim_errors_logged.add(job.uuid)
+                log.warning("claim attempts fail on job %s: %s", job.uuid, problem)
+            return None
+        return job if self.store.claim(job, runner, self.clock()) else None
+
+    def _job_message(self, job: FakeJob) -> dict[str, Any]:
+        token = job.oci_token or wire.mint_oci_token(
+            runner=job.runner or "", project=str(job.config["project"]), issued=int(time.time())
+        )
+        return {
+            "event": "job",
+            "uuid": job.uuid,
+            "spec": job.spec,
+            "config": wire.stored_config(job.config),
+            "oci_token": token,
+            "timeout": job.config["timeout"],
+            "created": job.created_text,
+        }
+
+    # Executing -----------------------------------------------------------------------------------------
+    async def _execute(self, s: _Session, job: FakeJob) -> None:
+        """One job: every message that parses gets exactly one reply (`ack` with this job's uuid, or
+        `cancel`); other frames are ignored. Only valid messages other than `ready` reset the read
+        timeout; when it passes, the job is failed (canceled past the hard limit) and Close 1000 sent
+        with the JSON reason. Returns after `cancel` or a terminal ack: the connection goes back to Idle."""
+        loop = asyncio.get_running_loop()
+        last_valid = loop.time()
+        while True:
+            data = await self._frame(s.conn, last_valid + self.heartbeat_timeout)
+            if data is None:
+                reason = self.store.on_read_timeout(job, self.clock())
+                await s.conn.close(1000, json.dumps(reason.value))  # the reason is JSON: "heartbeat_timeout"
+                raise _Drop(f"read timeout: {reason}")
+            msg = self._note(s, data)
+            if msg is None:
+                continue  # binary, or text that does not parse: ignored during a job
+            fault = self._fault(msg.event)
+            if fault is Fault.DROP:
+                raise _Drop(f"injected fault at {msg.event}")
+            if fault is Fault.LOSE:
+                continue
+            reply, done = self._executing_reply(job, msg)
+            if not isinstance(msg, wire.Ready):
+                last_valid = loop.time()
+            if fault is Fault.DROP_AFTER:
+                raise _Drop(f"injected fault after {msg.event}")
+            if fault is not Fault.WITHHOLD:
+                await self._send(s, reply)
+            if done:
                 return
 
-    def _terminal(self, job: FakeJob, msg: dict[str, Any]) -> None:
-        """Apply a terminal message (rules of notes 3.5); raises _Drop on an illegal transition."""
-        event = msg["event"]
-        if event == "completed":
-            if self._transition(job, ("running", "failed"), "completed"):
-                self._store(job, {"results": msg["results"]})
-                self._transition(job, ("completed",), "processed")
-            elif job.status not in ("completed", "processed", "canceled"):
-                raise _Drop
-        elif event == "failed":
-            if self._transition(job, ("claimed", "running"), "failed"):
-                self._store(job, {"results": msg["results"], "error": msg["error"]})
-            elif job.status not in TERMINAL:
-                raise _Drop
-        elif (
-            event == "canceled"
-            and not self._transition(job, ("claimed", "running"), "canceled")
-            and job.status != "canceled"
-        ):
-            raise _Drop
+    def _executing_reply(self, job: FakeJob, msg: wire.RunnerMessage) -> tuple[dict[str, Any], bool]:
+        """The reply to one message about the current job, and whether the job is over on this
+        connection. Raises _Drop on an invalid transition."""
+        now = self.clock()
+        ack = {"event": "ack", "job": job.uuid}
+        if isinstance(msg, wire.Ready):
+            return ack, False  # acked; does not count as liveness
+        if isinstance(msg, wire.Running | wire.Heartbeat):
+            handler = self.store.on_running if isinstance(msg, wire.Running) else self.store.on_heartbeat
+            if handler(job, now) is Reply.CANCEL:
+                return {"event": "cancel"}, True
+            return ack, False
+        if msg.job != job.uuid:
+            log.warning("%s for job %s during job %s: applied to this job", msg.event, msg.job, job.uuid)
+        self._apply_terminal(job, msg)
+        return ack, True
 
-    def _store(self, job: FakeJob, output: dict[str, Any]) -> None:
-        job.output = output
-        job.output_writes += 1
+    def _apply_terminal(self, job: FakeJob, msg: wire.Terminal) -> None:
+        now = self.clock()
+        try:
+            if isinstance(msg, wire.Completed):
+                self.store.on_completed(job, msg.results, now)
+            elif isinstance(msg, wire.Failed):
+                self.store.on_failed(job, msg.results, msg.error, now)
+            else:
+                self.store.on_canceled(job, now)
+        except InvalidTransition as exc:
+            raise _Drop(str(exc)) from None
 
-    def _transition(self, job: FakeJob, allowed: tuple[str, ...], to: str) -> bool:
-        if job.status not in allowed:
-            return False
-        job.status = to
-        job.history.append(to)
-        return True
-
+    # -- the disconnect timeout --------------------------------------------------------------------------
     def _spawn_timeout(self, job: FakeJob) -> None:
+        """`spawn_heartbeat_timeout`: `heartbeat_timeout` after a disconnect (or a server start), fail
+        the job unless it has run, is past the hard limit (canceled) or was heard from since."""
+
         async def watch() -> None:
             delay = self.heartbeat_timeout
             while True:
                 await asyncio.sleep(delay)
-                if job.status in TERMINAL:
+                again = self.store.after_disconnect(job, self.clock(), self.heartbeat_timeout)
+                if again is None:
                     return
-                if self._hard_timeout(job):
-                    self._transition(job, ("claimed", "running"), "canceled")
-                    return
-                since = time.monotonic() - job.last_heartbeat
-                if since < self.heartbeat_timeout:
-                    delay = max(0.2, self.heartbeat_timeout - since)
-                    continue
-                self._transition(job, ("claimed", "running"), "failed")
-                return
+                delay = max(again, min(1.0, self.heartbeat_timeout))
 
+        old = self._timers.pop(job.uuid, None)
+        if old is not None:
+            old.cancel()
         task = asyncio.ensure_future(watch())
-        self._timers.add(task)
-        task.add_done_callback(self._timers.discard)
+        self._timers[job.uuid] = task
+
+        def forget(done: "asyncio.Task[None]") -> None:
+            if self._timers.get(job.uuid) is done:
+                del self._timers[job.uuid]
+
+        task.add_done_callback(forget)
