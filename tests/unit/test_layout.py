@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +9,7 @@ import pytest
 from bencher_runner.oci.imageconfig import parse_image_config
 from bencher_runner.oci.layout import open_layout, parse_layout_ref
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
+from tests.support.bounded import call_bounded
 from tests.support.oci_builder import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -252,3 +255,58 @@ def test_image_config_nulls_and_unknown_fields() -> None:
     ):
         with pytest.raises(ImageError, match="image config"):
             parse_image_config(bad)
+
+
+# --- special files where the layout has a file (a FIFO would block the open forever) -----------------
+
+
+def _special_file(path: Path, kind: str) -> None:
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":  # to a regular file with the same bytes: still refused, never followed
+        os.symlink(path.parent / "elsewhere", path)
+    else:  # a character device reading zeros forever (/dev/zero's numbers)
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+        except PermissionError:
+            pytest.skip("mknod needs CAP_MKNOD")
+
+
+def _target(layout: Path, which: str) -> Path:
+    entry, manifest = manifest_of(layout)
+    if which == "index.json":
+        return layout / "index.json"
+    if which == "oci-layout":
+        return layout / "oci-layout"
+    digest = {
+        "manifest": entry["digest"],
+        "config": manifest["config"]["digest"],
+        "layer": manifest["layers"][-1]["digest"],
+    }[which]
+    return blob_path(layout, digest)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "chardev"])
+@pytest.mark.parametrize("which", ["index.json", "oci-layout", "manifest", "config", "layer"])
+def test_special_file_in_layout_is_refused_without_blocking(tmp_path: Path, which: str, kind: str) -> None:
+    layout = make(tmp_path)
+    target = _target(layout, which)
+    (target.parent / "elsewhere").write_bytes(target.read_bytes())
+    _special_file(target, kind)
+    with pytest.raises(ImageError) as err:
+        call_bounded(lambda: open_layout(str(layout), arch="amd64"), fifos=[target])
+    text = str(err.value)
+    assert "not a regular file" in text and target.name in text, text
+    assert "\n" not in text
+
+
+def test_fifo_at_a_nested_index_blob(tmp_path: Path) -> None:
+    layout = tmp_path / "img"
+    top = build_layout(layout, LAYERS, CONFIG, platforms=[("linux", "amd64"), ("linux", "arm64")])
+    target = blob_path(layout, top)
+    target.unlink()
+    os.mkfifo(target)
+    with pytest.raises(ImageError, match="not a regular file") as err:
+        call_bounded(lambda: open_layout(str(layout), arch="amd64"), fifos=[target])
+    assert top in str(err.value)

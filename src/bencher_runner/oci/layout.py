@@ -4,6 +4,8 @@ The layout is the runner's only input format (``docker save``/``buildah push oci
 all write it). Nothing from it is trusted: JSON blobs are read with a size bound, every blob is hashed
 against its digest and descriptor size before use, and digests are validated before they become blob
 paths. Layers are verified here (streamed, never loaded) so unpacking only ever sees checked bytes.
+Every file is opened without blocking or following a symlink and must be a regular file
+(:mod:`bencher_runner.oci.untrusted`): a FIFO at ``index.json`` would otherwise hang the job forever.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bencher_runner.oci.digest import CHUNK_SIZE, parse_digest, verify_bytes, verify_stream
 from bencher_runner.oci.imageconfig import ImageConfigBlob, parse_image_config
+from bencher_runner.oci.untrusted import NotRegularFileError, open_regular, read_regular
 from bencher_runner.spec.errors import ImageError
 
 OCI_LAYOUT_VERSION = "1.0.0"
@@ -177,19 +179,21 @@ def _blob_path(layout_dir: Path, digest: str, what: str) -> Path:
 @contextmanager
 def _open_regular(path: Path, what: str, digest: str) -> Iterator[tuple[BinaryIO, int]]:
     try:
-        f = path.open("rb")
+        f = open_regular(path)
     except FileNotFoundError:
         raise ImageError(
             f"{what} {digest} is missing from the layout ({path} does not exist); the layout is "
             "incomplete, copy or build the image again"
         ) from None
+    except NotRegularFileError as e:
+        raise ImageError(
+            f"{what} {digest}: {path} is not a regular file (a {e.kind}); a layout holds its blobs as "
+            "plain files, copy or build the image again"
+        ) from None
     except OSError as e:
         raise ImageError(f"{what} {digest}: cannot open {path}: {e.strerror}; check the layout") from None
     with f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"{what} {digest}: {path} is not a regular file; check the layout")
-        yield f, st.st_size
+        yield f, os.fstat(f.fileno()).st_size
 
 
 def _size_mismatch(what: str, digest: str, expected: int, actual: int) -> ImageError:
@@ -232,12 +236,16 @@ def _verify_layer(layout_dir: Path, desc: _Descriptor, what: str) -> Path:
 
 def _read_bounded(path: Path, what: str) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+        data = read_regular(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise ImageError(
             f"{path} does not exist: {path.parent} is not an OCI image layout (no {what}); pass a "
             "directory written by `skopeo copy … oci:DIR`, `docker save` or `buildah push … oci:DIR`"
+        ) from None
+    except NotRegularFileError as e:
+        raise ImageError(
+            f"{path} is not a regular file (a {e.kind}); the {what} of a layout is a plain file, copy or "
+            "build the image again"
         ) from None
     except OSError as e:
         raise ImageError(f"cannot read {path}: {e.strerror}; check the image layout") from None
