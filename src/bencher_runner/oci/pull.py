@@ -41,6 +41,7 @@ from bencher_runner.oci.progress import ProgressCallback, PullProgress
 from bencher_runner.oci.reference import ImageReference
 from bencher_runner.oci.registry import MAX_MANIFEST_BYTES, RegistryClient
 from bencher_runner.oci.source import DEFAULT_MAX_IMAGE_BYTES
+from bencher_runner.oci.untrusted import read_regular
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
 
 DEFAULT_MAX_LAYERS = 128
@@ -88,8 +89,9 @@ class _Puller:
         data: bytes | None = None
         if is_digest(reference):
             cached = self.cache.lookup(reference)
-            if cached is not None and cached.stat().st_size <= limit:
-                data = cached.read_bytes()
+            if cached is not None:
+                data = _read_cached(cached, limit)
+            if data is not None:
                 verify_bytes(data, reference, what=f"cached manifest {reference}")
         if data is None:
             fetched = self.client.get_manifest(reference, max_bytes=limit)
@@ -157,6 +159,16 @@ class _Puller:
             PullProgress(image, kind, desc.digest, desc.size, desc.size, cached=cached, complete=True)
         )
         return path
+
+
+def _read_cached(path: Path, limit: int) -> bytes | None:
+    """A cached JSON blob of at most ``limit`` bytes; None when it is not a regular file of that size
+    any more (never blocks: a FIFO planted in the cache is refused, not opened for a blocking read)."""
+    try:
+        data = read_regular(path, limit)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None
 
 
 def _check_media_type(desc: _Descriptor, allowed: frozenset[str], what: str, ref: ImageReference) -> None:
@@ -227,7 +239,13 @@ def pull_image(
             )
 
         config_path = puller.blob(manifest.config, "config")
-        config = parse_image_config(config_path.read_bytes())
+        config_data = _read_cached(config_path, MAX_MANIFEST_BYTES)
+        if config_data is None:
+            raise ImageError(
+                f"the cached image config {manifest.config.digest} of {ref} vanished or was replaced while "
+                "the pull ran; retry the pull"
+            )
+        config = parse_image_config(config_data)
         with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="oci-pull") as pool:
             # each in a copy of this context: log lines from the download threads keep the job's uuid
             futures = [
