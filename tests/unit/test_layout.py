@@ -310,3 +310,45 @@ def test_fifo_at_a_nested_index_blob(tmp_path: Path) -> None:
     with pytest.raises(ImageError, match="not a regular file") as err:
         call_bounded(lambda: open_layout(str(layout), arch="amd64"), fifos=[target])
     assert top in str(err.value)
+
+
+# --- image config values the guest cannot take: one line naming the field, at open time --------------
+
+
+@pytest.mark.parametrize(
+    "config,field,shown",
+    [
+        ({"WorkingDir": "/w\x00x"}, "WorkingDir", r"'/w\\x00x'"),
+        ({"WorkingDir": "relative/dir"}, "WorkingDir", "'relative/dir'"),
+        ({"WorkingDir": "/a/../b"}, "WorkingDir", "'/a/../b'"),
+        ({"WorkingDir": ".."}, "WorkingDir", "'..'"),
+        ({"User": "bench\x00"}, "User", r"'bench\\x00'"),
+        ({"User": "a\nb"}, "User", r"'a\\nb'"),
+        ({"Env": ["A=1", "B=b\x00c"]}, r"Env\[1\]", r"'B=b\\x00c'"),
+        ({"Env": ["\ud800=x"]}, r"Env\[0\]", r"'\\ud800=x'"),
+        ({"Entrypoint": ["/bin/sh", "a\x00"]}, r"Entrypoint\[1\]", r"'a\\x00'"),
+        ({"Cmd": ["\ud800"]}, r"Cmd\[0\]", r"'\\ud800'"),
+        ({"WorkingDir": "/\udcff"}, "WorkingDir", r"'/\\udcff'"),
+    ],
+)
+def test_image_config_values_the_guest_cannot_take(config: dict[str, Any], field: str, shown: str) -> None:
+    blob = json.dumps({"architecture": "amd64", "os": "linux", "config": config}).encode()
+    with pytest.raises(ImageError, match=rf"image config field config\.{field}: .*{shown}") as err:
+        parse_image_config(blob)
+    text = str(err.value)
+    assert "\n" not in text and "\x00" not in text
+    text.encode()  # UTF-8 encodable: no lone surrogate reaches the error text
+
+
+def test_image_config_values_that_stay_accepted() -> None:
+    config = {"WorkingDir": "/a/b/", "User": "1000:1000", "Env": ["JUNK", "A=", "B=x=y"], "Cmd": [""]}
+    blob = json.dumps({"architecture": "amd64", "os": "linux", "config": config}).encode()
+    cfg = parse_image_config(blob).config
+    assert (cfg.working_dir, cfg.user, cfg.env, cfg.cmd) == ("/a/b/", "1000:1000", config["Env"], [""])
+
+
+def test_image_config_error_surfaces_when_the_layout_is_opened(tmp_path: Path) -> None:
+    layout = tmp_path / "img"
+    build_layout(layout, LAYERS, {**CONFIG, "WorkingDir": "/x\x00"}, arch="amd64")
+    with pytest.raises(ImageError, match=r"config\.WorkingDir"):
+        open_layout(str(layout), arch="amd64")
