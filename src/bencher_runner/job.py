@@ -221,6 +221,7 @@ class Job:
             cache_dir=image_cache_dir(self.cache),
             credentials=credentials_for(cfg),
             insecure=cfg.insecure_registry,
+            allow_local=cfg.allow_local_image,
             progress=self._pull_progress,
         )
         self.state.timings["pull_s"] = time.monotonic() - t0

@@ -1,8 +1,11 @@
 """One entry point for "get me this image": a local OCI layout or a registry pull.
 
-``job.py`` calls :func:`open_image` with whatever the user or the job named. An existing path (or
+``job.py`` calls :func:`open_image` with whatever the user or the job named, and says whether a local
+layout is allowed at all (``RunConfig.allow_local_image``): for ``runner run`` an existing path (or
 ``DIR:TAG`` whose DIR exists) is a local layout, so a directory that happens to look like a reference
-still works; anything else must parse as a registry reference and is pulled into the blob cache.
+still works; anything else must parse as a registry reference and is pulled into the blob cache. A
+server's job never names a host directory: its image is a registry reference, and the filesystem is
+not even looked at for it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ def open_image(
     cache_dir: Path,
     credentials: Credentials | None = None,
     insecure: bool = False,
+    allow_local: bool = True,
     progress: ProgressCallback | None = None,
     arch: str = HOST_ARCH,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
@@ -51,11 +55,12 @@ def open_image(
     """Open a local layout (``DIR``/``DIR:TAG``) or pull ``[http://]host[:port]/repo[:tag][@digest]``.
 
     ``cache_dir`` is the blob cache root (see :func:`~bencher_runner.oci.blobcache.image_cache_dir`);
-    ``insecure`` pulls over plain HTTP.
+    ``insecure`` pulls over plain HTTP. ``allow_local=False`` (a server's job): ``image`` must be a
+    registry reference, whatever exists on this host under that name.
     """
-    if is_local_layout(image):
+    if allow_local and is_local_layout(image):
         return open_layout(image, arch=arch)
-    ref = parse_reference(image, insecure=insecure)
+    ref = parse_reference(image, insecure=insecure, layouts=allow_local)
     from bencher_runner.oci.pull import pull_image  # the HTTP stack, only for registry images
 
     return pull_image(
