@@ -41,7 +41,7 @@ from bencher_runner.oci.progress import ProgressCallback, PullProgress
 from bencher_runner.oci.reference import ImageReference
 from bencher_runner.oci.registry import MAX_MANIFEST_BYTES, RegistryClient
 from bencher_runner.oci.source import DEFAULT_MAX_IMAGE_BYTES
-from bencher_runner.oci.untrusted import read_regular
+from bencher_runner.oci.untrusted import escape, read_regular
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
 
 DEFAULT_MAX_LAYERS = 128
@@ -103,7 +103,9 @@ class _Puller:
                 digest = digest_bytes(data)
                 header = fetched.header_digest
                 if header and header.startswith("sha256:") and header != digest:
-                    raise DigestMismatchError(f"manifest {self.ref.reference} of {self.ref}", header, digest)
+                    raise DigestMismatchError(
+                        f"manifest {self.ref.reference} of {self.ref}", escape(header, 80), digest
+                    )
             self.cache.put_bytes(digest, data)
         else:
             digest = reference
@@ -201,7 +203,8 @@ def pull_image(
     this image's) until the cache is at most that size.
     """
     cache = BlobCache(cache_dir)
-    with RegistryClient(ref, credentials, retries=retries, backoff=backoff, verify=verify_tls) as client:
+    client = RegistryClient(ref, credentials, retries=retries, backoff=backoff, verify=verify_tls)
+    with client, client.redacting():  # no error text carries a secret, whatever the registry echoed
         puller = _Puller(ref, cache, client, progress)
         data, media_type, digest = puller.manifest(ref.reference, None)
         depth = 0

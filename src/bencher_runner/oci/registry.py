@@ -20,15 +20,17 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+from urllib.parse import quote as quote_url
 
 import httpx
 
 from bencher_runner import __version__
-from bencher_runner.oci.credentials import Credentials
+from bencher_runner.oci.credentials import Credentials, check_token
 from bencher_runner.oci.digest import Hasher, parse_digest
 from bencher_runner.oci.layout import INDEX_TYPES, MANIFEST_TYPES
 from bencher_runner.oci.reference import ImageReference
-from bencher_runner.spec.errors import ImageError
+from bencher_runner.oci.untrusted import escape, quote
+from bencher_runner.spec.errors import ImageError, RunnerError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
@@ -95,12 +97,17 @@ def _error_detail(resp: httpx.Response) -> str:
     try:
         errors = json.loads(body[:MAX_ERROR_BODY_BYTES]).get("errors") or []
         first = errors[0]
-        detail += f": {first.get('code', '')} {first.get('message', '')}".rstrip()
-    except (ValueError, AttributeError, IndexError, TypeError):
-        text = body[:200].decode("utf-8", "replace").strip()
-        if text:
-            detail += f": {text}"
+        said = f"{first.get('code') or ''} {first.get('message') or ''}".strip()
+    except (ValueError, AttributeError, IndexError, TypeError, RecursionError):
+        said = body[:200].decode("utf-8", "replace").strip()
+    if said:  # the registry's words, escaped: one line, encodable, bounded
+        detail += f": {escape(said, 200)}"
     return detail
+
+
+def _transport_detail(err: BaseException) -> str:
+    """``Name: message`` of a transport error, escaped (its text may quote a URL or a header)."""
+    return f"{type(err).__name__}: {escape(err, 200)}"
 
 
 def _tls_problem(err: BaseException) -> str | None:
@@ -151,8 +158,12 @@ class RegistryClient:
         self._client_: httpx.Client | None = None
         self._client_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._creds.check()  # before any request: a bad token is one line, never retried or echoed
         self._auth: str | None = f"Bearer {self._creds.token}" if self._creds.token else None
         self._realm_fetched_at: float | None = None
+        self._secrets: list[str] = list(self._creds.secrets)
+        if self._creds.has_basic:
+            self._secrets.append(self._basic_auth().removeprefix("Basic "))
 
     @property
     def _client(self) -> httpx.Client:
@@ -172,6 +183,36 @@ class RegistryClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- secrets ------------------------------------------------------------------------------------
+
+    def _basic_auth(self) -> str:
+        raw = f"{self._creds.username}:{self._creds.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def redact(self, text: str) -> str:
+        """``text`` with every form of every secret this client holds replaced by ``***``."""
+        forms = {
+            form
+            for secret in self._secrets
+            for form in (secret, quote_url(secret, safe=""), repr(secret)[1:-1], escape(secret, len(secret)))
+            if form
+        }
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "***")
+        return text
+
+    @contextmanager
+    def redacting(self) -> Iterator[None]:
+        """Errors raised inside carry no secret: a registry may echo our token in its error body."""
+        try:
+            yield
+        except RunnerError as e:
+            text = str(e)
+            clean = self.redact(text)
+            if clean != text:
+                e.args = (clean,)
+            raise
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -218,7 +259,7 @@ class RegistryClient:
             except httpx.TransportError as e:
                 if attempt >= self._retries:
                     raise ImageError(
-                        f"cannot fetch {what} from {self._where} ({type(e).__name__}: {e}) after "
+                        f"cannot fetch {what} from {self._where} ({_transport_detail(e)}) after "
                         f"{attempt + 1} attempts; check that the registry is reachable and retry"
                     ) from None
                 self._sleep(attempt)
@@ -245,14 +286,15 @@ class RegistryClient:
                 return
             challenge = parse_challenge(header) if header else None
             if challenge is not None and challenge.scheme == "basic" and self._creds.has_basic:
-                raw = f"{self._creds.username}:{self._creds.password}".encode()
-                self._auth = "Basic " + base64.b64encode(raw).decode()
+                self._auth = self._basic_auth()
                 return
             if challenge is not None and challenge.scheme == "bearer" and "realm" in challenge.params:
                 last = self._realm_fetched_at
                 if last is not None and time.monotonic() - last < REALM_REFRESH_SECONDS:
                     return  # the realm's fresh token was refused too: let the caller report the 401
-                self._auth = "Bearer " + self._fetch_token(challenge)
+                token = self._fetch_token(challenge)
+                self._secrets.append(token)
+                self._auth = "Bearer " + token
                 self._realm_fetched_at = time.monotonic()
                 return
             raise self._unauthorized(detail)
@@ -276,22 +318,25 @@ class RegistryClient:
 
     def _fetch_token(self, challenge: Challenge) -> str:
         realm = challenge.params["realm"]
-        if not realm.startswith(("https://", "http://")):
-            raise ImageError(
-                f"{self._where} named an invalid token realm {realm!r} in its challenge; the registry is "
-                "misconfigured, contact its operator"
-            )
         query: dict[str, str] = {}
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
         query["scope"] = challenge.params.get("scope") or f"repository:{self.ref.repository}:pull"
+        try:
+            url = str(httpx.URL(realm, params=query)) if realm.startswith(("https://", "http://")) else None
+        except httpx.InvalidURL:
+            url = None
+        if url is None:
+            raise ImageError(
+                f"{self._where} named an invalid token realm {quote(realm)} in its challenge; the registry "
+                "is misconfigured, contact its operator"
+            )
+        realm = quote(realm)  # shown in messages from here on
         auth: str | None = None
         if self._creds.has_basic:
-            raw = f"{self._creds.username}:{self._creds.password}".encode()
-            auth = "Basic " + base64.b64encode(raw).decode()
+            auth = self._basic_auth()
         elif self._creds.token:
             auth = f"Bearer {self._creds.token}"
-        url = str(httpx.URL(realm, params=query))
         attempt = 0
         while True:
             try:
@@ -299,7 +344,7 @@ class RegistryClient:
             except httpx.TransportError as e:
                 if attempt >= self._retries:
                     raise ImageError(
-                        f"cannot reach the token service {realm} of {self._where} ({type(e).__name__}: {e}); "
+                        f"cannot reach the token service {realm} of {self._where} ({_transport_detail(e)}); "
                         "check that it is reachable and retry"
                     ) from None
                 self._sleep(attempt)
@@ -321,7 +366,7 @@ class RegistryClient:
                     body = self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
                 except httpx.TransportError as e:
                     raise ImageError(
-                        f"reading the token from {realm} failed ({type(e).__name__}: {e}); retry the pull"
+                        f"reading the token from {realm} failed ({_transport_detail(e)}); retry the pull"
                     ) from None
             break
         try:
@@ -334,6 +379,11 @@ class RegistryClient:
                 f"the token service {realm} of {self._where} returned no token; "
                 "contact the registry's operator"
             )
+        check_token(
+            token,
+            f"the token that the token service {realm} of {self._where} returned",
+            fix="the token service is misconfigured, contact the registry's operator",
+        )
         return token
 
     def _read_bounded(self, resp: httpx.Response, limit: int, what: str) -> bytes:
@@ -372,6 +422,10 @@ class RegistryClient:
 
     def get_manifest(self, reference: str, *, max_bytes: int = MAX_MANIFEST_BYTES) -> FetchedManifest:
         """GET a manifest or index by tag or digest (body bounded by ``max_bytes``)."""
+        with self.redacting():
+            return self._get_manifest(reference, max_bytes)
+
+    def _get_manifest(self, reference: str, max_bytes: int) -> FetchedManifest:
         what = f"manifest {reference}"
         attempt = 0
         while True:
@@ -384,7 +438,7 @@ class RegistryClient:
                 except httpx.TransportError as e:
                     if attempt >= self._retries:
                         raise ImageError(
-                            f"reading {what} from {self._where} failed ({type(e).__name__}: {e}); "
+                            f"reading {what} from {self._where} failed ({_transport_detail(e)}); "
                             "retry the pull"
                         ) from None
                     self._sleep(attempt)
@@ -419,6 +473,12 @@ class RegistryClient:
         A dropped connection resumes with ``Range: bytes=N-`` (a server that ignores Range restarts from
         zero); more bytes than ``size`` or fewer at a clean end are an :class:`ImageError`.
         """
+        with self.redacting():
+            return self._download_blob(digest, out, size, what, on_progress)
+
+    def _download_blob(
+        self, digest: str, out: BinaryIO, size: int, what: str, on_progress: Callable[[int], None] | None
+    ) -> str:
         parsed = parse_digest(digest, what=f"{what} digest")
         hasher: Hasher = parsed.hasher()
         done = 0
@@ -459,7 +519,7 @@ class RegistryClient:
                     if interruptions > self._retries:
                         raise ImageError(
                             f"downloading {label} from {self._where} was interrupted {interruptions} times "
-                            f"(last: {type(e).__name__}: {e}) at byte {done} of {size}; retry the pull"
+                            f"(last: {_transport_detail(e)}) at byte {done} of {size}; retry the pull"
                         ) from None
                     self._sleep(interruptions - 1)
                     continue

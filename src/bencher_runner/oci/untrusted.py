@@ -73,6 +73,14 @@ def read_regular(path: Path | str, limit: int) -> bytes:
         return f.read(limit + 1)
 
 
+def escape(value: object, limit: int = MAX_QUOTED) -> str:
+    """``value`` as :func:`quote` makes it, without the quotes (for texts shown inline, e.g. a
+    platform name or a registry's error message)."""
+    text = value if isinstance(value, str) else str(value)
+    cut = len(text) > limit
+    return repr(text[:limit])[1:-1] + ("…" if cut else "")
+
+
 def quote(value: object, limit: int = MAX_QUOTED) -> str:
     """``value`` as a quoted, escaped, one-line, UTF-8-encodable text of bounded length.
 
