@@ -352,3 +352,50 @@ def test_image_config_error_surfaces_when_the_layout_is_opened(tmp_path: Path) -
     build_layout(layout, LAYERS, {**CONFIG, "WorkingDir": "/x\x00"}, arch="amd64")
     with pytest.raises(ImageError, match=r"config\.WorkingDir"):
         open_layout(str(layout), arch="amd64")
+
+
+# --- strings from the layout in error texts: one line, UTF-8-encodable, bounded -----------------------
+
+
+def _assert_clean(text: str) -> None:
+    text.encode()
+    assert "\n" not in text and "\x1b" not in text and len(text) < 2000, text
+
+
+def test_hostile_tags_and_platforms_in_errors(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag="v1")
+    entries = read_index(layout)
+    odd = [
+        {**entries[0], "annotations": {"org.opencontainers.image.ref.name": f"t\ud800{i}\n\x1b[2J"}}
+        for i in range(30)
+    ]
+    write_index(layout, odd)
+    with pytest.raises(ImageError, match="available tags") as err:
+        open_layout(f"{layout}:nope", arch="amd64")
+    _assert_clean(str(err.value))
+    assert "and 10 more" in str(err.value)
+    bare = {k: v for k, v in entries[0].items() if k != "annotations"}
+    plat = [{**bare, "platform": {"os": "li\ud800nux", "architecture": f"\x1b{i}\n"}} for i in range(3)]
+    write_index(layout, plat)
+    with pytest.raises(ImageError, match="no image for linux/amd64") as err:
+        open_layout(str(layout), arch="amd64")
+    _assert_clean(str(err.value))
+
+
+def test_hostile_keys_and_digests_in_errors(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag="v1")
+    entries = read_index(layout)
+    write_index(layout, [{**entries[0], "annotations": {"k\ud800\n": 5}}])  # loc names the bad key
+    with pytest.raises(ImageError, match=r"index\.json: field") as err:
+        open_layout(str(layout), arch="amd64")
+    _assert_clean(str(err.value))
+    write_index(layout, [{**entries[0], "digest": "sha256:\ud800\n" + "x" * 4_000_000}])
+    with pytest.raises(ImageError, match="not a valid digest") as err:
+        open_layout(str(layout), arch="amd64")
+    _assert_clean(str(err.value))
+    blob = json.dumps(
+        {"architecture": "amd64", "os": "linux", "config": {"Labels": {"a\ud800\n": 1}, "Cmd": 5}}
+    )
+    with pytest.raises(ImageError, match=r"config\.Cmd") as err:
+        parse_image_config(blob.encode())
+    _assert_clean(str(err.value))

@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bencher_runner.oci.untrusted import quote
+from bencher_runner.oci.untrusted import escape, quote
 from bencher_runner.spec.errors import ImageError
 
 
@@ -111,7 +111,7 @@ def parse_image_config(data: bytes) -> ImageConfigBlob:
         blob = ImageConfigBlob.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+        where = escape(".".join(str(p) for p in first["loc"]), 100) or "(top level)"  # loc holds keys
         raise ImageError(
             f"image config field {where}: {first['msg']} (got {quote(first.get('input'), 80)}); {_REBUILD}"
         ) from None

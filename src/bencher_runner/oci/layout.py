@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bencher_runner.oci.digest import CHUNK_SIZE, parse_digest, verify_bytes, verify_stream
 from bencher_runner.oci.imageconfig import ImageConfigBlob, parse_image_config
-from bencher_runner.oci.untrusted import NotRegularFileError, open_regular, read_regular
+from bencher_runner.oci.untrusted import NotRegularFileError, escape, open_regular, read_regular
 from bencher_runner.spec.errors import ImageError
 
 OCI_LAYOUT_VERSION = "1.0.0"
@@ -137,8 +137,8 @@ def _parse(model: type[_M], data: bytes, what: str) -> _M:
         return model.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ImageError(f"{what}: field {where}: {first['msg']}; {_REBUILD}") from None
+        where = escape(".".join(str(p) for p in first["loc"]), 100) or "(top level)"  # loc holds keys
+        raise ImageError(f"{what}: field {where}: {escape(first['msg'])}; {_REBUILD}") from None
 
 
 # --- reference parsing ------------------------------------------------------------------------------
@@ -258,7 +258,9 @@ def _read_bounded(path: Path, what: str) -> bytes:
 
 
 def _tags(descs: list[_Descriptor]) -> str:
-    names = sorted({d.ref_name for d in descs if d.ref_name})
+    names = sorted({escape(d.ref_name, 100) for d in descs if d.ref_name})
+    if len(names) > 20:
+        names = [*names[:20], f"and {len(names) - 20} more"]
     return ", ".join(names) if names else "(none)"
 
 
@@ -266,7 +268,7 @@ def _platform_name(desc: _Descriptor) -> str:
     p = desc.platform
     if p is None:
         return "(unspecified)"
-    return f"{p.os}/{p.architecture}" + (f"/{p.variant}" if p.variant else "")
+    return escape(f"{p.os}/{p.architecture}" + (f"/{p.variant}" if p.variant else ""), 100)
 
 
 def _select_tagged(index: _Index, tag: str | None, layout_dir: Path, arch: str) -> _Descriptor:
@@ -296,7 +298,10 @@ def _select_platform(entries: list[_Descriptor], arch: str, what: str) -> _Descr
         p = d.platform
         if p is not None and p.os == "linux" and p.architecture == arch:
             return d
-    available = ", ".join(_platform_name(d) for d in entries) or "(none)"
+    names = [_platform_name(d) for d in entries[:20]] + (
+        [f"and {len(entries) - 20} more"] if len(entries) > 20 else []
+    )
+    available = ", ".join(names) or "(none)"
     raise ImageError(
         f"{what} has no image for linux/{arch}; available platforms: {available}; "
         f"build or pull the image for linux/{arch}"
