@@ -223,6 +223,8 @@ class Job:
             insecure=cfg.insecure_registry,
             allow_local=cfg.allow_local_image,
             progress=self._pull_progress,
+            cancel=self.cancel,
+            warn=self.reporter.warn,
         )
         self.state.timings["pull_s"] = time.monotonic() - t0
         self._check_cancel("after its image was pulled")

@@ -282,3 +282,68 @@ def test_a_job_with_allow_local_image_false_fails_on_a_layout(tmp_path: Path) ->
     result = run_job(cfg, cache=tmp_path / "cache")
     assert result.status == "failed" and isinstance(result.failure, ImageError)
     assert "comes from a registry only" in (result.error or "")
+
+
+# --- plain HTTP to another host is the user's choice, but it is said --------------------------------
+
+
+@pytest.mark.parametrize(
+    ("registry", "loopback"),
+    [
+        ("127.0.0.1:5000", True),
+        ("127.1.2.3", True),
+        ("localhost", True),
+        ("localhost:5000", True),
+        ("[::1]:5000", True),
+        ("[::1]", True),
+        ("10.0.0.5:5000", False),
+        ("registry.example.com", False),
+        ("localhost.example.com:5000", False),
+        ("[2001:db8::1]:5000", False),
+    ],
+)
+def test_is_loopback(registry: str, loopback: bool) -> None:
+    from bencher_runner.oci.source import is_loopback
+
+    assert is_loopback(registry) is loopback
+
+
+def test_plain_http_to_a_non_loopback_host_warns_once_per_pull_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bencher_runner.oci import pull, source
+
+    warned: list[str] = []
+    calls: list[str] = []
+    monkeypatch.setattr(pull, "pull_image", lambda ref, **kw: calls.append(str(ref)))  # no traffic at all
+    for image in ("registry.example.com/p:v1", "10.0.0.5:5000/p:v1"):  # --insecure-registry
+        source.open_image(image, cache_dir=tmp_path, insecure=True, warn=warned.append)
+    source.open_image(f"http://registry.example.com/q@{D}", cache_dir=tmp_path, warn=warned.append)  # a job's
+    for image in ("127.0.0.1:5000/p", "localhost:5000/p", "[::1]:5000/p", "127.1.2.3/p"):
+        source.open_image(f"http://{image}", cache_dir=tmp_path, warn=warned.append)
+    source.open_image("registry.example.com/p", cache_dir=tmp_path, warn=warned.append)  # TLS
+    assert len(calls) == 8
+    assert len(warned) == 3, warned
+    assert [w.split()[2] for w in warned] == ["registry.example.com", "10.0.0.5:5000", "registry.example.com"]
+    assert all("over plain HTTP" in w and "unencrypted" in w for w in warned)
+
+
+def test_a_job_reports_the_plain_http_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bencher_runner.job import Reporter, run_job
+    from bencher_runner.oci import pull
+    from bencher_runner.spec.config import make_run_config
+
+    def no_pull(ref: object, **kw: object) -> NoReturn:
+        raise ImageError("stop here")
+
+    warnings: list[str] = []
+
+    class Record(Reporter):
+        def warn(self, text: str) -> None:
+            warnings.append(text)
+
+    monkeypatch.setattr(pull, "pull_image", no_pull)
+    cfg = make_run_config(image="registry.example.com/p:v1", insecure_registry=True, backend="none")
+    result = run_job(cfg, cache=tmp_path, reporter=Record())
+    assert result.error == "stop here"
+    assert any("registry.example.com over plain HTTP" in w for w in warnings), warnings

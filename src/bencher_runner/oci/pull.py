@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -64,11 +65,13 @@ class _Puller:
         cache: BlobCache,
         client: RegistryClient,
         progress: ProgressCallback | None,
+        cancel: threading.Event | None,
     ) -> None:
         self.ref = ref
         self.cache = cache
         self.client = client
         self.progress = progress
+        self.cancel = cancel
         self.touched: set[str] = set()
 
     def _report(self, event: PullProgress) -> None:
@@ -155,7 +158,9 @@ class _Puller:
                 desc.digest, out, size=desc.size, what=f"{what} of {image}", on_progress=on_progress
             )
 
-        path, cached = self.cache.ensure(desc.digest, desc.size, fetch, what=f"{what} of {image}")
+        path, cached = self.cache.ensure(
+            desc.digest, desc.size, fetch, what=f"{what} of {image}", cancel=self.cancel
+        )
         self.touched.add(desc.digest)
         self._report(
             PullProgress(image, kind, desc.digest, desc.size, desc.size, cached=cached, complete=True)
@@ -195,17 +200,22 @@ def pull_image(
     retries: int = 4,
     backoff: float = 0.5,
     verify_tls: bool | str = True,
+    cancel: threading.Event | None = None,
 ) -> LocalImage:
     """Pull ``ref`` (choosing linux/``arch`` from an index) into the blob cache at ``cache_dir``.
 
     Returns a :class:`LocalImage` whose layer paths are verified cache blobs and whose ``layout_dir``
     is ``cache_dir``. ``cache_max_bytes``: after the pull, prune least recently used blobs (never
-    this image's) until the cache is at most that size.
+    this image's) until the cache is at most that size. ``cancel``: once set, the pull sends no further
+    request and its waits (retry backoff, another process's download of a blob) end with
+    :class:`CanceledError`.
     """
     cache = BlobCache(cache_dir)
-    client = RegistryClient(ref, credentials, retries=retries, backoff=backoff, verify=verify_tls)
+    client = RegistryClient(
+        ref, credentials, retries=retries, backoff=backoff, verify=verify_tls, cancel=cancel
+    )
     with client, client.redacting():  # no error text carries a secret, whatever the registry echoed
-        puller = _Puller(ref, cache, client, progress)
+        puller = _Puller(ref, cache, client, progress, cancel)
         data, media_type, digest = puller.manifest(ref.reference, None)
         depth = 0
         while media_type in INDEX_TYPES:

@@ -25,12 +25,13 @@ from urllib.parse import quote as quote_url
 import httpx
 
 from bencher_runner import __version__
+from bencher_runner.oci.blobcache import CANCELED_PULL
 from bencher_runner.oci.credentials import Credentials, check_token
 from bencher_runner.oci.digest import Hasher, parse_digest
 from bencher_runner.oci.layout import INDEX_TYPES, MANIFEST_TYPES
 from bencher_runner.oci.reference import ImageReference
 from bencher_runner.oci.untrusted import escape, quote
-from bencher_runner.spec.errors import ImageError, RunnerError
+from bencher_runner.spec.errors import CanceledError, ImageError, RunnerError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
@@ -142,8 +143,10 @@ class RegistryClient:
         timeout: float = 60.0,
         verify: bool | str = True,
         transport: httpx.BaseTransport | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.ref = ref
+        self._cancel = cancel or threading.Event()  # never set when none is given
         self._creds = credentials or Credentials()
         self._retries = retries
         self._backoff = backoff
@@ -223,15 +226,22 @@ class RegistryClient:
     def _url(self, kind: str, reference: str) -> str:
         return f"{self.ref.base_url}/v2/{self.ref.repository}/{kind}/{reference}"
 
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise CanceledError(CANCELED_PULL)
+
     def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        """The backoff before a retry; ends early, with CanceledError, when the pull is canceled."""
         delay = min(self._backoff * (2**attempt), self._max_backoff)
         if resp is not None:
             retry_after = resp.headers.get("retry-after", "")
-            if retry_after.isdigit():
+            if retry_after.isascii() and retry_after.isdigit():
                 delay = min(float(retry_after), self._max_backoff)
-        time.sleep(delay)
+        self._cancel.wait(delay)
+        self._check_cancel()
 
     def _send_once(self, method: str, url: str, headers: dict[str, str], auth: str | None) -> httpx.Response:
+        self._check_cancel()  # a canceled pull sends nothing more
         hdrs = dict(headers)
         if auth is not None:
             hdrs["Authorization"] = auth
