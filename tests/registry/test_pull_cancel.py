@@ -21,7 +21,7 @@ from bencher_runner.oci.pull import pull_image
 from bencher_runner.oci.reference import parse_reference
 from bencher_runner.oci.source import open_image
 from bencher_runner.spec.errors import CanceledError
-from tests.registry.conftest import FakeRegistry
+from tests.registry.conftest import FakeRegistry, Stall
 from tests.support.oci_builder import build_layout, file, manifest_of
 
 CANCEL_AFTER_S = 0.5
@@ -33,9 +33,10 @@ def busy(fake: FakeRegistry, path: str, status: int = 503, **headers: str) -> No
     fake.routes[path] = (status, headers, body)
 
 
-def serve(fake: FakeRegistry, tmp_path: Path) -> dict[str, Any]:
+def serve(fake: FakeRegistry, tmp_path: Path, layers: int = 1) -> dict[str, Any]:
     layout = tmp_path / "img"
-    build_layout(layout, [[file("a", "x")]], {"Cmd": ["/a"]}, tag="v1", arch="amd64")
+    entries = [[file(f"a{i}", "x" * 1000 * (i + 1))] for i in range(layers)]
+    build_layout(layout, entries, {"Cmd": ["/a"]}, tag="v1", arch="amd64")
     fake.load_layout(layout, "hostile", "v1")
     return manifest_of(layout, "v1")[1]
 
@@ -144,3 +145,35 @@ def test_a_job_canceled_during_retries_fails_as_canceled_at_once(
     assert after < RETURN_WITHIN_S, f"returned {after:.2f} s after the cancel"
     (result,) = results
     assert result.status == "failed" and isinstance(result.failure, CanceledError), result.error
+
+
+# --- a registry that stops answering: the read is broken off, not waited out ---------------------------
+
+
+def test_a_registry_that_never_answers_the_manifest(fake_registry: FakeRegistry, tmp_path: Path) -> None:
+    fake_registry.routes["/v2/hostile/manifests/v1"] = fake_registry.stall
+    error, after = run_cancel(pull_with(fake_registry, tmp_path))
+    assert isinstance(error, CanceledError), repr(error)
+    assert after < RETURN_WITHIN_S, f"returned {after:.2f} s after the cancel"
+
+
+@pytest.mark.parametrize("parallel", [1, 3])
+def test_a_registry_that_hangs_mid_blob(fake_registry: FakeRegistry, tmp_path: Path, parallel: int) -> None:
+    manifest = serve(fake_registry, tmp_path, layers=3)
+    for layer in manifest["layers"]:
+        path = f"/v2/hostile/blobs/{layer['digest']}"
+        _, _, body = fake_registry.routes[path]  # type: ignore[misc]
+        fake_registry.stalls[path] = Stall(body[: len(body) // 2], len(body))
+
+    def go(cancel: threading.Event) -> object:
+        return pull_image(
+            parse_reference(f"{fake_registry.host}/hostile:v1", insecure=True),
+            cache_dir=tmp_path / "cache",
+            cancel=cancel,
+            parallel=parallel,
+        )
+
+    error, after = run_cancel(go)
+    assert isinstance(error, CanceledError), repr(error)
+    assert after < RETURN_WITHIN_S, f"returned {after:.2f} s after the cancel"
+    assert not list((tmp_path / "cache" / "blobs" / "sha256").glob(".tmp-*"))  # the partial blob is gone

@@ -13,11 +13,13 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 from urllib.parse import quote as quote_url
@@ -39,6 +41,7 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 NET_CHUNK_SIZE = 64 * 1024  # small enough that a dropped connection loses little before a resume
 REALM_REFRESH_SECONDS = 30.0  # a realm token refused later than this (expired mid-pull) is fetched anew
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+CANCEL_POLL_SECONDS = 0.1  # how soon a canceled pull breaks off a read the registry never answers
 MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 USER_AGENT = f"bencher-runner/{__version__}"
 
@@ -129,6 +132,52 @@ def _tls_problem(err: BaseException) -> str | None:
     return None
 
 
+class _Breaker:
+    """Breaks off a client's connections when its pull is canceled.
+
+    A read from a registry that stops answering waits out its timeout (a minute), and nothing wakes a
+    thread blocked in it except the socket going down. The sockets are learnt from httpx's ``trace``
+    request extension as connections are made (plain, then TLS); a watcher thread, started with the
+    first connection, polls the cancel Event and shuts them down, so the blocked read fails at once and
+    the retry loop sees the cancel.
+    """
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self._cancel = cancel
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            return
+        with self._lock:
+            self._sockets.add(sock)
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="oci-pull-cancel", daemon=True)
+                self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._closed.is_set():
+            if self._cancel.wait(CANCEL_POLL_SECONDS):
+                self._break()
+                return
+
+    def _break(self) -> None:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with suppress(OSError):  # closed meanwhile (its fd is then -1: never another file's)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain call, also for an SSLSocket
+
+    def close(self) -> None:
+        self._closed.set()
+
+
 class RegistryClient:
     """Pulls manifests and blobs of one repository. Thread-safe: layers may be fetched in parallel."""
 
@@ -147,6 +196,7 @@ class RegistryClient:
     ) -> None:
         self.ref = ref
         self._cancel = cancel or threading.Event()  # never set when none is given
+        self._breaker = _Breaker(cancel) if cancel is not None else None
         self._creds = credentials or Credentials()
         self._retries = retries
         self._backoff = backoff
@@ -178,6 +228,8 @@ class RegistryClient:
             return self._client_
 
     def close(self) -> None:
+        if self._breaker is not None:
+            self._breaker.close()
         if self._client_ is not None:
             self._client_.close()
 
@@ -245,10 +297,12 @@ class RegistryClient:
         hdrs = dict(headers)
         if auth is not None:
             hdrs["Authorization"] = auth
-        request = self._client.build_request(method, url, headers=hdrs)
+        extensions = {"trace": self._breaker.trace} if self._breaker is not None else None
+        request = self._client.build_request(method, url, headers=hdrs, extensions=extensions)
         try:
             return self._client.send(request, stream=True)
         except httpx.TransportError as e:
+            self._check_cancel()  # a connection broken off by the cancel is no TLS problem
             tls = _tls_problem(e)
             if tls is not None:  # a certificate does not get better by retrying: no caller retries this
                 where = request.url.netloc.decode()
@@ -267,6 +321,7 @@ class RegistryClient:
             try:
                 resp = self._send_once(method, url, headers, auth)
             except httpx.TransportError as e:
+                self._check_cancel()  # a read broken off by the cancel
                 if attempt >= self._retries:
                     raise ImageError(
                         f"cannot fetch {what} from {self._where} ({_transport_detail(e)}) after "
@@ -352,6 +407,7 @@ class RegistryClient:
             try:
                 resp = self._send_once("GET", url, {}, auth)
             except httpx.TransportError as e:
+                self._check_cancel()  # a read broken off by the cancel
                 if attempt >= self._retries:
                     raise ImageError(
                         f"cannot reach the token service {realm} of {self._where} ({_transport_detail(e)}); "
@@ -375,6 +431,7 @@ class RegistryClient:
                 try:
                     body = self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
                 except httpx.TransportError as e:
+                    self._check_cancel()
                     raise ImageError(
                         f"reading the token from {realm} failed ({_transport_detail(e)}); retry the pull"
                     ) from None
@@ -446,6 +503,7 @@ class RegistryClient:
                 try:
                     data = self._read_bounded(resp, max_bytes, what)
                 except httpx.TransportError as e:
+                    self._check_cancel()
                     if attempt >= self._retries:
                         raise ImageError(
                             f"reading {what} from {self._where} failed ({_transport_detail(e)}); "
@@ -525,6 +583,7 @@ class RegistryClient:
                         if on_progress is not None:
                             on_progress(done)
                 except httpx.TransportError as e:
+                    self._check_cancel()
                     interruptions += 1
                     if interruptions > self._retries:
                         raise ImageError(
