@@ -15,6 +15,7 @@ from bencher_runner.spec.registry import parse_registry_url
 from tests.support.oci_builder import build_layout, file
 
 D = "sha256:" + "ab" * 32
+JOB_UUID = "550e8400-e29b-41d4-a716-446655440000"
 
 
 @pytest.mark.parametrize(
@@ -188,7 +189,12 @@ def test_a_job_whose_registry_is_not_a_host_is_refused(url: str) -> None:
     from bencher_runner.fakeserver import default_config, default_spec
     from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
 
-    message = {"uuid": "u", "spec": default_spec(), "config": default_config(registry=url), "timeout": 60}
+    message = {
+        "uuid": JOB_UUID,
+        "spec": default_spec(),
+        "config": default_config(registry=url),
+        "timeout": 60,
+    }
     with pytest.raises(
         SpecError, match=r"config\.registry=.*a job's image comes from a registry only"
     ) as err:
@@ -203,7 +209,7 @@ def test_a_job_names_an_existing_layout_in_vain(tmp_path: Path) -> None:
 
     config = default_config(registry=str(tmp_path))
     build_layout(tmp_path / f"{config['project']}@{config['digest']}", [[file("a")]], {"Cmd": ["/a"]})
-    message = {"uuid": "u", "spec": default_spec(), "config": config, "timeout": 60}
+    message = {"uuid": JOB_UUID, "spec": default_spec(), "config": config, "timeout": 60}
     with pytest.raises(SpecError, match=r"config\.registry="):
         build_config_from_job(parse_job(message), JobOptions(allow_no_sandbox=True))
 
@@ -215,7 +221,7 @@ def test_a_job_config_never_allows_a_local_layout() -> None:
 
     for registry in ("https://registry.bencher.dev", "http://127.0.0.1:5000", "127.0.0.1:5000"):
         config = default_config(registry=registry)
-        message = {"uuid": "u", "spec": default_spec(), "config": config, "timeout": 60}
+        message = {"uuid": JOB_UUID, "spec": default_spec(), "config": config, "timeout": 60}
         cfg = build_config_from_job(parse_job(message), JobOptions(allow_no_sandbox=True))
         assert cfg.allow_local_image is False
         assert cfg.image == f"{registry.split('://')[-1]}/{config['project']}@{config['digest']}"
