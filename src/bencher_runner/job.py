@@ -246,7 +246,10 @@ class Job:
             cache_dir=image_cache_dir(self.cache),
             credentials=credentials_for(cfg),
             insecure=cfg.insecure_registry,
+            allow_local=cfg.allow_local_image,
             progress=self._pull_progress,
+            cancel=self.cancel,
+            warn=self.reporter.warn,
         )
         self.state.timings["pull_s"] = time.monotonic() - t0
         self._check_deadline("while its image was pulled")

@@ -271,6 +271,16 @@ def faulty_proxy(registry: Registry) -> Iterator[tuple[str, Faults]]:
 # --- scriptable fake registry (hostile answers) ------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Stall:
+    """An answer that announces ``total`` bytes, sends ``prefix`` and then nothing until the test ends
+    (a registry that hangs mid-blob); see ``FakeRegistry.stalls``. ``FakeRegistry.stall`` as a route
+    callable hangs before the headers."""
+
+    prefix: bytes
+    total: int
+
+
 Route = tuple[int, dict[str, str], bytes]
 
 
@@ -279,6 +289,13 @@ class FakeRegistry:
     host: str
     routes: dict[str, Route | Callable[[], Route]] = field(default_factory=dict)
     log: list[str] = field(default_factory=list)
+    stalls: dict[str, Stall] = field(default_factory=dict)  # path -> a 200 answer that hangs mid-body
+    released: threading.Event = field(default_factory=threading.Event)  # set at teardown: stalls end
+
+    def stall(self) -> Route:
+        """A route callable's body: answer nothing at all until the test ends."""
+        self.released.wait(120)
+        return (503, {}, b"")
 
     def manifest(self, repo: str, ref: str, body: bytes, media_type: str, **headers: str) -> None:
         self.routes[f"/v2/{repo}/manifests/{ref}"] = (200, {"Content-Type": media_type, **headers}, body)
@@ -315,6 +332,16 @@ def _fake_handler(fake: FakeRegistry) -> type[BaseHTTPRequestHandler]:
             fake.log.append(path)
             route = fake.routes.get(path)
             not_found: Route = (404, {}, b'{"errors":[{"code":"NOT_FOUND","message":"unknown"}]}')
+            stall = fake.stalls.get(path)
+            if stall is not None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(stall.total))
+                self.end_headers()
+                self.wfile.write(stall.prefix)
+                self.wfile.flush()
+                fake.released.wait(120)
+                self.close_connection = True
+                return
             status, headers, body = not_found if route is None else route() if callable(route) else route
             self.send_response(status)
             for k, v in headers.items():
@@ -335,5 +362,6 @@ def fake_registry() -> Iterator[FakeRegistry]:
     server, url = serve(_fake_handler(fake))
     fake.host = url.removeprefix("http://")
     yield fake
+    fake.released.set()
     server.shutdown()
     server.server_close()

@@ -5,7 +5,9 @@ headers); truncation on disk uses the real docker-registry."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,14 @@ from bencher_runner.oci.reference import parse_reference
 from bencher_runner.oci.unpack import unpack_layers
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
 from tests.registry.conftest import FakeRegistry
+from tests.support.bounded import call_bounded
 from tests.support.oci_builder import (
     DOCKER_MANIFEST,
     OCI_INDEX,
     OCI_MANIFEST,
     Entry,
     RawLayer,
+    blob_path,
     build_layout,
     file,
     manifest_of,
@@ -320,3 +324,31 @@ def test_not_found_and_server_errors(fake_registry: FakeRegistry, tmp_path: Path
     fake_registry.routes["/v2/hostile/manifests/v1"] = (401, {}, b"")
     with pytest.raises(ImageError, match=r"requires authentication to pull repository hostile \(HTTP 401\)"):
         pull(fake_registry, tmp_path)
+
+
+# --- special files in the blob cache (a FIFO blocks a plain open forever) ----------------------------
+
+
+@pytest.mark.parametrize("which", ["manifest", "config", "layer"])
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_special_file_in_the_cache_does_not_block_the_pull(
+    fake_registry: FakeRegistry, tmp_path: Path, which: str, kind: str
+) -> None:
+    digest = serve_layout(fake_registry, tmp_path)
+    _, manifest = manifest_of(tmp_path / "img", "v1")
+    blob = {
+        "manifest": digest,
+        "config": manifest["config"]["digest"],
+        "layer": manifest["layers"][0]["digest"],
+    }
+    planted = BlobCache(tmp_path / "cache").path(blob[which])
+    planted.parent.mkdir(parents=True)
+    if kind == "fifo":
+        os.mkfifo(planted)
+    else:  # the right bytes, but behind a link: never followed, fetched again
+        (tmp_path / "outside").write_bytes(blob_path(tmp_path / "img", blob[which]).read_bytes())
+        os.symlink(tmp_path / "outside", planted)
+    image = call_bounded(lambda: pull(fake_registry, tmp_path, digest), fifos=[planted])
+    assert image.manifest_digest == digest
+    assert stat.S_ISREG(os.lstat(planted).st_mode)
+    assert f"/v2/hostile/{'manifests' if which == 'manifest' else 'blobs'}/{blob[which]}" in fake_registry.log

@@ -5,15 +5,21 @@ fails at once with a reason and what to do (no retries: a certificate does not g
 does a plain-HTTP registry addressed as HTTPS.
 """
 
+import ssl
+import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from bencher_runner.oci.pull import pull_image
+from bencher_runner.oci.reference import parse_reference
 from bencher_runner.oci.source import open_image
-from bencher_runner.spec.errors import ImageError
+from bencher_runner.spec.errors import CanceledError, ImageError
 from tests.support.oci_builder import build_layout, file
 from tests.support.registry import Registry, http_push, start_registry, stop_process
 from tests.support.tls import self_signed
@@ -78,3 +84,43 @@ def test_a_plain_http_registry_addressed_as_https_says_so(tmp_path: Path, regist
         open_image(f"{registry.host}/tls/proj:v1", cache_dir=tmp_path / "cache")
     text = str(err.value)
     assert "TLS failed" in text and "--insecure-registry" in text, text
+
+
+def test_a_cancel_breaks_off_an_https_read_the_registry_never_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cancel shuts the TLS connection's socket down; without it the read waits out its timeout."""
+    cert, key = write_certificate(tmp_path)
+    released = threading.Event()
+
+    class Stalling(BaseHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            released.wait(120)  # never answers while the test runs
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    cancel = threading.Event()
+    timer = threading.Timer(0.5, cancel.set)
+    try:
+        timer.start()
+        t0 = time.monotonic()
+        with pytest.raises(CanceledError):
+            pull_image(
+                parse_reference(f"127.0.0.1:{server.server_address[1]}/tls/proj:v1"),
+                cache_dir=tmp_path / "cache",
+                cancel=cancel,
+            )
+        assert cancel.is_set() and time.monotonic() - t0 < 2.0  # 0.5 s to the cancel, then at once
+    finally:
+        timer.cancel()
+        released.set()
+        server.shutdown()
+        server.server_close()

@@ -1,5 +1,7 @@
+import fcntl
 import multiprocessing
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -9,7 +11,8 @@ import pytest
 
 from bencher_runner.oci.blobcache import BlobCache, image_cache_dir, list_cache, prune_cache
 from bencher_runner.oci.digest import digest_bytes
-from bencher_runner.spec.errors import DigestMismatchError, ImageError
+from bencher_runner.spec.errors import CanceledError, DigestMismatchError, ImageError
+from tests.support.bounded import call_bounded
 
 
 def writer(data: bytes, calls: list[int] | None = None, delay: float = 0.0):  # type: ignore[no-untyped-def]
@@ -156,3 +159,87 @@ def test_unwritable_cache_is_an_image_error(tmp_path: Path) -> None:
     cache = BlobCache(tmp_path / "file" / "cache")
     with pytest.raises(ImageError, match=r"cannot store blob sha256:\w+ in the image cache .*/file/cache"):
         cache.ensure(digest_bytes(b"x"), 1, writer(b"x"))
+
+
+# --- special files in the cache (a FIFO blocks a plain open forever) ---------------------------------
+
+
+def _plant(cache: BlobCache, digest: str, kind: str, data: bytes) -> Path:
+    path = cache.path(digest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":  # to a file with the right bytes elsewhere: still not a cache blob
+        outside = cache.root / "outside"
+        outside.write_bytes(data)
+        os.symlink(outside, path)
+    else:
+        path.mkdir()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink"])
+def test_special_file_at_a_cached_blob_is_not_a_hit_and_is_replaced(tmp_path: Path, kind: str) -> None:
+    cache = BlobCache(tmp_path)
+    data = b"the real blob"
+    d = digest_bytes(data)
+    path = _plant(cache, d, kind, data)
+    assert cache.lookup(d) is None and cache.lookup(d, len(data)) is None
+    calls: list[int] = []
+    got, cached = call_bounded(lambda: cache.ensure(d, len(data), writer(data, calls)), fifos=[path])
+    assert (got, cached, calls) == (path, False, [1])
+    assert stat.S_ISREG(os.lstat(path).st_mode) and path.read_bytes() == data
+    assert (tmp_path / "outside").exists() or kind != "symlink"  # the link's target is left alone
+
+
+def test_directory_at_a_cached_blob_is_an_image_error(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path)
+    d = digest_bytes(b"x")
+    _plant(cache, d, "dir", b"x")
+    assert cache.lookup(d) is None
+    with pytest.raises(ImageError, match=r"cannot store blob sha256:\w+ in the image cache"):
+        cache.ensure(d, 1, writer(b"x"))
+
+
+def test_entries_list_only_regular_blobs(tmp_path: Path) -> None:
+    cache = BlobCache(tmp_path)
+    real = digest_bytes(b"real")
+    cache.ensure(real, 4, writer(b"real"))
+    _plant(cache, digest_bytes(b"fifo"), "fifo", b"")
+    _plant(cache, digest_bytes(b"link"), "symlink", b"link")
+    assert [e.digest for e in cache.entries()] == [real]
+
+
+def _hold_lock(lock_path: str, ready: "multiprocessing.Queue[bool]") -> None:
+    fd = os.open(lock_path, os.O_RDONLY)  # a read-only descriptor can hold an flock too
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    ready.put(True)
+    time.sleep(600)
+
+
+@pytest.mark.parametrize("when", ["before", "while"])
+def test_waiting_for_a_blob_lock_ends_on_cancel(tmp_path: Path, when: str) -> None:
+    cache = BlobCache(tmp_path)
+    d = digest_bytes(b"locked")
+    lock_path = cache._lock_path(d)
+    lock_path.parent.mkdir(parents=True)
+    lock_path.touch()
+    ctx = multiprocessing.get_context("fork")
+    ready: multiprocessing.Queue[bool] = ctx.Queue()
+    holder = ctx.Process(target=_hold_lock, args=(str(lock_path), ready), daemon=True)
+    holder.start()
+    try:
+        assert ready.get(timeout=30)
+        cancel = threading.Event()
+        if when == "before":
+            cancel.set()
+        else:
+            threading.Timer(0.3, cancel.set).start()
+        t0 = time.monotonic()
+        with pytest.raises(CanceledError, match="canceled"):
+            call_bounded(lambda: cache.ensure(d, 6, writer(b"locked"), cancel=cancel))
+        assert time.monotonic() - t0 < 5
+        assert not cache.path(d).exists()
+    finally:
+        holder.kill()
+        holder.join(10)

@@ -1,4 +1,6 @@
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -7,6 +9,7 @@ import pytest
 from bencher_runner.oci.imageconfig import parse_image_config
 from bencher_runner.oci.layout import open_layout, parse_layout_ref
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
+from tests.support.bounded import call_bounded
 from tests.support.oci_builder import (
     DOCKER_CONFIG,
     DOCKER_LAYER_GZIP,
@@ -252,3 +255,147 @@ def test_image_config_nulls_and_unknown_fields() -> None:
     ):
         with pytest.raises(ImageError, match="image config"):
             parse_image_config(bad)
+
+
+# --- special files where the layout has a file (a FIFO would block the open forever) -----------------
+
+
+def _special_file(path: Path, kind: str) -> None:
+    path.unlink()
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "symlink":  # to a regular file with the same bytes: still refused, never followed
+        os.symlink(path.parent / "elsewhere", path)
+    else:  # a character device reading zeros forever (/dev/zero's numbers)
+        try:
+            os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+        except PermissionError:
+            pytest.skip("mknod needs CAP_MKNOD")
+
+
+def _target(layout: Path, which: str) -> Path:
+    entry, manifest = manifest_of(layout)
+    if which == "index.json":
+        return layout / "index.json"
+    if which == "oci-layout":
+        return layout / "oci-layout"
+    digest = {
+        "manifest": entry["digest"],
+        "config": manifest["config"]["digest"],
+        "layer": manifest["layers"][-1]["digest"],
+    }[which]
+    return blob_path(layout, digest)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "symlink", "chardev"])
+@pytest.mark.parametrize("which", ["index.json", "oci-layout", "manifest", "config", "layer"])
+def test_special_file_in_layout_is_refused_without_blocking(tmp_path: Path, which: str, kind: str) -> None:
+    layout = make(tmp_path)
+    target = _target(layout, which)
+    (target.parent / "elsewhere").write_bytes(target.read_bytes())
+    _special_file(target, kind)
+    with pytest.raises(ImageError) as err:
+        call_bounded(lambda: open_layout(str(layout), arch="amd64"), fifos=[target])
+    text = str(err.value)
+    assert "not a regular file" in text and target.name in text, text
+    assert "\n" not in text
+
+
+def test_fifo_at_a_nested_index_blob(tmp_path: Path) -> None:
+    layout = tmp_path / "img"
+    top = build_layout(layout, LAYERS, CONFIG, platforms=[("linux", "amd64"), ("linux", "arm64")])
+    target = blob_path(layout, top)
+    target.unlink()
+    os.mkfifo(target)
+    with pytest.raises(ImageError, match="not a regular file") as err:
+        call_bounded(lambda: open_layout(str(layout), arch="amd64"), fifos=[target])
+    assert top in str(err.value)
+
+
+# --- image config values the guest cannot take: one line naming the field, at open time --------------
+
+
+@pytest.mark.parametrize(
+    "config,field,shown",
+    [
+        ({"WorkingDir": "/w\x00x"}, "WorkingDir", r"'/w\\x00x'"),
+        ({"WorkingDir": "relative/dir"}, "WorkingDir", "'relative/dir'"),
+        ({"WorkingDir": "/a/../b"}, "WorkingDir", "'/a/../b'"),
+        ({"WorkingDir": ".."}, "WorkingDir", "'..'"),
+        ({"User": "bench\x00"}, "User", r"'bench\\x00'"),
+        ({"User": "a\nb"}, "User", r"'a\\nb'"),
+        ({"Env": ["A=1", "B=b\x00c"]}, r"Env\[1\]", r"'B=b\\x00c'"),
+        ({"Env": ["\ud800=x"]}, r"Env\[0\]", r"'\\ud800=x'"),
+        ({"Entrypoint": ["/bin/sh", "a\x00"]}, r"Entrypoint\[1\]", r"'a\\x00'"),
+        ({"Cmd": ["\ud800"]}, r"Cmd\[0\]", r"'\\ud800'"),
+        ({"WorkingDir": "/\udcff"}, "WorkingDir", r"'/\\udcff'"),
+    ],
+)
+def test_image_config_values_the_guest_cannot_take(config: dict[str, Any], field: str, shown: str) -> None:
+    blob = json.dumps({"architecture": "amd64", "os": "linux", "config": config}).encode()
+    with pytest.raises(ImageError, match=rf"image config field config\.{field}: .*{shown}") as err:
+        parse_image_config(blob)
+    text = str(err.value)
+    assert "\n" not in text and "\x00" not in text
+    text.encode()  # UTF-8 encodable: no lone surrogate reaches the error text
+
+
+def test_image_config_values_that_stay_accepted() -> None:
+    config = {"WorkingDir": "/a/b/", "User": "1000:1000", "Env": ["JUNK", "A=", "B=x=y"], "Cmd": [""]}
+    blob = json.dumps({"architecture": "amd64", "os": "linux", "config": config}).encode()
+    cfg = parse_image_config(blob).config
+    assert (cfg.working_dir, cfg.user, cfg.env, cfg.cmd) == ("/a/b/", "1000:1000", config["Env"], [""])
+
+
+def test_image_config_error_surfaces_when_the_layout_is_opened(tmp_path: Path) -> None:
+    layout = tmp_path / "img"
+    build_layout(layout, LAYERS, {**CONFIG, "WorkingDir": "/x\x00"}, arch="amd64")
+    with pytest.raises(ImageError, match=r"config\.WorkingDir"):
+        open_layout(str(layout), arch="amd64")
+
+
+# --- strings from the layout in error texts: one line, UTF-8-encodable, bounded -----------------------
+
+
+def _assert_clean(text: str) -> None:
+    text.encode()
+    assert "\n" not in text and "\x1b" not in text and len(text) < 2000, text
+
+
+def test_hostile_tags_and_platforms_in_errors(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag="v1")
+    entries = read_index(layout)
+    odd = [
+        {**entries[0], "annotations": {"org.opencontainers.image.ref.name": f"t\ud800{i}\n\x1b[2J"}}
+        for i in range(30)
+    ]
+    write_index(layout, odd)
+    with pytest.raises(ImageError, match="available tags") as err:
+        open_layout(f"{layout}:nope", arch="amd64")
+    _assert_clean(str(err.value))
+    assert "and 10 more" in str(err.value)
+    bare = {k: v for k, v in entries[0].items() if k != "annotations"}
+    plat = [{**bare, "platform": {"os": "li\ud800nux", "architecture": f"\x1b{i}\n"}} for i in range(3)]
+    write_index(layout, plat)
+    with pytest.raises(ImageError, match="no image for linux/amd64") as err:
+        open_layout(str(layout), arch="amd64")
+    _assert_clean(str(err.value))
+
+
+def test_hostile_keys_and_digests_in_errors(tmp_path: Path) -> None:
+    layout = make(tmp_path, tag="v1")
+    entries = read_index(layout)
+    write_index(layout, [{**entries[0], "annotations": {"k\ud800\n": 5}}])  # loc names the bad key
+    with pytest.raises(ImageError, match=r"index\.json: field") as err:
+        open_layout(str(layout), arch="amd64")
+    _assert_clean(str(err.value))
+    write_index(layout, [{**entries[0], "digest": "sha256:\ud800\n" + "x" * 4_000_000}])
+    with pytest.raises(ImageError, match="not a valid digest") as err:
+        open_layout(str(layout), arch="amd64")
+    _assert_clean(str(err.value))
+    blob = json.dumps(
+        {"architecture": "amd64", "os": "linux", "config": {"Labels": {"a\ud800\n": 1}, "Cmd": 5}}
+    )
+    with pytest.raises(ImageError, match=r"config\.Cmd") as err:
+        parse_image_config(blob.encode())
+    _assert_clean(str(err.value))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -22,10 +24,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from bencher_runner.oci.digest import digest_bytes, parse_digest
-from bencher_runner.spec.errors import DigestMismatchError, ImageError
+from bencher_runner.spec.errors import CanceledError, DigestMismatchError, ImageError
 
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600
+LOCK_POLL_SECONDS = 0.05  # how often a cancellable wait for a blob lock retries
+CANCELED_PULL = "the job was canceled while its image was pulled"
 
 
 def image_cache_dir(cache: Path) -> Path:
@@ -73,25 +77,34 @@ class BlobCache:
         return self.root / "locks" / f"{parsed.algorithm}-{parsed.hex}.lock"
 
     def lookup(self, digest: str, size: int | None = None) -> Path | None:
-        """The cached blob's path if present (and of ``size`` bytes when given); touches it."""
+        """The cached blob's path if present as a regular file (and of ``size`` bytes when given);
+        touches it. Anything else at that path (a FIFO, a symlink) is a miss, replaced on the next
+        :meth:`ensure`; read a hit with :func:`~bencher_runner.oci.untrusted.open_regular`."""
         path = self.path(digest)
         try:
-            st = path.stat()
+            st = os.lstat(path)
         except FileNotFoundError:
             return None
-        if size is not None and st.st_size != size:
+        if not stat.S_ISREG(st.st_mode) or (size is not None and st.st_size != size):
             return None
         _touch(path)
         return path
 
     @contextlib.contextmanager
-    def locked(self, digest: str) -> Iterator[None]:
-        """Hold the blob's exclusive lock (blocks while another process downloads it)."""
+    def locked(self, digest: str, cancel: threading.Event | None = None) -> Iterator[None]:
+        """Hold the blob's exclusive lock (waits while another process downloads it).
+
+        With ``cancel``, the wait polls and ends with :class:`CanceledError` once it is set: the lock's
+        holder may be a hung pull, and a job must stay cancellable whatever it waits for.
+        """
         lock_path = self._lock_path(digest)
         lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            if cancel is None:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                _flock_cancellable(fd, cancel)
             yield
         finally:
             os.close(fd)  # closing releases the lock
@@ -103,15 +116,17 @@ class BlobCache:
         fetch: Callable[[BinaryIO], str],
         *,
         what: str = "blob",
+        cancel: threading.Event | None = None,
     ) -> tuple[Path, bool]:
         """Return (path, was_cached) for blob ``digest``, calling ``fetch`` to write it if missing.
 
         ``fetch`` writes the blob into the file it is given and returns the digest of what it wrote. The
         file is renamed into place only if that digest and the size match; otherwise it is deleted and a
         :class:`DigestMismatchError` / :class:`ImageError` names the expected and actual values.
+        ``cancel``: waiting for another process's download of the blob ends when it is set.
         """
         try:
-            return self._ensure(digest, size, fetch, what)
+            return self._ensure(digest, size, fetch, what, cancel)
         except OSError as e:
             raise ImageError(
                 f"cannot store {what} {digest} in the image cache {self.root}: {e.strerror or e}; free disk "
@@ -119,13 +134,18 @@ class BlobCache:
             ) from None
 
     def _ensure(
-        self, digest: str, size: int, fetch: Callable[[BinaryIO], str], what: str
+        self,
+        digest: str,
+        size: int,
+        fetch: Callable[[BinaryIO], str],
+        what: str,
+        cancel: threading.Event | None,
     ) -> tuple[Path, bool]:
         found = self.lookup(digest, size)
         if found is not None:
             return found, True
         final = self.path(digest)
-        with self.locked(digest):
+        with self.locked(digest, cancel):
             found = self.lookup(digest, size)  # another process may have fetched it meanwhile
             if found is not None:
                 return found, True
@@ -176,9 +196,11 @@ class BlobCache:
                 if path.name.startswith(TEMP_PREFIX):
                     continue
                 try:
-                    st = path.stat()
+                    st = os.lstat(path)
                 except FileNotFoundError:
                     continue
+                if not stat.S_ISREG(st.st_mode):
+                    continue  # never a blob this cache wrote; lookup ignores it, ensure replaces it
                 digest = f"{alg_dir.name}:{path.name}"
                 out.append(CacheEntry(digest, st.st_size, datetime.fromtimestamp(st.st_mtime, tz=UTC), path))
         out.sort(key=lambda e: (e.last_used, e.digest))
@@ -237,6 +259,17 @@ class BlobCache:
                 with contextlib.suppress(FileNotFoundError):
                     if path.stat().st_mtime < cutoff:
                         path.unlink()
+
+
+def _flock_cancellable(fd: int, cancel: threading.Event) -> None:
+    while True:
+        if cancel.is_set():
+            raise CanceledError(CANCELED_PULL)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            cancel.wait(LOCK_POLL_SECONDS)
 
 
 def _touch(path: Path) -> None:

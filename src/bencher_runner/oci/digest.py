@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
+from bencher_runner.oci.untrusted import quote
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
 
 CHUNK_SIZE = 1 << 20  # 1 MiB: hashing reads never hold more than this at once
@@ -48,8 +49,8 @@ def parse_digest(value: str, *, what: str = "digest") -> Digest:
     match = _DIGEST_RE.fullmatch(value) if isinstance(value, str) else None
     if match is None:
         raise ImageError(
-            f"{what} {value!r} is not a valid digest (expected sha256: followed by 64 lowercase hex digits, "
-            "or sha512: followed by 128); the image is malformed, rebuild it"
+            f"{what} {quote(value, 150)} is not a valid digest (expected sha256: followed by 64 lowercase "
+            "hex digits, or sha512: followed by 128); the image is malformed, rebuild it"
         )
     if match.group(1):
         return Digest(match.group(1), match.group(2))

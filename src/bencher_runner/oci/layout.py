@@ -4,6 +4,8 @@ The layout is the runner's only input format (``docker save``/``buildah push oci
 all write it). Nothing from it is trusted: JSON blobs are read with a size bound, every blob is hashed
 against its digest and descriptor size before use, and digests are validated before they become blob
 paths. Layers are verified here (streamed, never loaded) so unpacking only ever sees checked bytes.
+Every file is opened without blocking or following a symlink and must be a regular file
+(:mod:`bencher_runner.oci.untrusted`): a FIFO at ``index.json`` would otherwise hang the job forever.
 """
 
 from __future__ import annotations
@@ -11,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bencher_runner.oci.digest import CHUNK_SIZE, parse_digest, verify_bytes, verify_stream
 from bencher_runner.oci.imageconfig import ImageConfigBlob, parse_image_config
+from bencher_runner.oci.untrusted import NotRegularFileError, escape, open_regular, read_regular
 from bencher_runner.spec.errors import ImageError
 
 OCI_LAYOUT_VERSION = "1.0.0"
@@ -135,8 +137,8 @@ def _parse(model: type[_M], data: bytes, what: str) -> _M:
         return model.model_validate(raw)
     except ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise ImageError(f"{what}: field {where}: {first['msg']}; {_REBUILD}") from None
+        where = escape(".".join(str(p) for p in first["loc"]), 100) or "(top level)"  # loc holds keys
+        raise ImageError(f"{what}: field {where}: {escape(first['msg'])}; {_REBUILD}") from None
 
 
 # --- reference parsing ------------------------------------------------------------------------------
@@ -177,19 +179,21 @@ def _blob_path(layout_dir: Path, digest: str, what: str) -> Path:
 @contextmanager
 def _open_regular(path: Path, what: str, digest: str) -> Iterator[tuple[BinaryIO, int]]:
     try:
-        f = path.open("rb")
+        f = open_regular(path)
     except FileNotFoundError:
         raise ImageError(
             f"{what} {digest} is missing from the layout ({path} does not exist); the layout is "
             "incomplete, copy or build the image again"
         ) from None
+    except NotRegularFileError as e:
+        raise ImageError(
+            f"{what} {digest}: {path} is not a regular file (a {e.kind}); a layout holds its blobs as "
+            "plain files, copy or build the image again"
+        ) from None
     except OSError as e:
         raise ImageError(f"{what} {digest}: cannot open {path}: {e.strerror}; check the layout") from None
     with f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode):
-            raise ImageError(f"{what} {digest}: {path} is not a regular file; check the layout")
-        yield f, st.st_size
+        yield f, os.fstat(f.fileno()).st_size
 
 
 def _size_mismatch(what: str, digest: str, expected: int, actual: int) -> ImageError:
@@ -232,12 +236,16 @@ def _verify_layer(layout_dir: Path, desc: _Descriptor, what: str) -> Path:
 
 def _read_bounded(path: Path, what: str) -> bytes:
     try:
-        with path.open("rb") as f:
-            data = f.read(MAX_JSON_BYTES + 1)
+        data = read_regular(path, MAX_JSON_BYTES)
     except FileNotFoundError:
         raise ImageError(
             f"{path} does not exist: {path.parent} is not an OCI image layout (no {what}); pass a "
             "directory written by `skopeo copy … oci:DIR`, `docker save` or `buildah push … oci:DIR`"
+        ) from None
+    except NotRegularFileError as e:
+        raise ImageError(
+            f"{path} is not a regular file (a {e.kind}); the {what} of a layout is a plain file, copy or "
+            "build the image again"
         ) from None
     except OSError as e:
         raise ImageError(f"cannot read {path}: {e.strerror}; check the image layout") from None
@@ -250,7 +258,9 @@ def _read_bounded(path: Path, what: str) -> bytes:
 
 
 def _tags(descs: list[_Descriptor]) -> str:
-    names = sorted({d.ref_name for d in descs if d.ref_name})
+    names = sorted({escape(d.ref_name, 100) for d in descs if d.ref_name})
+    if len(names) > 20:
+        names = [*names[:20], f"and {len(names) - 20} more"]
     return ", ".join(names) if names else "(none)"
 
 
@@ -258,7 +268,7 @@ def _platform_name(desc: _Descriptor) -> str:
     p = desc.platform
     if p is None:
         return "(unspecified)"
-    return f"{p.os}/{p.architecture}" + (f"/{p.variant}" if p.variant else "")
+    return escape(f"{p.os}/{p.architecture}" + (f"/{p.variant}" if p.variant else ""), 100)
 
 
 def _select_tagged(index: _Index, tag: str | None, layout_dir: Path, arch: str) -> _Descriptor:
@@ -288,7 +298,10 @@ def _select_platform(entries: list[_Descriptor], arch: str, what: str) -> _Descr
         p = d.platform
         if p is not None and p.os == "linux" and p.architecture == arch:
             return d
-    available = ", ".join(_platform_name(d) for d in entries) or "(none)"
+    names = [_platform_name(d) for d in entries[:20]] + (
+        [f"and {len(entries) - 20} more"] if len(entries) > 20 else []
+    )
+    available = ", ".join(names) or "(none)"
     raise ImageError(
         f"{what} has no image for linux/{arch}; available platforms: {available}; "
         f"build or pull the image for linux/{arch}"

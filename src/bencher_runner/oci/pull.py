@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextvars
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -41,6 +42,7 @@ from bencher_runner.oci.progress import ProgressCallback, PullProgress
 from bencher_runner.oci.reference import ImageReference
 from bencher_runner.oci.registry import MAX_MANIFEST_BYTES, RegistryClient
 from bencher_runner.oci.source import DEFAULT_MAX_IMAGE_BYTES
+from bencher_runner.oci.untrusted import escape, read_regular
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
 
 DEFAULT_MAX_LAYERS = 128
@@ -63,11 +65,13 @@ class _Puller:
         cache: BlobCache,
         client: RegistryClient,
         progress: ProgressCallback | None,
+        cancel: threading.Event | None,
     ) -> None:
         self.ref = ref
         self.cache = cache
         self.client = client
         self.progress = progress
+        self.cancel = cancel
         self.touched: set[str] = set()
 
     def _report(self, event: PullProgress) -> None:
@@ -88,8 +92,9 @@ class _Puller:
         data: bytes | None = None
         if is_digest(reference):
             cached = self.cache.lookup(reference)
-            if cached is not None and cached.stat().st_size <= limit:
-                data = cached.read_bytes()
+            if cached is not None:
+                data = _read_cached(cached, limit)
+            if data is not None:
                 verify_bytes(data, reference, what=f"cached manifest {reference}")
         if data is None:
             fetched = self.client.get_manifest(reference, max_bytes=limit)
@@ -101,7 +106,9 @@ class _Puller:
                 digest = digest_bytes(data)
                 header = fetched.header_digest
                 if header and header.startswith("sha256:") and header != digest:
-                    raise DigestMismatchError(f"manifest {self.ref.reference} of {self.ref}", header, digest)
+                    raise DigestMismatchError(
+                        f"manifest {self.ref.reference} of {self.ref}", escape(header, 80), digest
+                    )
             self.cache.put_bytes(digest, data)
         else:
             digest = reference
@@ -151,12 +158,24 @@ class _Puller:
                 desc.digest, out, size=desc.size, what=f"{what} of {image}", on_progress=on_progress
             )
 
-        path, cached = self.cache.ensure(desc.digest, desc.size, fetch, what=f"{what} of {image}")
+        path, cached = self.cache.ensure(
+            desc.digest, desc.size, fetch, what=f"{what} of {image}", cancel=self.cancel
+        )
         self.touched.add(desc.digest)
         self._report(
             PullProgress(image, kind, desc.digest, desc.size, desc.size, cached=cached, complete=True)
         )
         return path
+
+
+def _read_cached(path: Path, limit: int) -> bytes | None:
+    """A cached JSON blob of at most ``limit`` bytes; None when it is not a regular file of that size
+    any more (never blocks: a FIFO planted in the cache is refused, not opened for a blocking read)."""
+    try:
+        data = read_regular(path, limit)
+    except OSError:
+        return None
+    return data if len(data) <= limit else None
 
 
 def _check_media_type(desc: _Descriptor, allowed: frozenset[str], what: str, ref: ImageReference) -> None:
@@ -181,16 +200,22 @@ def pull_image(
     retries: int = 4,
     backoff: float = 0.5,
     verify_tls: bool | str = True,
+    cancel: threading.Event | None = None,
 ) -> LocalImage:
     """Pull ``ref`` (choosing linux/``arch`` from an index) into the blob cache at ``cache_dir``.
 
     Returns a :class:`LocalImage` whose layer paths are verified cache blobs and whose ``layout_dir``
     is ``cache_dir``. ``cache_max_bytes``: after the pull, prune least recently used blobs (never
-    this image's) until the cache is at most that size.
+    this image's) until the cache is at most that size. ``cancel``: once set, the pull sends no further
+    request and its waits (retry backoff, another process's download of a blob) end with
+    :class:`CanceledError`.
     """
     cache = BlobCache(cache_dir)
-    with RegistryClient(ref, credentials, retries=retries, backoff=backoff, verify=verify_tls) as client:
-        puller = _Puller(ref, cache, client, progress)
+    client = RegistryClient(
+        ref, credentials, retries=retries, backoff=backoff, verify=verify_tls, cancel=cancel
+    )
+    with client, client.redacting():  # no error text carries a secret, whatever the registry echoed
+        puller = _Puller(ref, cache, client, progress, cancel)
         data, media_type, digest = puller.manifest(ref.reference, None)
         depth = 0
         while media_type in INDEX_TYPES:
@@ -227,7 +252,13 @@ def pull_image(
             )
 
         config_path = puller.blob(manifest.config, "config")
-        config = parse_image_config(config_path.read_bytes())
+        config_data = _read_cached(config_path, MAX_MANIFEST_BYTES)
+        if config_data is None:
+            raise ImageError(
+                f"the cached image config {manifest.config.digest} of {ref} vanished or was replaced while "
+                "the pull ran; retry the pull"
+            )
+        config = parse_image_config(config_data)
         with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="oci-pull") as pool:
             # each in a copy of this context: log lines from the download threads keep the job's uuid
             futures = [

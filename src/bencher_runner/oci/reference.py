@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from bencher_runner.oci.digest import is_digest
-from bencher_runner.spec.errors import ImageError
+from bencher_runner.spec.errors import ImageError, SpecError
+from bencher_runner.spec.registry import is_registry_host, parse_registry_url
 
-_HOST_RE = re.compile(
-    r"(?:localhost|\[[0-9a-fA-F:.]+\]|[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?"
-    r"(?:\.[a-zA-Z0-9](?:[a-zA-Z0-9-]*[a-zA-Z0-9])?)*)(?::[0-9]{1,5})?"
-)
 _COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 MAX_REPOSITORY_LENGTH = 255
@@ -72,8 +68,11 @@ def _looks_like_host(part: str) -> bool:
     return "." in part or ":" in part or part == "localhost" or part.startswith("[")
 
 
-def parse_reference(text: str, *, insecure: bool = False) -> ImageReference:
-    """Parse ``[http[s]://]host[:port]/path[:tag][@digest]``; ``http://`` or ``insecure``: plain HTTP."""
+def parse_reference(text: str, *, insecure: bool = False, layouts: bool = True) -> ImageReference:
+    """Parse ``[http[s]://]host[:port]/path[:tag][@digest]``; ``http://`` or ``insecure``: plain HTTP.
+
+    ``layouts``: whether the caller would have taken a local layout instead (only the hint differs).
+    """
     original = text
     if text.startswith("http://"):
         insecure, text = True, text[len("http://") :]
@@ -93,11 +92,16 @@ def parse_reference(text: str, *, insecure: bool = False) -> ImageReference:
 
     host, slash, rest = text.partition("/")
     if not slash or not _looks_like_host(host):
+        if not layouts:
+            raise ImageError(
+                f"invalid image reference {original!r}: it does not start with a registry host (a job's "
+                f"image comes from a registry only, never a local directory); {_FORMS}"
+            )
         raise ImageError(
             f"invalid image reference {original!r}: it does not start with a registry host (and is not an "
             f"existing local image layout); {_FORMS}, or pass an OCI layout directory DIR[:TAG]"
         )
-    if not _HOST_RE.fullmatch(host):
+    if not is_registry_host(host):
         raise ImageError(
             f"invalid image reference {original!r}: {host!r} is not a valid host[:port]; {_FORMS}"
         )
@@ -133,19 +137,13 @@ def reference_for_job(registry_url: str, project: str, digest: str) -> ImageRefe
     ``registry_url`` is the job's ``config.registry``: ``http://`` means plain HTTP, ``https://`` or no
     scheme means TLS.
     """
-    url = registry_url.strip()
-    if "://" not in url:
-        url = "https://" + url
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
-        raise ImageError(
-            f"the job's registry {registry_url!r} is not a registry URL (expected http(s)://HOST[:PORT]); "
-            "check the server's registry configuration"
-        )
+    try:
+        host, insecure = parse_registry_url(registry_url)
+    except SpecError as e:
+        raise ImageError(str(e)) from None
     if not is_digest(digest):
         raise ImageError(
             f"the job's image digest {digest!r} is not a valid digest (expected sha256: followed by 64 "
             "lowercase hex digits); the server sent a malformed job"
         )
-    ref = parse_reference(f"{parts.netloc}/{project.lower()}@{digest}", insecure=parts.scheme == "http")
-    return ref
+    return parse_reference(f"{host}/{project.lower()}@{digest}", insecure=insecure)

@@ -13,22 +13,27 @@ from __future__ import annotations
 import base64
 import json
 import re
+import socket
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, BinaryIO
+from urllib.parse import quote as quote_url
 
 import httpx
 
 from bencher_runner import __version__
-from bencher_runner.oci.credentials import Credentials
+from bencher_runner.oci.blobcache import CANCELED_PULL
+from bencher_runner.oci.credentials import Credentials, check_token
 from bencher_runner.oci.digest import Hasher, parse_digest
 from bencher_runner.oci.layout import INDEX_TYPES, MANIFEST_TYPES
 from bencher_runner.oci.reference import ImageReference
-from bencher_runner.spec.errors import ImageError
+from bencher_runner.oci.untrusted import escape, quote
+from bencher_runner.spec.errors import CanceledError, ImageError, RunnerError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 MAX_TOKEN_RESPONSE_BYTES = 1024 * 1024
@@ -36,6 +41,7 @@ MAX_ERROR_BODY_BYTES = 64 * 1024
 NET_CHUNK_SIZE = 64 * 1024  # small enough that a dropped connection loses little before a resume
 REALM_REFRESH_SECONDS = 30.0  # a realm token refused later than this (expired mid-pull) is fetched anew
 RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+CANCEL_POLL_SECONDS = 0.1  # how soon a canceled pull breaks off a read the registry never answers
 MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 USER_AGENT = f"bencher-runner/{__version__}"
 
@@ -95,12 +101,17 @@ def _error_detail(resp: httpx.Response) -> str:
     try:
         errors = json.loads(body[:MAX_ERROR_BODY_BYTES]).get("errors") or []
         first = errors[0]
-        detail += f": {first.get('code', '')} {first.get('message', '')}".rstrip()
-    except (ValueError, AttributeError, IndexError, TypeError):
-        text = body[:200].decode("utf-8", "replace").strip()
-        if text:
-            detail += f": {text}"
+        said = f"{first.get('code') or ''} {first.get('message') or ''}".strip()
+    except (ValueError, AttributeError, IndexError, TypeError, RecursionError):
+        said = body[:200].decode("utf-8", "replace").strip()
+    if said:  # the registry's words, escaped: one line, encodable, bounded
+        detail += f": {escape(said, 200)}"
     return detail
+
+
+def _transport_detail(err: BaseException) -> str:
+    """``Name: message`` of a transport error, escaped (its text may quote a URL or a header)."""
+    return f"{type(err).__name__}: {escape(err, 200)}"
 
 
 def _tls_problem(err: BaseException) -> str | None:
@@ -121,6 +132,52 @@ def _tls_problem(err: BaseException) -> str | None:
     return None
 
 
+class _Breaker:
+    """Breaks off a client's connections when its pull is canceled.
+
+    A read from a registry that stops answering waits out its timeout (a minute), and nothing wakes a
+    thread blocked in it except the socket going down. The sockets are learnt from httpx's ``trace``
+    request extension as connections are made (plain, then TLS); a watcher thread, started with the
+    first connection, polls the cancel Event and shuts them down, so the blocked read fails at once and
+    the retry loop sees the cancel.
+    """
+
+    def __init__(self, cancel: threading.Event) -> None:
+        self._cancel = cancel
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def trace(self, event: str, info: dict[str, Any]) -> None:
+        if event not in ("connection.connect_tcp.complete", "connection.start_tls.complete"):
+            return
+        sock = info["return_value"].get_extra_info("socket")
+        if not isinstance(sock, socket.socket):
+            return
+        with self._lock:
+            self._sockets.add(sock)
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="oci-pull-cancel", daemon=True)
+                self._watcher.start()
+
+    def _watch(self) -> None:
+        while not self._closed.is_set():
+            if self._cancel.wait(CANCEL_POLL_SECONDS):
+                self._break()
+                return
+
+    def _break(self) -> None:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with suppress(OSError):  # closed meanwhile (its fd is then -1: never another file's)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the plain call, also for an SSLSocket
+
+    def close(self) -> None:
+        self._closed.set()
+
+
 class RegistryClient:
     """Pulls manifests and blobs of one repository. Thread-safe: layers may be fetched in parallel."""
 
@@ -135,8 +192,11 @@ class RegistryClient:
         timeout: float = 60.0,
         verify: bool | str = True,
         transport: httpx.BaseTransport | None = None,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.ref = ref
+        self._cancel = cancel or threading.Event()  # never set when none is given
+        self._breaker = _Breaker(cancel) if cancel is not None else None
         self._creds = credentials or Credentials()
         self._retries = retries
         self._backoff = backoff
@@ -151,8 +211,12 @@ class RegistryClient:
         self._client_: httpx.Client | None = None
         self._client_lock = threading.Lock()
         self._lock = threading.Lock()
+        self._creds.check()  # before any request: a bad token is one line, never retried or echoed
         self._auth: str | None = f"Bearer {self._creds.token}" if self._creds.token else None
         self._realm_fetched_at: float | None = None
+        self._secrets: list[str] = list(self._creds.secrets)
+        if self._creds.has_basic:
+            self._secrets.append(self._basic_auth().removeprefix("Basic "))
 
     @property
     def _client(self) -> httpx.Client:
@@ -164,6 +228,8 @@ class RegistryClient:
             return self._client_
 
     def close(self) -> None:
+        if self._breaker is not None:
+            self._breaker.close()
         if self._client_ is not None:
             self._client_.close()
 
@@ -172,6 +238,36 @@ class RegistryClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    # --- secrets ------------------------------------------------------------------------------------
+
+    def _basic_auth(self) -> str:
+        raw = f"{self._creds.username}:{self._creds.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def redact(self, text: str) -> str:
+        """``text`` with every form of every secret this client holds replaced by ``***``."""
+        forms = {
+            form
+            for secret in self._secrets
+            for form in (secret, quote_url(secret, safe=""), repr(secret)[1:-1], escape(secret, len(secret)))
+            if form
+        }
+        for form in sorted(forms, key=len, reverse=True):
+            text = text.replace(form, "***")
+        return text
+
+    @contextmanager
+    def redacting(self) -> Iterator[None]:
+        """Errors raised inside carry no secret: a registry may echo our token in its error body."""
+        try:
+            yield
+        except RunnerError as e:
+            text = str(e)
+            clean = self.redact(text)
+            if clean != text:
+                e.args = (clean,)
+            raise
 
     # --- plumbing -----------------------------------------------------------------------------------
 
@@ -182,22 +278,31 @@ class RegistryClient:
     def _url(self, kind: str, reference: str) -> str:
         return f"{self.ref.base_url}/v2/{self.ref.repository}/{kind}/{reference}"
 
+    def _check_cancel(self) -> None:
+        if self._cancel.is_set():
+            raise CanceledError(CANCELED_PULL)
+
     def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
+        """The backoff before a retry; ends early, with CanceledError, when the pull is canceled."""
         delay = min(self._backoff * (2**attempt), self._max_backoff)
         if resp is not None:
             retry_after = resp.headers.get("retry-after", "")
-            if retry_after.isdigit():
+            if retry_after.isascii() and retry_after.isdigit():
                 delay = min(float(retry_after), self._max_backoff)
-        time.sleep(delay)
+        self._cancel.wait(delay)
+        self._check_cancel()
 
     def _send_once(self, method: str, url: str, headers: dict[str, str], auth: str | None) -> httpx.Response:
+        self._check_cancel()  # a canceled pull sends nothing more
         hdrs = dict(headers)
         if auth is not None:
             hdrs["Authorization"] = auth
-        request = self._client.build_request(method, url, headers=hdrs)
+        extensions = {"trace": self._breaker.trace} if self._breaker is not None else None
+        request = self._client.build_request(method, url, headers=hdrs, extensions=extensions)
         try:
             return self._client.send(request, stream=True)
         except httpx.TransportError as e:
+            self._check_cancel()  # a connection broken off by the cancel is no TLS problem
             tls = _tls_problem(e)
             if tls is not None:  # a certificate does not get better by retrying: no caller retries this
                 where = request.url.netloc.decode()
@@ -216,9 +321,10 @@ class RegistryClient:
             try:
                 resp = self._send_once(method, url, headers, auth)
             except httpx.TransportError as e:
+                self._check_cancel()  # a read broken off by the cancel
                 if attempt >= self._retries:
                     raise ImageError(
-                        f"cannot fetch {what} from {self._where} ({type(e).__name__}: {e}) after "
+                        f"cannot fetch {what} from {self._where} ({_transport_detail(e)}) after "
                         f"{attempt + 1} attempts; check that the registry is reachable and retry"
                     ) from None
                 self._sleep(attempt)
@@ -245,14 +351,15 @@ class RegistryClient:
                 return
             challenge = parse_challenge(header) if header else None
             if challenge is not None and challenge.scheme == "basic" and self._creds.has_basic:
-                raw = f"{self._creds.username}:{self._creds.password}".encode()
-                self._auth = "Basic " + base64.b64encode(raw).decode()
+                self._auth = self._basic_auth()
                 return
             if challenge is not None and challenge.scheme == "bearer" and "realm" in challenge.params:
                 last = self._realm_fetched_at
                 if last is not None and time.monotonic() - last < REALM_REFRESH_SECONDS:
                     return  # the realm's fresh token was refused too: let the caller report the 401
-                self._auth = "Bearer " + self._fetch_token(challenge)
+                token = self._fetch_token(challenge)
+                self._secrets.append(token)
+                self._auth = "Bearer " + token
                 self._realm_fetched_at = time.monotonic()
                 return
             raise self._unauthorized(detail)
@@ -276,30 +383,34 @@ class RegistryClient:
 
     def _fetch_token(self, challenge: Challenge) -> str:
         realm = challenge.params["realm"]
-        if not realm.startswith(("https://", "http://")):
-            raise ImageError(
-                f"{self._where} named an invalid token realm {realm!r} in its challenge; the registry is "
-                "misconfigured, contact its operator"
-            )
         query: dict[str, str] = {}
         if "service" in challenge.params:
             query["service"] = challenge.params["service"]
         query["scope"] = challenge.params.get("scope") or f"repository:{self.ref.repository}:pull"
+        try:
+            url = str(httpx.URL(realm, params=query)) if realm.startswith(("https://", "http://")) else None
+        except httpx.InvalidURL:
+            url = None
+        if url is None:
+            raise ImageError(
+                f"{self._where} named an invalid token realm {quote(realm)} in its challenge; the registry "
+                "is misconfigured, contact its operator"
+            )
+        realm = quote(realm)  # shown in messages from here on
         auth: str | None = None
         if self._creds.has_basic:
-            raw = f"{self._creds.username}:{self._creds.password}".encode()
-            auth = "Basic " + base64.b64encode(raw).decode()
+            auth = self._basic_auth()
         elif self._creds.token:
             auth = f"Bearer {self._creds.token}"
-        url = str(httpx.URL(realm, params=query))
         attempt = 0
         while True:
             try:
                 resp = self._send_once("GET", url, {}, auth)
             except httpx.TransportError as e:
+                self._check_cancel()  # a read broken off by the cancel
                 if attempt >= self._retries:
                     raise ImageError(
-                        f"cannot reach the token service {realm} of {self._where} ({type(e).__name__}: {e}); "
+                        f"cannot reach the token service {realm} of {self._where} ({_transport_detail(e)}); "
                         "check that it is reachable and retry"
                     ) from None
                 self._sleep(attempt)
@@ -320,8 +431,9 @@ class RegistryClient:
                 try:
                     body = self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
                 except httpx.TransportError as e:
+                    self._check_cancel()
                     raise ImageError(
-                        f"reading the token from {realm} failed ({type(e).__name__}: {e}); retry the pull"
+                        f"reading the token from {realm} failed ({_transport_detail(e)}); retry the pull"
                     ) from None
             break
         try:
@@ -334,6 +446,11 @@ class RegistryClient:
                 f"the token service {realm} of {self._where} returned no token; "
                 "contact the registry's operator"
             )
+        check_token(
+            token,
+            f"the token that the token service {realm} of {self._where} returned",
+            fix="the token service is misconfigured, contact the registry's operator",
+        )
         return token
 
     def _read_bounded(self, resp: httpx.Response, limit: int, what: str) -> bytes:
@@ -372,6 +489,10 @@ class RegistryClient:
 
     def get_manifest(self, reference: str, *, max_bytes: int = MAX_MANIFEST_BYTES) -> FetchedManifest:
         """GET a manifest or index by tag or digest (body bounded by ``max_bytes``)."""
+        with self.redacting():
+            return self._get_manifest(reference, max_bytes)
+
+    def _get_manifest(self, reference: str, max_bytes: int) -> FetchedManifest:
         what = f"manifest {reference}"
         attempt = 0
         while True:
@@ -382,9 +503,10 @@ class RegistryClient:
                 try:
                     data = self._read_bounded(resp, max_bytes, what)
                 except httpx.TransportError as e:
+                    self._check_cancel()
                     if attempt >= self._retries:
                         raise ImageError(
-                            f"reading {what} from {self._where} failed ({type(e).__name__}: {e}); "
+                            f"reading {what} from {self._where} failed ({_transport_detail(e)}); "
                             "retry the pull"
                         ) from None
                     self._sleep(attempt)
@@ -419,6 +541,12 @@ class RegistryClient:
         A dropped connection resumes with ``Range: bytes=N-`` (a server that ignores Range restarts from
         zero); more bytes than ``size`` or fewer at a clean end are an :class:`ImageError`.
         """
+        with self.redacting():
+            return self._download_blob(digest, out, size, what, on_progress)
+
+    def _download_blob(
+        self, digest: str, out: BinaryIO, size: int, what: str, on_progress: Callable[[int], None] | None
+    ) -> str:
         parsed = parse_digest(digest, what=f"{what} digest")
         hasher: Hasher = parsed.hasher()
         done = 0
@@ -455,11 +583,12 @@ class RegistryClient:
                         if on_progress is not None:
                             on_progress(done)
                 except httpx.TransportError as e:
+                    self._check_cancel()
                     interruptions += 1
                     if interruptions > self._retries:
                         raise ImageError(
                             f"downloading {label} from {self._where} was interrupted {interruptions} times "
-                            f"(last: {type(e).__name__}: {e}) at byte {done} of {size}; retry the pull"
+                            f"(last: {_transport_detail(e)}) at byte {done} of {size}; retry the pull"
                         ) from None
                     self._sleep(interruptions - 1)
                     continue

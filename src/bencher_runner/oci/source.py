@@ -1,18 +1,24 @@
 """One entry point for "get me this image": a local OCI layout or a registry pull.
 
-``job.py`` calls :func:`open_image` with whatever the user or the job named. An existing path (or
+``job.py`` calls :func:`open_image` with whatever the user or the job named, and says whether a local
+layout is allowed at all (``RunConfig.allow_local_image``): for ``runner run`` an existing path (or
 ``DIR:TAG`` whose DIR exists) is a local layout, so a directory that happens to look like a reference
-still works; anything else must parse as a registry reference and is pulled into the blob cache.
+still works; anything else must parse as a registry reference and is pulled into the blob cache. A
+server's job never names a host directory: its image is a registry reference, and the filesystem is
+not even looked at for it.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.layout import HOST_ARCH, LocalImage, open_layout
 from bencher_runner.oci.progress import ProgressCallback
-from bencher_runner.oci.reference import parse_reference
+from bencher_runner.oci.reference import ImageReference, parse_reference
 from bencher_runner.spec.config import RunConfig
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 2**30  # compressed: config + layers as the manifest declares them
@@ -26,6 +32,33 @@ def is_local_layout(image: str) -> bool:
         return True
     head, sep, _ = image.rpartition(":")
     return bool(sep and head and "/" not in image[len(head) :] and Path(head).exists())
+
+
+def is_loopback(registry: str) -> bool:
+    """Whether ``host[:port]`` names this machine: ``localhost``, 127.0.0.0/8 or ``[::1]``."""
+    host = registry[1:].partition("]")[0] if registry.startswith("[") else registry.rpartition(":")[0]
+    host = host or registry
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def plain_http_warning(ref: ImageReference) -> str | None:
+    """The warning for a pull over plain HTTP from another host (None for HTTPS or loopback).
+
+    Like Docker's ``insecure-registries``, plain HTTP stays the user's (or the server's) explicit
+    choice and is not refused, but it is said once per pull, naming the host.
+    """
+    if not ref.insecure or is_loopback(ref.registry):
+        return None
+    return (
+        f"pulling from {ref.registry} over plain HTTP: the registry token and the image travel "
+        "unencrypted, and a pull by tag can be tampered with on the way; use HTTPS unless the network "
+        "is trusted"
+    )
 
 
 def credentials_for(config: RunConfig) -> Credentials:
@@ -43,7 +76,10 @@ def open_image(
     cache_dir: Path,
     credentials: Credentials | None = None,
     insecure: bool = False,
+    allow_local: bool = True,
     progress: ProgressCallback | None = None,
+    cancel: threading.Event | None = None,
+    warn: Callable[[str], None] | None = None,
     arch: str = HOST_ARCH,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     cache_max_bytes: int | None = None,
@@ -51,11 +87,17 @@ def open_image(
     """Open a local layout (``DIR``/``DIR:TAG``) or pull ``[http://]host[:port]/repo[:tag][@digest]``.
 
     ``cache_dir`` is the blob cache root (see :func:`~bencher_runner.oci.blobcache.image_cache_dir`);
-    ``insecure`` pulls over plain HTTP.
+    ``insecure`` pulls over plain HTTP. ``allow_local=False`` (a server's job): ``image`` must be a
+    registry reference, whatever exists on this host under that name. ``cancel``: the pull ends with
+    CanceledError soon after it is set, wherever it waits. ``warn`` hears about plain HTTP to another
+    host.
     """
-    if is_local_layout(image):
+    if allow_local and is_local_layout(image):
         return open_layout(image, arch=arch)
-    ref = parse_reference(image, insecure=insecure)
+    ref = parse_reference(image, insecure=insecure, layouts=allow_local)
+    warning = plain_http_warning(ref)
+    if warning is not None and warn is not None:
+        warn(warning)
     from bencher_runner.oci.pull import pull_image  # the HTTP stack, only for registry images
 
     return pull_image(
@@ -66,4 +108,5 @@ def open_image(
         max_image_bytes=max_image_bytes,
         cache_max_bytes=cache_max_bytes,
         progress=progress,
+        cancel=cancel,
     )

@@ -30,6 +30,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     image: str = Field(min_length=1)
+    allow_local_image: bool = True  # `image` may name a local OCI layout (`runner run`); jobs: False
     entrypoint: tuple[str, ...] | None = None
     cmd: tuple[str, ...] | None = None
     env: dict[str, str] = Field(default_factory=dict)

@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, Validatio
 from bencher_runner.spec.bmf import benchmark_name
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, Accel, RunConfig, make_run_config
 from bencher_runner.spec.errors import SpecError
+from bencher_runner.spec.registry import parse_registry_url
 from bencher_runner.spec.units import bytes_to_mib
 
 MAX_ENTRYPOINT_LEN = 64
@@ -129,15 +130,7 @@ def parse_job(message: dict[str, Any]) -> ClaimedJob:
 def image_reference(config: JobConfig, layout: ImageLayout = "bencher") -> tuple[str, bool]:
     """`{registry host[:port]}/{project}@{digest}` (legacy: `.../{project}/images@{digest}`) and
     whether the registry speaks plain HTTP."""
-    registry = config.registry.strip()
-    insecure = False
-    if registry.startswith("http://"):
-        insecure, registry = True, registry[len("http://") :]
-    elif registry.startswith("https://"):
-        registry = registry[len("https://") :]
-    registry = registry.rstrip("/")
-    if not registry or "://" in registry or any(c.isspace() for c in registry):
-        raise SpecError(f"config.registry={config.registry!r}: expected a registry URL such as https://host")
+    registry, insecure = parse_registry_url(config.registry)  # never a path: a registry only
     if not _PROJECT.match(config.project):
         raise SpecError(f"config.project={config.project!r}: expected the project UUID")
     if not _DIGEST.match(config.digest):
@@ -192,6 +185,7 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
     image, insecure = image_reference(config, options.image_layout)
     return make_run_config(
         image=image,
+        allow_local_image=False,  # a job's image comes from a registry, never a host directory
         insecure_registry=insecure,
         token=job.oci_token,
         entrypoint=tuple(config.entrypoint) if config.entrypoint is not None else None,
