@@ -42,7 +42,14 @@ from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
 from bencher_runner.sandbox.netns import JobNetwork, job_network
 from bencher_runner.sandbox.network import NetworkPlan, user_nat
-from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_output_disk, read_output_disk
+from bencher_runner.sandbox.outputdisk import (
+    ExitWatcher,
+    GuestReport,
+    create_output_disk,
+    iteration_output,
+    output_disk_size,
+    read_output_disk,
+)
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
 from bencher_runner.sandbox.vmlinux import ensure_vmlinux
@@ -466,7 +473,7 @@ class Job:
         initrd = it_dir / "initrd.cpio"
         write_job_initramfs(base, job_config, initrd)
         out_disk = it_dir / "output.img"
-        create_output_disk(out_disk, (2 + len(cfg.output_paths)) * cfg.max_output_bytes + 4 * MIB)
+        create_output_disk(out_disk, output_disk_size(len(cfg.output_paths), cfg.max_output_bytes))
         spec = VmSpec(
             kernel=self.boot_kernel if cfg.backend == "qemu" else bundle.kernel,
             initrd=initrd,
@@ -483,7 +490,7 @@ class Job:
         t0 = time.monotonic()
         deadline = t0 + cfg.timeout_s
         timed_out = canceled = grace_expired = False
-        watcher = ExitWatcher(out_disk)
+        watcher = ExitWatcher(out_disk, requested=cfg.output_paths, max_output=cfg.max_output_bytes)
         grace_deadline: float | None = None
         with self._cgroup(it_dir) as group, self._make_vm(spec, it_dir) as vm:
             if group is not None and vm.pid is not None:
@@ -510,9 +517,11 @@ class Job:
             vm_log = vm.log()
         t1 = time.monotonic()
         self._add_time("vm_s", t1 - t0)
-        report = read_output_disk(out_disk, max_output=cfg.max_output_bytes)
+        report = read_output_disk(out_disk, max_output=cfg.max_output_bytes, requested=cfg.output_paths)
         self._add_time("collect_s", time.monotonic() - t1)
         self._record_guest_timings(report)
+        for warning in report.warnings:
+            self.reporter.warn(f"{label}: {warning}")
         if canceled:
             raise CanceledError("the job was canceled while the benchmark ran")
         if timed_out:
@@ -531,27 +540,8 @@ class Job:
         oom = serial_line(spec.serial_log, OOM_MARKER) if report.exit.exit_code == 128 + 9 else None
         if oom:
             self.reporter.warn(f"{label}: the guest ran out of memory: {oom}")
-        truncated = [
-            name
-            for name, total, kept in (
-                ("stdout", report.stdout_total, len(report.stdout)),
-                ("stderr", report.stderr_total, len(report.stderr)),
-            )
-            if total > kept
-        ]
-        truncated += [p for p, data in report.files.items() if report.file_sizes.get(p, 0) > len(data)]
-        missing = {p: os.strerror(err) for p, err in report.missing.items()}
-        if not report.done and not grace_expired:
-            missing.update(
-                {p: "not collected" for p in cfg.output_paths if p not in report.files and p not in missing}
-            )
-        output = IterationOutput(
-            exit_code=report.exit.exit_code,
-            stdout=report.stdout,
-            stderr=report.stderr,
-            output=dict(report.files),
-            missing=missing,
-            truncated=tuple(truncated),
+        output = iteration_output(
+            report, cfg.output_paths, mark_uncollected=not report.done and not grace_expired
         )
         if oom:
             self.state.results.append(output)
