@@ -186,6 +186,7 @@ def run(
     iterations: int,
     allow_failure: bool,
     max_output_size: int,
+    max_disk: int,
     outputs: tuple[str, ...],
     output_dir: Path | None,
     max_file_count: int,
@@ -226,6 +227,12 @@ def run(
         raise click.UsageError("--sandbox-log-level, --firecracker and --jailer need --sandbox firecracker")
     if not network and "network_mode" in given:
         raise click.UsageError("--network-mode needs --network")
+    if disk > max_disk:
+        raise click.BadParameter(
+            f"{disk} MiB is more than --max-disk ({max_disk} MiB); raise --max-disk if this host should "
+            "give a job that much",
+            param_hint="--disk",
+        )
     cmd = cmd_opts or cmd_args
     tuning = tuning_options_from(tuning_flags)
     try:

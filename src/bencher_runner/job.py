@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bencher_runner import metrics
+from bencher_runner.host.capacity import check_host_capacity
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
 from bencher_runner.host.tuning import TuningOptions, tuned_host
@@ -222,6 +223,7 @@ class Job:
 
     def _run(self) -> RunnerError | None:
         cfg = self.config
+        check_host_capacity(cfg, self.cache)  # before any work: memory, disk space, paths QEMU takes
         t0 = time.monotonic()
         image = open_image(
             cfg.image,

@@ -158,6 +158,31 @@ def _copy_range(fd_in: int, fd_out: int, offset: int, length: int) -> None:
         done += n
 
 
+def free_bytes(path: Path) -> tuple[int | None, Path]:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem (``path`` need not exist
+    yet: its nearest existing parent is asked), and that filesystem's mount point."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        st = os.statvfs(existing)
+    except OSError:
+        return None, existing
+    return st.f_bavail * st.f_frsize, mount_point(existing)
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the filesystem holding ``path`` (which exists)."""
+    path = path.resolve()
+    try:
+        dev = path.stat().st_dev
+        while path != path.parent and path.parent.stat().st_dev == dev:
+            path = path.parent
+    except OSError:
+        pass
+    return path
+
+
 # --- template cache -------------------------------------------------------------------------------
 # A root disk depends only on the image (layers, WorkingDir) and the disk size: the guest agent and the
 # job's config live in the initramfs, not on the disk. So a warm job copies a cached template (sparse
