@@ -52,6 +52,13 @@ from bencher_runner.sandbox.outputdisk import (
     read_output_disk,
 )
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
+from bencher_runner.sandbox.serial import (
+    OOM_MARKER,
+    PANIC_MARKER,
+    bounded_serial_log,
+    serial_line,
+    serial_tail,
+)
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
 from bencher_runner.sandbox.vmlinux import ensure_vmlinux
 from bencher_runner.spec.config import RunConfig
@@ -73,7 +80,6 @@ from bencher_runner.spec.units import MIB
 from bencher_runner.staging import memory_tree, out_of_space, stale_memory_tree
 
 TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
-SERIAL_TAIL_LINES = 25
 
 
 class Reporter:
@@ -111,30 +117,6 @@ class JobState:
     sandbox: SandboxInfo | None = None
     timings: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, object] = field(default_factory=dict)
-
-
-def serial_tail(serial: Path) -> str:
-    try:
-        lines = serial.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no serial log)"
-    return "\n".join(lines[-SERIAL_TAIL_LINES:]) or "(serial log is empty)"
-
-
-OOM_MARKER = "Out of memory: Killed process"  # the guest OOM killer fired
-PANIC_MARKER = "Kernel panic"
-
-
-def serial_line(serial: Path, marker: str) -> str | None:
-    """The first kernel message in the serial log containing ``marker``, without its timestamp."""
-    try:
-        text = serial.read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if marker in line:
-            return line.split("]", 1)[-1].strip()
-    return None
 
 
 class Job:
@@ -494,7 +476,11 @@ class Job:
         timed_out = canceled = grace_expired = False
         watcher = ExitWatcher(out_disk, requested=cfg.output_paths, max_output=cfg.max_output_bytes)
         grace_deadline: float | None = None
-        with self._cgroup(it_dir) as group, self._make_vm(spec, it_dir) as vm:
+        with (
+            self._cgroup(it_dir) as group,
+            bounded_serial_log(spec.serial_log),  # a guest spamming its console cannot fill the disk
+            self._make_vm(spec, it_dir) as vm,
+        ):
             if group is not None and vm.pid is not None:
                 group.add(vm.pid)  # cpuset = benchmark cores, memory.max a little above the VM, no swap
             self._pin(vm.pid)
