@@ -292,11 +292,14 @@ class _Parser:
                 return
             stream = self.streams.get(record_type)
             if stream is not None and self.stream_records >= self.max_streams:
-                return self._stop_warning(f"more than {self.max_streams} stdout and stderr chunks")
+                return self._stop_warning(
+                    f"more than {self.max_streams} stdout and stderr chunks on the output disk (the host "
+                    f"reads one per byte of --max-output-size at most, and {MAX_STREAM_RECORDS} in all)"
+                )
             if stream is None and self.records - self.stream_records >= self.max_others:
                 return self._stop_warning(
-                    f"more than {self.max_others} records besides stdout and stderr (HELLO, EXIT, ERROR, "
-                    "DONE and one per requested file)"
+                    f"more than {self.max_others} records besides stdout and stderr on the output disk "
+                    "(the agent writes HELLO, EXIT, DONE, an ERROR and one per requested file)"
                 )
             body = at + header_size
             keep = self._keep(record_type, stream)
@@ -405,10 +408,7 @@ class _Parser:
         self.stopped = True
 
     def _stop_warning(self, what: str) -> None:
-        self.warnings.append(
-            f"the guest wrote {what} on the output disk, more than this job's agent writes; "
-            "the rest was ignored"
-        )
+        self.warnings.append(f"the guest wrote {what}; the rest was ignored")
         self.stopped = True
 
     def report(self) -> GuestReport:
