@@ -30,6 +30,16 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     return env
 
 
+def _check_outputs(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Output paths as the guest can look them up: not empty, no NUL (absolute or relative both do)."""
+    for value in values:
+        if not value:
+            raise click.BadParameter("an output path cannot be empty")
+        if "\0" in value:
+            raise click.BadParameter(f"{value!r} contains a NUL byte")
+    return values
+
+
 class LazyGroup(click.Group):
     """Subcommands imported when they run (click's documented lazy-loading pattern): `runner run` does
     not pay for the daemon's WebSocket and metrics stack or for doctor, about 0.2 s of start-up."""
@@ -113,6 +123,7 @@ def main() -> None:
     "outputs",
     multiple=True,
     metavar="PATH",
+    callback=lambda ctx, param, values: _check_outputs(values),
     help="Guest file to collect after the benchmark (repeatable; relative to the working dir).",
 )
 @click.option(
@@ -198,6 +209,7 @@ def run(
     iterations: int,
     allow_failure: bool,
     max_output_size: int,
+    max_disk: int,
     outputs: tuple[str, ...],
     build_time: bool,
     file_size: bool,
@@ -242,6 +254,12 @@ def run(
         raise click.UsageError("--network-mode needs --network")
     if file_size and not outputs:
         raise click.UsageError("--file-size needs the files to measure: give them with --output PATH")
+    if disk > max_disk:
+        raise click.BadParameter(
+            f"{disk} MiB is more than --max-disk ({max_disk} MiB); raise --max-disk if this host should "
+            "give a job that much",
+            param_hint="--disk",
+        )
     cmd = cmd_opts or cmd_args
     tuning = tuning_options_from(tuning_flags)
     try:

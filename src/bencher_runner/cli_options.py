@@ -6,17 +6,27 @@ from typing import Any, TypeVar
 
 import click
 
-from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT
+from bencher_runner.sandbox.outputdisk import MAX_OUTPUT_LIMIT
+from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, MIN_DISK_MIB
+from bencher_runner.spec.jobspec import DEFAULT_MAX_DISK_MIB
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 SHARED_JOB_OPTIONS = (
     click.option(
         "--max-output-size",
-        type=click.IntRange(0),
+        type=click.IntRange(0, MAX_OUTPUT_LIMIT),
         default=DEFAULT_MAX_OUTPUT,
         show_default=True,
-        help="Byte cap for stdout, for stderr and for each output file (the benchmark never blocks on it).",
+        help="Byte cap for stdout, for stderr and for each output file (the benchmark never blocks on it; "
+        f"at most {MAX_OUTPUT_LIMIT}, what the output disk's records hold).",
+    ),
+    click.option(
+        "--max-disk",
+        type=click.IntRange(MIN_DISK_MIB),
+        default=DEFAULT_MAX_DISK_MIB,
+        show_default=True,
+        help="Largest root disk in MiB a job may ask for (--disk, spec.disk); free space is checked too.",
     ),
     click.option(
         "--max-file-count",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bencher_runner import metrics
+from bencher_runner.host.capacity import check_host_capacity
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
 from bencher_runner.host.tuning import TuningOptions, tuned_host
@@ -47,8 +48,22 @@ from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
 from bencher_runner.sandbox.netns import JobNetwork, job_network
 from bencher_runner.sandbox.network import NetworkPlan, user_nat
-from bencher_runner.sandbox.outputdisk import ExitWatcher, GuestReport, create_output_disk, read_output_disk
+from bencher_runner.sandbox.outputdisk import (
+    ExitWatcher,
+    GuestReport,
+    create_output_disk,
+    iteration_output,
+    output_disk_size,
+    read_output_disk,
+)
 from bencher_runner.sandbox.qemu import QemuVm, find_qemu
+from bencher_runner.sandbox.serial import (
+    OOM_MARKER,
+    PANIC_MARKER,
+    bounded_serial_log,
+    serial_line,
+    serial_tail,
+)
 from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, read_host_tsc_khz
 from bencher_runner.sandbox.vmlinux import ensure_vmlinux
 from bencher_runner.spec.bmf import metric_report
@@ -74,7 +89,6 @@ TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
 # Results written after the command exited are still collected this long past the deadline: half
 # the server's 60 s grace, so the terminal message still beats its hard limit.
 RESULT_OVERRUN_S = 30.0
-SERIAL_TAIL_LINES = 25
 
 
 class Reporter:
@@ -112,30 +126,6 @@ class JobState:
     sandbox: SandboxInfo | None = None
     timings: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, object] = field(default_factory=dict)
-
-
-def serial_tail(serial: Path) -> str:
-    try:
-        lines = serial.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return "(no serial log)"
-    return "\n".join(lines[-SERIAL_TAIL_LINES:]) or "(serial log is empty)"
-
-
-OOM_MARKER = "Out of memory: Killed process"  # the guest OOM killer fired
-PANIC_MARKER = "Kernel panic"
-
-
-def serial_line(serial: Path, marker: str) -> str | None:
-    """The first kernel message in the serial log containing ``marker``, without its timestamp."""
-    try:
-        text = serial.read_text(errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if marker in line:
-            return line.split("]", 1)[-1].strip()
-    return None
 
 
 class Job:
@@ -240,6 +230,7 @@ class Job:
     def _run(self) -> RunnerError | None:
         cfg = self.config
         self._check_deadline("before it started")
+        check_host_capacity(cfg, self.cache)  # before any work: memory, disk space, paths QEMU takes
         t0 = time.monotonic()
         image = open_image(
             cfg.image,
@@ -497,7 +488,7 @@ class Job:
         initrd = it_dir / "initrd.cpio"
         write_job_initramfs(base, job_config, initrd)
         out_disk = it_dir / "output.img"
-        create_output_disk(out_disk, (2 + len(cfg.output_paths)) * cfg.max_output_bytes + 4 * MIB)
+        create_output_disk(out_disk, output_disk_size(len(cfg.output_paths), cfg.max_output_bytes))
         spec = VmSpec(
             kernel=self.boot_kernel if cfg.backend == "qemu" else bundle.kernel,
             initrd=initrd,
@@ -514,9 +505,13 @@ class Job:
         t0 = time.monotonic()
         deadline = self.deadline  # the job's: a late iteration gets only the time that is left
         timed_out = canceled = grace_expired = False
-        watcher = ExitWatcher(out_disk)
+        watcher = ExitWatcher(out_disk, requested=cfg.output_paths, max_output=cfg.max_output_bytes)
         grace_deadline: float | None = None
-        with self._cgroup(it_dir) as group, self._make_vm(spec, it_dir) as vm:
+        with (
+            self._cgroup(it_dir) as group,
+            bounded_serial_log(spec.serial_log),  # a guest spamming its console cannot fill the disk
+            self._make_vm(spec, it_dir) as vm,
+        ):
             if group is not None and vm.pid is not None:
                 group.add(vm.pid)  # cpuset = benchmark cores, memory.max a little above the VM, no swap
             self._pin(vm.pid)
@@ -545,9 +540,11 @@ class Job:
             vm_log = vm.log()
         t1 = time.monotonic()
         self._add_time("vm_s", t1 - t0)
-        report = read_output_disk(out_disk, max_output=cfg.max_output_bytes)
+        report = read_output_disk(out_disk, max_output=cfg.max_output_bytes, requested=cfg.output_paths)
         self._add_time("collect_s", time.monotonic() - t1)
         self._record_guest_timings(report)
+        for warning in report.warnings:
+            self.reporter.warn(f"{label}: {warning}")
         if canceled:
             raise CanceledError("the job was canceled while the benchmark ran")
         if timed_out:
@@ -566,27 +563,8 @@ class Job:
         oom = serial_line(spec.serial_log, OOM_MARKER) if report.exit.exit_code == 128 + 9 else None
         if oom:
             self.reporter.warn(f"{label}: the guest ran out of memory: {oom}")
-        truncated = [
-            name
-            for name, total, kept in (
-                ("stdout", report.stdout_total, len(report.stdout)),
-                ("stderr", report.stderr_total, len(report.stderr)),
-            )
-            if total > kept
-        ]
-        truncated += [p for p, data in report.files.items() if report.file_sizes.get(p, 0) > len(data)]
-        missing = {p: os.strerror(err) for p, err in report.missing.items()}
-        if not report.done and not grace_expired:
-            missing.update(
-                {p: "not collected" for p in cfg.output_paths if p not in report.files and p not in missing}
-            )
-        output = IterationOutput(
-            exit_code=report.exit.exit_code,
-            stdout=report.stdout,
-            stderr=report.stderr,
-            output=dict(report.files),
-            missing=missing,
-            truncated=tuple(truncated),
+        output = iteration_output(
+            report, cfg.output_paths, mark_uncollected=not report.done and not grace_expired
         )
         if oom:
             self.state.results.append(output)

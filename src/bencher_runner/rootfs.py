@@ -8,6 +8,7 @@ guest can never over-commit the host's disk.
 import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -25,8 +26,8 @@ OVERHEAD_FRACTION = 0.08
 OVERHEAD_MIN_MIB = 8
 
 
-def tree_usage_bytes(tree: Path) -> int:
-    """Bytes the tree's files occupy (allocated blocks, each inode counted once)."""
+def tree_usage(tree: Path) -> tuple[int, int]:
+    """Bytes the tree's files occupy (allocated blocks) and the inodes they need, each inode once."""
     seen: set[tuple[int, int]] = set()
     total = 0
     for dirpath, dirnames, filenames in os.walk(tree):
@@ -36,7 +37,7 @@ def tree_usage_bytes(tree: Path) -> int:
                 continue
             seen.add((st.st_dev, st.st_ino))
             total += max(st.st_blocks * 512, 4096 if name in dirnames else 0)
-    return total
+    return total, len(seen) + 1  # and the root directory
 
 
 def min_disk_mib(content_bytes: int) -> int:
@@ -56,11 +57,12 @@ def build_rootfs(
 
     ``allocate=False`` leaves it sparse: a cached template, whose per-job copies get allocated.
     ``cancel``: set it to stop mkfs within 0.1 s (CanceledError), so a canceled job frees its worker.
+    On any failure (mkfs, cancel, a full host filesystem, an exception) ``image`` is removed.
     """
     mkfs = shutil.which("mkfs.ext4") or "/usr/sbin/mkfs.ext4"
     if not os.path.exists(mkfs):
         raise RootfsError("mkfs.ext4 is not installed; install it with `apt-get install e2fsprogs`")
-    content = tree_usage_bytes(tree)
+    content, inodes = tree_usage(tree)
     needed = min_disk_mib(content)
     if needed > disk_mib:
         raise RootfsError(
@@ -68,22 +70,116 @@ def build_rootfs(
             f"but the disk is {disk_mib} MiB; pass --disk {needed} or more"
         )
     os.chmod(tree, 0o755)  # becomes the guest's `/`
-    with image.open("wb") as f:
-        f.truncate(disk_mib * MIB)
-    proc = _run_cancellable([mkfs, *MKFS_FLAGS, "-d", str(tree), str(image)], cancel)
-    if proc.returncode != 0:
-        message = proc.stderr.strip() or proc.stdout.strip()
-        if "No space left" in message or "Could not allocate" in message or "too small" in message:
-            raise RootfsError(
-                f"the image's files ({bytes_to_mib(content)} MiB) do not fit in a {disk_mib} MiB disk; "
-                f"pass a larger --disk (mkfs.ext4: {message.splitlines()[-1]})"
-            )
-        raise RootfsError(f"mkfs.ext4 failed building the root disk ({disk_mib} MiB): {message}")
-    if allocate:
-        allocate_disk(image, disk_mib)
+    try:
+        with image.open("wb") as f:
+            f.truncate(disk_mib * MIB)
+        capacity = _inode_capacity(mkfs, image, disk_mib, cancel)
+        if capacity is not None and inodes + RESERVED_INODES > capacity:
+            raise _too_many_inodes(mkfs, image, disk_mib, inodes, capacity, needed, cancel)
+        proc = _run_cancellable([mkfs, *MKFS_FLAGS, "-d", str(tree), str(image)], cancel)
+        if proc.returncode != 0:
+            raise _mkfs_error(proc, mkfs, image, disk_mib, content, inodes, needed, cancel)
+        if allocate:
+            allocate_disk(image, disk_mib)
+    except BaseException:
+        image.unlink(missing_ok=True)  # a partial disk costs host space and is never used
+        raise
 
 
-def _run_cancellable(argv: list[str], cancel: threading.Event | None) -> subprocess.CompletedProcess[str]:
+RESERVED_INODES = 11  # ext4's first non-reserved inode; lost+found takes one more
+
+
+def _inode_capacity(mkfs: str, image: Path, disk_mib: int, cancel: threading.Event | None) -> int | None:
+    """The inodes mkfs.ext4 makes for a disk of ``disk_mib`` MiB, asked of mkfs itself (-n: nothing is
+    written), so its own configuration decides; None if it does not say."""
+    argv = [mkfs, "-n", *MKFS_FLAGS[1:], str(image), f"{disk_mib}M"]
+    proc = _run_cancellable(argv, cancel, timeout=30)
+    found = re.search(r" and (\d+) inodes", proc.stdout + proc.stderr)
+    return int(found.group(1)) if found else None
+
+
+def _disk_for_inodes(
+    mkfs: str, image: Path, disk_mib: int, inodes: int, cancel: threading.Event | None
+) -> int | None:
+    """The smallest disk (MiB, a multiple of 64) at least ``disk_mib`` whose ext4 has room for
+    ``inodes`` files and a quarter more for the benchmark's own."""
+    wanted = inodes * 5 // 4 + RESERVED_INODES + 1
+
+    def enough(mib: int) -> bool:
+        capacity = _inode_capacity(mkfs, image, mib, cancel)
+        return capacity is not None and capacity >= wanted
+
+    low, high = disk_mib, max(64, disk_mib)
+    while not enough(high):
+        low, high = high, high * 2
+        if high > 1 << 24:  # 16 TiB: no suggestion
+            return None
+    while high - low > 64:
+        middle = (low + high) // 2
+        if enough(middle):
+            high = middle
+        else:
+            low = middle
+    return -(-high // 64) * 64
+
+
+def _too_many_inodes(
+    mkfs: str,
+    image: Path,
+    disk_mib: int,
+    inodes: int,
+    capacity: int,
+    needed_mib: int,
+    cancel: threading.Event | None,
+) -> RootfsError:
+    suggest = _disk_for_inodes(mkfs, image, max(disk_mib, needed_mib), inodes, cancel)
+    fix = f"pass --disk {suggest} or more" if suggest else "pass a much larger --disk"
+    return RootfsError(
+        f"the image has {inodes} files and directories but a {disk_mib} MiB ext4 disk has only {capacity} "
+        f"inodes (mkfs.ext4 makes one per 4 KiB of disk below 512 MiB and one per 16 KiB from 512 MiB); "
+        f"{fix} (spec.disk for a job)"
+    )
+
+
+def _mkfs_error(
+    proc: subprocess.CompletedProcess[str],
+    mkfs: str,
+    image: Path,
+    disk_mib: int,
+    content: int,
+    inodes: int,
+    needed_mib: int,
+    cancel: threading.Event | None,
+) -> RootfsError:
+    """What a failed mkfs means: the host filesystem is full, the disk's inodes ran out, or the files
+    do not fit in the disk. mkfs.ext4 says "No space left on device"/"short write" for the first (a
+    write to the image file failed) and "Could not allocate inode/block in ext2 filesystem" inside."""
+    message = (proc.stderr.strip() or proc.stdout.strip() or f"exit status {proc.returncode}").splitlines()
+    last = message[-1]
+    text = " ".join(message)
+    free, mount = free_bytes(image.parent)
+    if "No space left on device" in text or "short write" in text or (free is not None and free < MIB):
+        shown = f"{free // MIB} MiB free" if free is not None else "full"
+        return RootfsError(
+            f"the host filesystem at {mount} is full ({shown}) while mkfs.ext4 wrote the {disk_mib} MiB "
+            f"root disk under {image.parent}; free space there or point --cache-dir at a larger "
+            f"filesystem (mkfs.ext4: {last})"
+        )
+    if "Could not allocate inode" in text:
+        capacity = _inode_capacity(mkfs, image, disk_mib, cancel) or 0
+        return _too_many_inodes(mkfs, image, disk_mib, inodes, capacity, needed_mib, cancel)
+    if "Could not allocate" in text or "too small" in text:
+        return RootfsError(
+            f"the image's files ({bytes_to_mib(content)} MiB) do not fit in a {disk_mib} MiB disk; "
+            f"pass a larger --disk (mkfs.ext4: {last})"
+        )
+    return RootfsError(f"mkfs.ext4 failed building the root disk ({disk_mib} MiB): {'; '.join(message)}")
+
+
+def _run_cancellable(
+    argv: list[str], cancel: threading.Event | None, *, timeout: float | None = None
+) -> subprocess.CompletedProcess[str]:
+    deadline = None if timeout is None else time.monotonic() + timeout
     with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         while True:
             try:
@@ -93,6 +189,10 @@ def _run_cancellable(argv: list[str], cancel: threading.Event | None) -> subproc
                     proc.kill()
                     proc.communicate()
                     raise CanceledError("the job was canceled while its root disk was built") from None
+                if deadline is not None and time.monotonic() > deadline:
+                    proc.kill()
+                    stdout, stderr = proc.communicate()
+                    return subprocess.CompletedProcess(argv, -9, stdout, stderr)
                 continue
             return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
@@ -103,30 +203,38 @@ def allocate_disk(image: Path, disk_mib: int) -> None:
     try:
         os.posix_fallocate(fd, 0, disk_mib * MIB)
     except OSError as err:
-        raise RootfsError(
-            f"cannot reserve {disk_mib} MiB for the root disk at {image}: {err.strerror}; "
-            "free host disk space"
-        ) from None
+        raise _no_room(image, disk_mib, err) from None
     finally:
         os.close(fd)
+
+
+def _no_room(disk: Path, disk_mib: int, err: OSError) -> RootfsError:
+    free, mount = free_bytes(disk.parent)
+    shown = f"{free // MIB} MiB" if free is not None else "too little"
+    return RootfsError(
+        f"cannot reserve {disk_mib} MiB for the root disk at {disk}: {err.strerror}; the filesystem at "
+        f"{mount} has {shown} free: free space there, ask for a smaller disk (--disk, spec.disk), or "
+        "point --cache-dir at a larger filesystem"
+    )
 
 
 def copy_disk(src: Path, dest: Path) -> None:
     """A job's own root disk from a (sparse) template: ``dest`` is fully allocated first, then only the
     template's data extents are copied, in the kernel (copy_file_range: no user-space buffer, and on
-    filesystems that can, e.g. XFS or btrfs, shared blocks)."""
+    filesystems that can, e.g. XFS or btrfs, shared blocks). ``dest`` is removed if this fails."""
     size = src.stat().st_size
-    with src.open("rb") as s, dest.open("wb") as d:
-        fd_in, fd_out = s.fileno(), d.fileno()
-        try:
-            os.posix_fallocate(fd_out, 0, size)  # the guest can never over-commit the host's disk
-        except OSError as err:
-            raise RootfsError(
-                f"cannot reserve {bytes_to_mib(size)} MiB for the root disk at {dest}: {err.strerror}; "
-                "free host disk space"
-            ) from None
-        for offset, length in _data_extents(fd_in, size):
-            _copy_range(fd_in, fd_out, offset, length)
+    try:
+        with src.open("rb") as s, dest.open("wb") as d:
+            fd_in, fd_out = s.fileno(), d.fileno()
+            try:
+                os.posix_fallocate(fd_out, 0, size)  # the guest can never over-commit the host's disk
+            except OSError as err:
+                raise _no_room(dest, bytes_to_mib(size), err) from None
+            for offset, length in _data_extents(fd_in, size):
+                _copy_range(fd_in, fd_out, offset, length)
+    except BaseException:
+        dest.unlink(missing_ok=True)
+        raise
 
 
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
@@ -156,6 +264,31 @@ def _copy_range(fd_in: int, fd_out: int, offset: int, length: int) -> None:
         if n == 0:
             raise RootfsError(f"copying the root disk template stopped early at byte {at}")
         done += n
+
+
+def free_bytes(path: Path) -> tuple[int | None, Path]:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem (``path`` need not exist
+    yet: its nearest existing parent is asked), and that filesystem's mount point."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        st = os.statvfs(existing)
+    except OSError:
+        return None, existing
+    return st.f_bavail * st.f_frsize, mount_point(existing)
+
+
+def mount_point(path: Path) -> Path:
+    """The mount point of the filesystem holding ``path`` (which exists)."""
+    path = path.resolve()
+    try:
+        dev = path.stat().st_dev
+        while path != path.parent and path.parent.stat().st_dev == dev:
+            path = path.parent
+    except OSError:
+        pass
+    return path
 
 
 # --- template cache -------------------------------------------------------------------------------
@@ -193,13 +326,20 @@ class TemplateCache:
         return Template(disk, doc.get("passwd"), doc.get("group"))
 
     def put(self, key: str, built: Path, passwd: str | None, group: str | None) -> Template:
-        """Move a freshly built (sparse, unallocated) disk into the cache, atomically."""
+        """Move a freshly built (sparse, unallocated) disk into the cache, atomically; on failure
+        nothing of it is left in the cache."""
         self.root.mkdir(parents=True, exist_ok=True)
         disk, meta = self.root / f"{key}.ext4", self.root / f"{key}.json"
         tmp = self.root / f".{key}.{os.getpid()}.json"
-        tmp.write_text(json.dumps({"passwd": passwd, "group": group}))
-        os.replace(built, disk)
-        os.replace(tmp, meta)  # the metadata lands last: get() sees a template only when it is whole
+        try:
+            tmp.write_text(json.dumps({"passwd": passwd, "group": group}))
+            os.replace(built, disk)
+            os.replace(tmp, meta)  # the metadata lands last: get() sees a template only when it is whole
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            if not meta.exists():
+                disk.unlink(missing_ok=True)
+            raise
         self.prune()
         return Template(disk, passwd, group)
 

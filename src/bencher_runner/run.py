@@ -6,10 +6,12 @@ Human mode: progress on stderr, the benchmark's stdout to stdout and its stderr 
 """
 
 import json
+import re
 import signal
 import sys
 import threading
-from pathlib import Path, PurePosixPath
+from collections import Counter
+from pathlib import Path
 from typing import IO
 
 from rich.console import Console
@@ -28,8 +30,9 @@ from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.job import Reporter, run_job
 from bencher_runner.oci.progress import PullProgress
 from bencher_runner.recovery import recover_from_crash
+from bencher_runner.sandbox.outputdisk import wire_name
 from bencher_runner.spec.config import RunConfig
-from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, SpecError
+from bencher_runner.spec.errors import ImageError, KernelBundleError, RootfsError, RunnerError, SpecError
 from bencher_runner.spec.results import IterationOutput, RunResult
 
 EXIT_COMPLETED = 0
@@ -134,18 +137,76 @@ def exit_status(result: RunResult) -> int:
 
 
 def save_outputs(result: RunResult, output_dir: Path) -> None:
-    """stdout, stderr and every output file, byte-exact, under DIR/iter-N/ (files/ keeps guest paths)."""
-    for index, output in enumerate(result.results, start=1):
-        base = output_dir / f"iter-{index}"
-        files = base / "files"
-        files.mkdir(parents=True, exist_ok=True)
-        (base / "stdout").write_bytes(output.stdout)
-        (base / "stderr").write_bytes(output.stderr)
-        for guest_path, data in output.output.items():
-            parts = [p if p != ".." else "__" for p in PurePosixPath(guest_path).parts if p not in ("/", ".")]
-            target = files.joinpath(*parts) if parts else files / "__"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
+    """stdout, stderr and every output file, byte-exact, under DIR/iter-N/; RunnerError if it cannot.
+
+    A file goes to ``files/<its guest path>`` (leading ``/`` and ``.`` dropped) when that path is
+    plain: valid UTF-8 components of at most 255 bytes, none ``..`` or holding NUL, and no other
+    file's path is the same or needs it as a directory (``a`` next to ``a/b``). Any other file, which
+    only a guest could make of it, goes to ``renamed/<n>-<its name, sanitised>``. ``files.json``
+    maps every saved file (relative to iter-N/) to its guest path, so nothing the guest names is lost
+    or overwritten and nothing lands outside DIR.
+    """
+    try:
+        for index, output in enumerate(result.results, start=1):
+            base = output_dir / f"iter-{index}"
+            (base / "files").mkdir(parents=True, exist_ok=True)
+            (base / "stdout").write_bytes(output.stdout)
+            (base / "stderr").write_bytes(output.stderr)
+            if output.output:
+                _save_files(base, output.output)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise RunnerError(
+            f"cannot save the outputs under {output_dir}: {err.strerror or err}{where}; "
+            "pass an --output-dir you can write to"
+        ) from None
+
+
+INDEX_NAME = "files.json"
+NAME_MAX = 255  # bytes in one path component (Linux)
+PLAIN_PATH_MAX = 1024  # bytes in a whole guest path saved as it is
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _plain_parts(guest_path: str) -> tuple[str, ...] | None:
+    """The components of a guest path that can be saved as they are under files/, else None."""
+    try:
+        if len(guest_path.encode()) > PLAIN_PATH_MAX:
+            return None
+    except UnicodeEncodeError:
+        return None
+    parts = tuple(part for part in guest_path.split("/") if part not in ("", "."))
+    if not parts or any(part == ".." or "\0" in part or len(part.encode()) > NAME_MAX for part in parts):
+        return None
+    return parts
+
+
+def _clashes(parts: tuple[str, ...], files: Counter[tuple[str, ...]], dirs: set[tuple[str, ...]]) -> bool:
+    """Another file has the same path, needs this one as a directory, or is one of its directories."""
+    return files[parts] > 1 or parts in dirs or any(parts[:i] in files for i in range(1, len(parts)))
+
+
+def _save_files(base: Path, files: dict[str, bytes]) -> None:
+    plain = {path: _plain_parts(path) for path in files}
+    count = Counter(parts for parts in plain.values() if parts)
+    dirs = {parts[:i] for parts in count for i in range(1, len(parts))}
+    index: dict[str, str] = {}
+    for number, (guest_path, data) in enumerate(files.items(), start=1):
+        parts = plain[guest_path]
+        target = None if parts is None or _clashes(parts, count, dirs) else Path("files", *parts)
+        if target is not None:
+            try:
+                (base / target).parent.mkdir(parents=True, exist_ok=True)
+                (base / target).write_bytes(data)
+            except OSError:  # e.g. a previous run's directory in the way: save it renamed instead
+                target = None
+        if target is None:
+            name = _UNSAFE.sub("_", guest_path.rstrip("/").rsplit("/", 1)[-1])[:64].lstrip(".") or "file"
+            target = Path("renamed", f"{number}-{name}")
+            (base / "renamed").mkdir(exist_ok=True)
+            (base / target).write_bytes(data)
+        index[target.as_posix()] = wire_name(guest_path)
+    (base / INDEX_NAME).write_text(json.dumps(index, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -169,8 +230,12 @@ def run_command(
         result = run_job(config, cache=cache, reporter=reporter, tuning=tuning)
     finally:
         reporter.close()
+    save_error: RunnerError | None = None
     if output_dir is not None:
-        save_outputs(result, output_dir)
+        try:
+            save_outputs(result, output_dir)
+        except RunnerError as err:
+            save_error = err  # the result is still printed
     for index, output in enumerate(result.results, start=1):
         for path, why in output.missing.items():
             reporter.warn(f"iteration {index}: output file {path} was not collected: {why}")
@@ -183,6 +248,8 @@ def run_command(
         # Output the reporter has not shown yet (a timed-out iteration's partial output).
         for output in result.results[reporter.echoed :]:
             write_streams(output, sys.stdout.buffer, sys.stderr.buffer)
+    if save_error is not None:
+        reporter.say(f"runner: error: {save_error}", "red")
     if result.status == "failed":
         reporter.say(f"runner: error: {result.error}", "red")
     elif not quiet:
@@ -191,4 +258,4 @@ def run_command(
         reporter.say(
             f"runner: completed {len(result.results)} iteration(s) in {total:.1f} s ({accel})", "dim"
         )
-    return exit_status(result)
+    return EXIT_USAGE if save_error is not None else exit_status(result)

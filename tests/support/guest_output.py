@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from bencher_runner.sandbox.outputdisk import read_output_disk
+from bencher_runner.spec.errors import RunnerError
 
 
 def wait_for_guest_stdout(work_root: Path, marker: bytes, timeout: float) -> Path:
@@ -17,8 +18,8 @@ def wait_for_guest_stdout(work_root: Path, marker: bytes, timeout: float) -> Pat
     while time.monotonic() < deadline:
         for disk in work_root.glob("*/iter-*/output.img"):
             try:
-                report = read_output_disk(disk, max_output=1 << 20)
-            except OSError:  # removed or still being created
+                report = read_output_disk(disk, max_output=1 << 20, requested=())
+            except (OSError, RunnerError):  # removed, or still being created
                 continue
             if marker in report.stdout:
                 return disk

@@ -1,5 +1,7 @@
 """`runner run` on real microVMs: the behaviours of SCENARIOS.md that this issue covers."""
 
+import json
+import os
 import re
 import time
 from pathlib import Path
@@ -218,3 +220,40 @@ def test_runner_affinity_is_restored_after_a_job(plain_image: str) -> None:
     result = run_job(make_run_config(image=plain_image, cmd=("/bin/true",)), cache=cache_dir())
     assert result.status == "completed", result.error
     assert os.sched_getaffinity(0) == before  # the job moved this process to housekeeping, then back
+
+
+def test_a_guest_spamming_its_console_cannot_fill_the_host_disk(plain_image: str) -> None:
+    """Issue 12, finding 15: the serial log keeps its head and tail on disk, whatever the guest writes."""
+    import secrets
+    import subprocess
+    import sys
+
+    from bencher_runner.paths import cache_dir, work_root
+    from bencher_runner.sandbox.serial import HEAD_BYTES, TAIL_BYTES
+
+    marker = f"spam-{secrets.token_hex(8)}"
+    script = f"echo {marker} > /dev/console; head -c 4194304 /dev/zero | tr '\\0' x > /dev/console; echo done"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bencher_runner", "run", "--image", plain_image, "--json", "--",
+         "/bin/sh", "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    work = work_root(cache_dir())
+    peak = apparent = 0
+    while proc.poll() is None:
+        for log in work.glob("*/iter-1/serial.log"):  # other jobs may share the cache: find ours
+            try:
+                with log.open("rb") as f:
+                    if marker.encode() not in f.read(HEAD_BYTES):
+                        continue
+                    st = os.fstat(f.fileno())
+            except OSError:
+                continue
+            peak, apparent = max(peak, st.st_blocks * 512), max(apparent, st.st_size)
+        time.sleep(0.05)
+    stdout, _ = proc.communicate()
+    assert proc.returncode == 0
+    assert json.loads(stdout)["results"][0]["stdout"] == "done\n"
+    assert apparent > 4 << 20  # the guest did write it all
+    assert peak <= HEAD_BYTES + TAIL_BYTES + (1 << 20)  # the old runner kept all 4 MiB and more

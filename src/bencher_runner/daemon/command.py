@@ -18,7 +18,7 @@ from bencher_runner.paths import state_dir as default_state_dir
 from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT
 from bencher_runner.spec.errors import RunnerError
-from bencher_runner.spec.jobspec import JobOptions
+from bencher_runner.spec.jobspec import DEFAULT_MAX_DISK_MIB, JobOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -114,6 +114,7 @@ def daemon_command(
     cache_dir: Path | None = None,
     state_dir: Path | None = None,
     max_output_size: int = DEFAULT_MAX_OUTPUT,
+    max_disk: int = DEFAULT_MAX_DISK_MIB,
     max_message_size: int = DEFAULT_MAX_MESSAGE_BYTES,
     max_file_count: int = 255,
     grace_period: int = 1,
@@ -146,6 +147,7 @@ def daemon_command(
             allow_no_sandbox=danger_allow_no_sandbox,
             image_layout="legacy" if image_layout == "legacy" else "bencher",
             max_output_bytes=max_output_size,
+            max_disk_mib=max_disk,
             max_file_count=max_file_count,
             grace_period_s=grace_period,
             accel="kvm" if accel == "kvm" else "tcg" if accel == "tcg" else "auto",

@@ -62,6 +62,7 @@ def tuning_options(func: F) -> F:
             "--governor",
             default="performance",
             show_default=True,
+            callback=_check_governor,
             help="CPU frequency governor during a job.",
         ),
         click.option(
@@ -84,16 +85,29 @@ def tuning_options(func: F) -> F:
     return func
 
 
+def _check_governor(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A governor name as TuningOptions takes it (it is written to sysfs), else a usage error."""
+    try:
+        TuningOptions(governor=value)
+    except ValueError as err:
+        raise click.BadParameter(f"{err} (e.g. performance, powersave, schedutil)") from None
+    return value
+
+
 def tuning_options_from(kwargs: dict[str, Any]) -> TuningOptions:
-    """Pop the tuning flags from a command's kwargs and build the TuningOptions."""
+    """Pop the tuning flags from a command's kwargs and build the TuningOptions; a value TuningOptions
+    refuses is a click usage error (one line, exit 2), never a traceback."""
     values = {name: kwargs.pop(name) for name in TUNING_PARAMS if name in kwargs}
     keeps = {name: bool(values.get(name, False)) for _, name, _ in _KEEP_SWITCHES}
-    return TuningOptions(
-        enabled=not values.get("no_tuning", False),
-        irq_steering=not values.get("no_irq_steering", False),
-        swappiness=int(values.get("swappiness", 10)),
-        governor=str(values.get("governor", "performance")),
-        perf_event_paranoid=int(values.get("perf_event_paranoid", -1)),
-        thp=cast(ThpMode, values.get("thp", "never")),
-        **keeps,
-    )
+    try:
+        return TuningOptions(
+            enabled=not values.get("no_tuning", False),
+            irq_steering=not values.get("no_irq_steering", False),
+            swappiness=int(values.get("swappiness", 10)),
+            governor=str(values.get("governor", "performance")),
+            perf_event_paranoid=int(values.get("perf_event_paranoid", -1)),
+            thp=cast(ThpMode, values.get("thp", "never")),
+            **keeps,
+        )
+    except ValueError as err:
+        raise click.UsageError(f"invalid host tuning setting: {err}") from None

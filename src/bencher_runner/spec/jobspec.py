@@ -18,12 +18,13 @@ from bencher_runner.spec.bmf import benchmark_name
 from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, Accel, RunConfig, make_run_config
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.registry import parse_registry_url
-from bencher_runner.spec.units import bytes_to_mib
+from bencher_runner.spec.units import MIB, bytes_to_mib
 
 MAX_ENTRYPOINT_LEN = 64
 MAX_CMD_LEN = 64
 MAX_ENV_LEN = 255
 MAX_FILE_PATHS_LEN = 255
+DEFAULT_MAX_DISK_MIB = 1024 * 1024  # 1 TiB: a policy cap (--max-disk); the host's free space is checked too
 SANDBOXES = ("firecracker",)
 NO_SANDBOX_ERROR = (
     "Job requires non-sandboxed execution but runner was not started with --danger-allow-no-sandbox"
@@ -113,6 +114,7 @@ class JobOptions:
     backend: Literal["qemu", "firecracker"] = "qemu"  # the microVM that satisfies spec.sandbox
     network_mode: Literal["user", "tap"] = "user"
     firecracker: Path | None = None
+    max_disk_mib: int = DEFAULT_MAX_DISK_MIB  # --max-disk
 
 
 def parse_job(message: dict[str, Any]) -> ClaimedJob:
@@ -167,6 +169,11 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
         raise SpecError(f"spec.memory={spec.memory}: memory must be at least 1 byte")
     if spec.disk < 1:
         raise SpecError(f"spec.disk={spec.disk}: disk must be at least 1 byte")
+    if spec.disk > options.max_disk_mib * MIB:
+        raise SpecError(
+            f"spec.disk={spec.disk} bytes is more than this runner gives a job "
+            f"({options.max_disk_mib} MiB, --max-disk)"
+        )
     if config.timeout < 1:
         raise SpecError(f"config.timeout={config.timeout}: the timeout must be at least 1 second")
     _check_len("entrypoint", config.entrypoint, MAX_ENTRYPOINT_LEN)
