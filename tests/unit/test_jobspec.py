@@ -241,3 +241,13 @@ def test_runner_run_names_the_build_time_benchmark_by_its_command_else_image(
     from bencher_runner.spec.config import make_run_config
 
     assert make_run_config(image="examples/hello/oci:latest", **fields).build_time_name() == name
+
+
+@pytest.mark.parametrize("path", ["", "a\x00b", "\ud800", "/out/\udcff"])
+def test_output_paths_the_guest_cannot_take_are_a_spec_error(path: str) -> None:
+    """Regression: a lone surrogate from a job's JSON reached the agent config encoder (UnicodeEncodeError)."""
+    msg = {"event": "job", "uuid": "550e8400-e29b-41d4-a716-446655440000", "spec": default_spec(),
+           "config": default_config(file_paths=[path])}  # fmt: skip
+    with pytest.raises(SpecError) as err:
+        build_config_from_job(parse_job(msg), JobOptions())
+    str(err.value).encode("utf-8")

@@ -86,6 +86,17 @@ class RunConfig(BaseModel):
                 raise ValueError(f"invalid environment variable {name!r}: use NAME=VALUE, NAME non-empty")
         return env
 
+    @field_validator("output_paths")
+    @classmethod
+    def _output_paths(cls, paths: tuple[str, ...]) -> tuple[str, ...]:
+        """The guest gets these as UTF-8 C strings: an empty path, a NUL or a lone surrogate (from a job
+        message's JSON escapes) cannot reach it."""
+        for path in paths:
+            if not path or "\0" in path or any("\ud800" <= c <= "\udfff" for c in path):
+                shown = path.encode("utf-8", "backslashreplace").decode()
+                raise ValueError(f"output file path {shown!r} must be non-empty valid text without NUL bytes")
+        return paths
+
 
 def make_run_config(**fields: Any) -> RunConfig:
     """Build a RunConfig, turning validation failures into one readable SpecError."""
