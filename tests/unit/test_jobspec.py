@@ -245,7 +245,7 @@ def test_runner_run_names_the_build_time_benchmark_by_its_command_else_image(
 
 @pytest.mark.parametrize("path", ["", "a\x00b", "\ud800", "/out/\udcff"])
 def test_output_paths_the_guest_cannot_take_are_a_spec_error(path: str) -> None:
-    """Regression: a lone surrogate from a job's JSON reached the agent config encoder (UnicodeEncodeError)."""
+    """Regression: a lone surrogate from a job's JSON crashed the agent config encoder."""
     msg = {"event": "job", "uuid": "550e8400-e29b-41d4-a716-446655440000", "spec": default_spec(),
            "config": default_config(file_paths=[path])}  # fmt: skip
     with pytest.raises(SpecError) as err:
