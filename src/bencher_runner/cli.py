@@ -181,6 +181,12 @@ def main() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON document on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines on stderr.")
 @click.option(
+    "--no-wait",
+    is_flag=True,
+    help="Refuse at once (exit 2) when a job of `runner up` or another `runner run` holds this host, "
+    "instead of waiting for it to finish.",
+)
+@click.option(
     "--jailer", type=click.Path(path_type=Path), help="With --sandbox firecracker: run it under this jailer."
 )
 @click.option(
@@ -194,6 +200,7 @@ def main() -> None:
 @tuning_options
 def run(
     image: str,
+    no_wait: bool,
     token: str | None,
     registry_username: str | None,
     registry_password: str | None,
@@ -306,6 +313,7 @@ def run(
             quiet=quiet,
             output_dir=output_dir,
             tuning=tuning,
+            wait=not no_wait,
         )
     )
 
@@ -399,3 +407,53 @@ def cache_prune(cache_dir: Path | None, max_size: int | None, prune_all: bool) -
         f"removed {len(result.removed)} blobs ({result.freed_bytes / 2**20:.1f} MiB); "
         f"kept {result.kept_count} ({result.kept_bytes / 2**20:.1f} MiB)"
     )
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--name", help="Hold the marker maintenance.NAME (several tools can each hold one).")
+@click.option("--wait", is_flag=True, help="Return only once no job runs and none can start.")
+@click.option(
+    "--timeout", type=click.IntRange(1), default=3600, show_default=True, help="Seconds --wait waits."
+)
+@click.option("--why", default="", help="A note kept in the marker (who drained the host, and why).")
+def drain(name: str | None, wait: bool, timeout: int, why: str) -> None:
+    """Take this host out of service: `runner up` finishes its job, then asks for no new one.
+
+    It stays connected and resumes within a second of `runner undrain`.
+    """
+    from bencher_runner.host.maintenance import drain as make_marker
+    from bencher_runner.host.maintenance import run_dir, wait_until_idle
+
+    directory = run_dir()
+    try:
+        marker = make_marker(directory, name, why)
+    except (RunnerError, OSError) as err:
+        click.echo(f"runner: error: cannot drain: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"drained: {marker}")
+    if wait:
+        problem = wait_until_idle(directory, timeout, say=lambda text: click.echo(text, err=True))
+        if problem:
+            click.echo(f"runner: error: {problem}", err=True)
+            sys.exit(1)
+        click.echo("no job runs on this host")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--name", help="Remove the marker maintenance.NAME (default: the plain one).")
+@click.option("--all", "every", is_flag=True, help="Remove every maintenance marker.")
+def undrain(name: str | None, every: bool) -> None:
+    """Put this host back in service (remove a drain marker); `runner up` asks for jobs within a second."""
+    from bencher_runner.host.maintenance import markers, run_dir
+    from bencher_runner.host.maintenance import undrain as remove_marker
+
+    directory = run_dir()
+    try:
+        removed = remove_marker(directory, name, every=every)
+    except (RunnerError, OSError) as err:
+        click.echo(f"runner: error: cannot undrain: {err}", err=True)
+        sys.exit(2)
+    left = markers(directory)
+    click.echo(f"removed: {', '.join(n or 'maintenance' for n in removed) or 'nothing'}")
+    if left:
+        click.echo(f"still drained by: {', '.join(f'maintenance.{n}' if n else 'maintenance' for n in left)}")

@@ -51,6 +51,10 @@ class _Metrics:
         )
         self.heartbeat_lag = Gauge(f"{PREFIX}_heartbeat_lag_seconds", "How late the last heartbeat was sent.")
         self.reconnects = Counter(f"{PREFIX}_reconnects", "Connections lost or failed, then retried.")
+        self.paused = Gauge(f"{PREFIX}_paused", "1 while the runner asks for no job (drained, a local job).")
+        self.pause_reasons = Gauge(
+            f"{PREFIX}_pause_reason", "1 for each reason the runner is paused now.", ["reason"]
+        )
         self.cache_lookups = Counter(
             f"{PREFIX}_cache_lookups", "Blob and root-disk template cache lookups.", ["cache", "result"]
         )
@@ -90,6 +94,16 @@ def heartbeat(interval: float, expected: float) -> None:
     if _metrics is not None:
         _metrics.heartbeat_interval.observe(interval)
         _metrics.heartbeat_lag.set(max(0.0, interval - expected))
+
+
+def paused(reasons: tuple[str, ...]) -> None:
+    """The last host check's pause reasons (empty: not paused); each is labelled by its first words."""
+    if _metrics is None:
+        return
+    _metrics.paused.set(1 if reasons else 0)
+    _metrics.pause_reasons.clear()
+    for reason in reasons:
+        _metrics.pause_reasons.labels(" ".join(reason.split()[:2])).set(1)
 
 
 def reconnect() -> None:

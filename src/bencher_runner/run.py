@@ -26,6 +26,7 @@ from rich.progress import (
 )
 from rich.status import Status
 
+from bencher_runner.host.maintenance import HostBusyError, host_job_lock
 from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.job import Reporter, run_job
 from bencher_runner.oci.progress import PullProgress
@@ -221,13 +222,19 @@ def run_command(
     quiet: bool,
     output_dir: Path | None = None,
     tuning: TuningOptions | None = None,
+    wait: bool = True,
 ) -> int:
     reporter = ConsoleReporter(echo_output=not as_json, quiet=quiet)
     # SIGTERM unwinds like Ctrl-C, so the VM is killed and the work directory removed.
     signal.signal(signal.SIGTERM, _terminate)
     recover_from_crash(cache, warn=reporter.warn, info=reporter.phase)
     try:
-        result = run_job(config, cache=cache, reporter=reporter, tuning=tuning)
+        # One job at a time on a host: wait for a daemon's (or another run's) job instead of racing it.
+        with host_job_lock(wait=wait, on_wait=reporter.phase, warn=reporter.warn):
+            result = run_job(config, cache=cache, reporter=reporter, tuning=tuning)
+    except HostBusyError as err:
+        reporter.say(f"runner: error: {err}", "red")
+        return EXIT_USAGE
     finally:
         reporter.close()
     save_error: RunnerError | None = None

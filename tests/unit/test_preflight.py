@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from bencher_runner.daemon.preflight import HostPreflight
+from bencher_runner.host.maintenance import drain, job_lock
+from bencher_runner.protocol import HostChecked
 from bencher_runner.spec.jobspec import JobOptions
 
 TCG = JobOptions(accel="tcg")  # no KVM probe in unit tests
@@ -26,7 +28,7 @@ def no_kernel_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_an_empty_cache_is_not_fit_and_says_how_to_fix_it(tmp_path: Path) -> None:
-    problem = HostPreflight(tmp_path, TCG)()
+    problem = HostPreflight(tmp_path, TCG)().problem
     assert problem is not None
     assert "no guest kernel bundle" in problem and "runner kernel fetch" in problem
 
@@ -39,8 +41,8 @@ def test_a_missing_kernel_is_fetched_once_then_the_host_is_fit(tmp_path: Path) -
         fake_bundle(cache)
 
     check = HostPreflight(tmp_path, TCG, fetch_kernel=fetch)
-    assert check() is None
-    assert check() is None
+    assert check().problem is None
+    assert check().problem is None
     assert fetched == [tmp_path]
 
 
@@ -54,9 +56,9 @@ def test_a_failing_fetch_is_reported_and_not_retried_at_once(tmp_path: Path) -> 
         raise KernelBundleError("`apt-get download linux-image-cloud-amd64` failed: no network")
 
     check = HostPreflight(tmp_path, TCG, fetch_kernel=fetch)
-    problem = check()
+    problem = check().problem
     assert problem is not None and "apt-get download" in problem
-    assert "no guest kernel bundle" in (check() or "")
+    assert "no guest kernel bundle" in (check().problem or "")
     assert calls == [1]
 
 
@@ -65,20 +67,20 @@ def test_no_kernel_fetch_when_the_user_names_a_kernel(
 ) -> None:
     monkeypatch.setenv("BENCHER_RUNNER_KERNEL", str(tmp_path / "missing-vmlinux"))
     check = HostPreflight(tmp_path, TCG, fetch_kernel=lambda cache: pytest.fail("fetched"))
-    problem = check()
+    problem = check().problem
     assert problem is not None and "missing-vmlinux" in problem
 
 
 def test_too_little_free_space_is_not_fit(tmp_path: Path) -> None:
     fake_bundle(tmp_path)
-    problem = HostPreflight(tmp_path, TCG, min_free_bytes=1 << 62)()
+    problem = HostPreflight(tmp_path, TCG, min_free_bytes=1 << 62)().problem
     assert problem is not None and "MiB are free" in problem and "--cache-dir" in problem
 
 
 def test_an_unwritable_work_dir_is_not_fit(tmp_path: Path) -> None:
     fake_bundle(tmp_path)
     (tmp_path / "work").write_text("a file where the work dir should be")
-    problem = HostPreflight(tmp_path, TCG)()
+    problem = HostPreflight(tmp_path, TCG)().problem
     assert problem is not None and "not writable" in problem
 
 
@@ -86,11 +88,33 @@ def test_a_missing_vmm_is_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     fake_bundle(tmp_path)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("BENCHER_RUNNER_QEMU", raising=False)
-    problem = HostPreflight(tmp_path, TCG)()
+    problem = HostPreflight(tmp_path, TCG)().problem
     assert problem is not None and "qemu-system-x86_64" in problem
     assert os.environ["PATH"] == str(tmp_path)
 
 
 def test_a_fit_host(tmp_path: Path) -> None:
     fake_bundle(tmp_path)
-    assert HostPreflight(tmp_path, TCG)() is None
+    assert HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run")() == HostChecked(None)
+
+
+def test_a_drained_host_is_paused_not_failing(tmp_path: Path) -> None:
+    fake_bundle(tmp_path)
+    run = tmp_path / "run"
+    drain(run, "kernel-update")
+    verdict = HostPreflight(tmp_path, TCG, run_dir=run)()
+    assert verdict.problem is None
+    assert verdict.pause and "maintenance.kernel-update" in verdict.pause[0]
+    assert verdict.reasons == ({"kind": "maintenance", "marker": True, "lock": False},)
+
+
+def test_a_local_job_holding_the_job_lock_pauses(tmp_path: Path) -> None:
+    fake_bundle(tmp_path)
+    run = tmp_path / "run"
+    with job_lock(run):
+        verdict = HostPreflight(tmp_path, TCG, run_dir=run)()
+    assert verdict.problem is None and verdict.reasons == (
+        {"kind": "maintenance", "marker": False, "lock": True},
+    )
+    assert f"pid {os.getpid()}" in verdict.pause[0]
+    assert HostPreflight(tmp_path, TCG, run_dir=run)() == HostChecked(None)

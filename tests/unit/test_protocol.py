@@ -13,6 +13,7 @@ from bencher_runner.protocol import (
     CancelJob,
     CheckHost,
     DropTerminal,
+    HostChecked,
     ParkTerminal,
     PersistTerminal,
     ProtocolSettings,
@@ -390,3 +391,34 @@ def test_terminal_message_keeps_a_bmf_entry_whole() -> None:
     assert len(msg.wire().encode()) <= 100_000
     assert doc["results"][0]["output"] == {"\u0000bencher": bmf}
     assert TRUNCATION_NOTE in doc["results"][0]["stdout"]
+
+
+def test_a_paused_host_sends_no_ready_and_rechecks_every_second() -> None:
+    p = proto(check_host=True)
+    assert p.connect(0) == [CheckHost()]
+    acts = p.host_checked_verdict(HostChecked(None, ("drained by maintenance",), ()), 0.1)
+    assert sent(acts) == [] and any("paused, asking for no job" in getattr(a, "text", "") for a in acts)
+    assert p.next_timer() == pytest.approx(1.1)
+    assert p.tick(1.1) == [CheckHost()]
+    assert p.host_checked_verdict(HostChecked(None, ("drained by maintenance",), ()), 1.2) == []  # said once
+    acts = p.host_checked_verdict(HostChecked(None), 2.2)
+    assert sent(acts) == [{"event": "ready", "poll_timeout": 5}]
+
+
+def test_announce_pause_sends_paused_and_a_job_handed_anyway_fails_without_running() -> None:
+    p = proto(check_host=True, announce_pause=True)
+    p.wall_clock = lambda: "2026-12-02T07:30:00Z"
+    p.connect(0)
+    reasons = ({"kind": "maintenance", "marker": True, "lock": False},)
+    health = {"state": "ok"}
+    acts = p.host_checked_verdict(HostChecked(None, ("drained",), reasons, health), 0.1)
+    assert sent(acts) == [{"event": "paused", "poll_timeout": 5, "health": {"state": "ok"},
+                           "reasons": list(reasons), "since": "2026-12-02T07:30:00Z"}]  # fmt: skip
+    acts = p.received(job_frame(), 1)
+    assert not any(isinstance(a, StartJob) for a in acts)
+    msgs = sent(acts)
+    assert msgs[0]["event"] == "failed" and msgs[0]["results"] == [] and "paused" in msgs[0]["error"]
+    p = proto(check_host=True)  # without the flag nothing new goes on the wire
+    p.connect(0)
+    acts = p.host_checked_verdict(HostChecked(None, (), (), health), 0.1)
+    assert sent(acts) == [{"event": "ready", "poll_timeout": 5}]

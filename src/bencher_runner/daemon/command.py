@@ -10,6 +10,7 @@ import click
 from bencher_runner.cli_options import shared_job_options
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
 from bencher_runner.daemon.update import auto_update_allowed
+from bencher_runner.host.maintenance import HostBusyError, run_dir, take_daemon_lock
 from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.logs import setup_logging
 from bencher_runner.metrics import serve_metrics
@@ -102,6 +103,12 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     help="Serve Prometheus metrics at http://HOST:PORT/metrics (`:PORT`: all interfaces; env "
     "BENCHER_RUNNER_METRICS_ADDR). Off by default.",
 )
+@click.option(
+    "--announce-pause",
+    is_flag=True,
+    help="While paused (drained, a RAID check), send upstream's `paused` message and `health` in `ready` "
+    "(unreleased after Bencher v0.6.12: a v0.6.12 server drops the connection on `paused`).",
+)
 @shared_job_options
 @tuning_options
 def daemon_command(
@@ -125,6 +132,7 @@ def daemon_command(
     log_format: str = "text",
     metrics_addr: str | None = None,
     sandbox: str = "qemu",
+    announce_pause: bool = False,
     network_mode: str = "user",
     firecracker_bin: Path | None = None,
     **tuning_flags: Any,
@@ -143,6 +151,8 @@ def daemon_command(
         auto_update=not no_auto_update and auto_update_allowed(state_dir),  # off after an unapplied update
         on_shutdown="finish" if on_shutdown == "finish" else "cancel",
         max_message_bytes=max_message_size,
+        announce_pause=announce_pause,
+        run_dir=run_dir(),
         job_options=JobOptions(
             allow_no_sandbox=danger_allow_no_sandbox,
             image_layout="legacy" if image_layout == "legacy" else "bencher",
@@ -159,6 +169,18 @@ def daemon_command(
     from bencher_runner.recovery import recover_from_crash
 
     log = logging.getLogger("bencher_runner.daemon")
+    try:  # one runner per host, held for the daemon's life
+        host_lock = take_daemon_lock(run_dir())
+    except HostBusyError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(2)
+    except OSError as err:
+        click.echo(
+            f"runner: error: cannot take the host lock in {run_dir()}: {err.strerror or err}; run as root "
+            "or set BENCHER_RUNNER_RUN_DIR to a directory this user can write",
+            err=True,
+        )
+        sys.exit(2)
     if metrics_addr:
         try:
             bound = serve_metrics(metrics_addr, cache)
@@ -175,4 +197,6 @@ def daemon_command(
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(1)
+    finally:
+        host_lock.release()
     sys.exit(code)

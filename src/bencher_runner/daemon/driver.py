@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from bencher_runner import __version__, metrics
 from bencher_runner.daemon.outbox import Outbox
 from bencher_runner.daemon.update import record_offer
+from bencher_runner.host.maintenance import HostBusyError, host_job_lock, write_status
 from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.logs import current_job
 from bencher_runner.protocol import (
@@ -53,6 +54,7 @@ from bencher_runner.protocol import (
     Send,
     ShutdownRequested,
     StartJob,
+    State,
     Stop,
     Terminal,
     Tick,
@@ -69,8 +71,8 @@ log = logging.getLogger("bencher_runner.daemon")
 
 Executor = Callable[[RunConfig, threading.Event], RunResult]
 """Runs one job to its end; must return soon after the event is set (the default kills the VM)."""
-HostCheck = Callable[[], str | None]
-"""Why no job can run on this host now (what is missing, and the fix), or None."""
+HostCheck = Callable[[], HostChecked | str | None]
+"""Whether a job can and should run on this host now (a str: why it cannot; None: it can)."""
 
 KEY_PATTERN = re.compile(r"^bencher_runner_[A-Za-z0-9]{30}$")
 EXIT_OK = 0
@@ -144,6 +146,8 @@ class DaemonSettings:
     backoff_cap: float = 60.0
     open_timeout: float = 10.0
     max_frame_bytes: int = MAX_FRAME_BYTES
+    announce_pause: bool = False  # upstream's unreleased `paused` and `health` (a v0.6.12 server drops)
+    run_dir: Path | None = None  # where the daemon's status is written (host/maintenance.py); None: none
 
 
 def default_executor(cache: Path, tuning: TuningOptions | None = None) -> Executor:
@@ -152,7 +156,12 @@ def default_executor(cache: Path, tuning: TuningOptions | None = None) -> Execut
     def run(config: RunConfig, cancel: threading.Event) -> RunResult:
         from bencher_runner.job import LogReporter, run_job
 
-        return run_job(config, cache=cache, cancel=cancel, tuning=tuning, reporter=LogReporter())
+        reporter = LogReporter()
+        try:  # one job at a time on the host: a local `runner run` finishes first
+            with host_job_lock(wait=True, on_wait=reporter.phase, warn=reporter.warn, cancel=cancel):
+                return run_job(config, cache=cache, cancel=cancel, tuning=tuning, reporter=reporter)
+        except HostBusyError as err:
+            return _crash_result(err)
 
     return run
 
@@ -189,6 +198,7 @@ class Daemon:
                 max_message_bytes=settings.max_message_bytes,
                 shutdown_cancels=settings.on_shutdown == "cancel",
                 check_host=host_check is not None,
+                announce_pause=settings.announce_pause,
                 job_options=settings.job_options,
             ),
             pending=self.outbox.load(),
@@ -206,6 +216,7 @@ class Daemon:
         self._connected_at = 0.0
         self._got_message = False
         self._last_heartbeat: float | None = None
+        self._status: dict[str, Any] | None = None
         self.sent: list[tuple[float, dict[str, Any]]] = []  # for tests and debugging (small messages)
 
     # -- public --------------------------------------------------------------------------------------
@@ -276,7 +287,9 @@ class Daemon:
             elif kind == "finished":
                 inp = JobFinished(event[1], event[2])
             elif kind == "host":
-                inp = HostChecked(event[1])
+                verdict: HostChecked = event[1]
+                metrics.paused(verdict.pause)
+                inp = verdict
             elif kind == "shutdown":
                 log.info("shutdown requested")
                 inp = ShutdownRequested()
@@ -289,11 +302,37 @@ class Daemon:
             else:
                 current_job.set(self.protocol.job.uuid if self.protocol.job is not None else None)
             code = await self._execute(self.protocol.handle(inp, now))
+            self._publish_status(force=kind == "host")
             if code is not None:
                 return code
             if kind == "closed" and not self.protocol.stopped:
                 metrics.reconnect()
                 self._start_connect(self.backoff.next())
+
+    def _publish_status(self, *, force: bool = False) -> None:
+        """`daemon.json` in the run dir (host/maintenance.py), for `runner drain --wait`: rewritten
+        when what it says changes, and after every host check (a fresh time: the pause is current)."""
+        directory = self.settings.run_dir
+        if directory is None:
+            return
+        p = self.protocol
+        job = p.job.uuid if p.job is not None else None
+        if p.stopped:
+            state = "stopped"
+        elif job is not None:
+            state = "job"
+        elif p.state is State.POLLING and not p.polling_paused:
+            state = "polling"
+        elif p.state is State.DISCONNECTED:
+            state = "disconnected"
+        elif p.paused or p.host_problem is not None:
+            state = "paused"
+        else:
+            state = "idle"
+        status = {"state": state, "job": job, "pause": list(p.paused), "problem": p.host_problem}
+        if force or status != self._status:
+            self._status = status
+            write_status(directory, status)
 
     def _on_closed(self, now: float, why: str) -> None:
         self._ws = None
@@ -348,6 +387,7 @@ class Daemon:
                         record_offer, self.settings.state_dir, action.version, action.url, action.checksum
                     )
             elif isinstance(action, Stop):
+                self._publish_status()
                 if action.error:
                     log.warning("stopping: %s", action.error)
                 return action.exit_code
@@ -361,10 +401,12 @@ class Daemon:
     async def _check_host(self) -> None:
         check = self.host_check
         try:
-            problem = None if check is None else await asyncio.to_thread(check)
+            verdict = None if check is None else await asyncio.to_thread(check)
         except Exception as err:  # a broken check must not stop the daemon: report it as the problem
-            problem = f"the host check failed: {type(err).__name__}: {err}"
-        self._events.put_nowait(("host", problem))
+            verdict = f"the host check failed: {type(err).__name__}: {err}"
+        self._events.put_nowait(
+            ("host", verdict if isinstance(verdict, HostChecked) else HostChecked(verdict))
+        )
 
     # -- connection ----------------------------------------------------------------------------------
     def _start_connect(self, delay: float) -> None:

@@ -15,7 +15,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bencher_runner.host.maintenance import job_lock_holder, markers
+from bencher_runner.host.maintenance import run_dir as default_run_dir
 from bencher_runner.paths import work_root
+from bencher_runner.protocol import HostChecked, Message
 from bencher_runner.spec.errors import RunnerError
 from bencher_runner.spec.jobspec import JobOptions
 from bencher_runner.spec.units import MIB
@@ -27,7 +30,8 @@ FETCH_RETRY_S = 600.0  # a failed kernel fetch is tried again after this
 
 
 class HostPreflight:
-    """`HostPreflight(cache, options)()`: None when a job can run, else why not (thread-safe)."""
+    """`HostPreflight(cache, options)()`: whether a job can run (else why not) and whether one should
+    now (else why not: drained, a local job); thread-safe."""
 
     def __init__(
         self,
@@ -36,8 +40,10 @@ class HostPreflight:
         *,
         fetch_kernel: Callable[[Path], object] | None = None,
         min_free_bytes: int = MIN_FREE_BYTES,
+        run_dir: Path | None = None,
     ) -> None:
         self.cache = cache
+        self.run_dir = run_dir or default_run_dir()
         self.options = options
         self.fetch_kernel = fetch_kernel
         self.min_free_bytes = min_free_bytes
@@ -45,15 +51,31 @@ class HostPreflight:
         self._fetch_tried_at: float | None = None
         self._accel_done = False
 
-    def __call__(self) -> str | None:
+    def __call__(self) -> HostChecked:
         with self._lock:
             try:
                 self._check()
             except RunnerError as err:
-                return str(err)
+                return HostChecked(str(err))
             except OSError as err:
-                return f"the host check failed: {err}"
-            return None
+                return HostChecked(f"the host check failed: {err}")
+            return self._pause()
+
+    def _pause(self) -> HostChecked:
+        """Fit, but should it take a job now? Not while drained or while a local job holds the host."""
+        directory = self.run_dir
+        drained = markers(directory)
+        holder = job_lock_holder(directory)
+        pause: list[str] = []
+        if drained:
+            names = ", ".join(f"maintenance.{n}" if n else "maintenance" for n in drained)
+            pause.append(f"drained by {names} in {directory} (`runner undrain` resumes)")
+        if holder is not None:
+            pause.append(f"a local job ({holder}) holds the host's job lock")
+        reasons: tuple[Message, ...] = ()
+        if pause:
+            reasons = ({"kind": "maintenance", "marker": bool(drained), "lock": holder is not None},)
+        return HostChecked(None, tuple(pause), reasons)
 
     def _check(self) -> None:
         from bencher_runner.sandbox.agent import find_agent

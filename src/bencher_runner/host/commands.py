@@ -56,7 +56,9 @@ def _preflight_check(cache: Path) -> Check:
     from bencher_runner.daemon.preflight import HostPreflight
     from bencher_runner.spec.jobspec import JobOptions
 
-    problem = HostPreflight(cache, JobOptions())()
-    if problem is None:
-        return Check("runner up preflight", "ok", "runner up would ask for jobs")
-    return Check("runner up preflight", "fail", "runner up would not ask for jobs", problem)
+    verdict = HostPreflight(cache, JobOptions())()
+    if verdict.problem is not None:
+        return Check("runner up preflight", "fail", "runner up would not ask for jobs", verdict.problem)
+    if verdict.pause:
+        return Check("runner up preflight", "warn", "runner up is paused: " + "; ".join(verdict.pause))
+    return Check("runner up preflight", "ok", "runner up would ask for jobs")

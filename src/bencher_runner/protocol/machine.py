@@ -16,6 +16,7 @@ Every timer that fires changes the state or moves the timer (a `tick` at the sam
 nothing the second time), so a driver that calls `tick` whenever `next_timer()` is due cannot spin.
 """
 
+import datetime
 import enum
 import logging
 import uuid as uuidlib
@@ -31,6 +32,7 @@ from bencher_runner.protocol.messages import (
     JobOffer,
     Message,
     NoJob,
+    Paused,
     Ready,
     RunnerMessage,
     Running,
@@ -54,6 +56,7 @@ ACK_TIMEOUT_S = 5.0
 MAX_TERMINAL_ATTEMPTS = 20  # sends of one `completed`/`failed` before it is given up (logged as an error)
 MAX_CANCELED_ATTEMPTS = 3  # `canceled` drops the connection on a job already ended: never resend it long
 SHUTDOWN_CANCEL_WAIT_S = 5.0  # at shutdown, how long a canceled job may take to stop before we exit anyway
+PAUSE_RECHECK_S = 1.0  # a paused host is checked again this often (a drain ends within a second)
 HOST_RECHECK_MIN_S = 5.0  # a host that cannot run jobs is checked again after this, doubling ...
 HOST_RECHECK_MAX_S = 60.0  # ... up to this
 EXIT_UPDATE = 75
@@ -91,7 +94,12 @@ class JobFinished:
 
 @dataclass(frozen=True)
 class HostChecked:
-    problem: str | None  # None: a job can run here
+    """The verdict of the check before `ready` (daemon/preflight.py)."""
+
+    problem: str | None  # a job cannot run here (what is missing, and the fix); None: it can
+    pause: tuple[str, ...] = ()  # it could, but should not now (drained, a RAID check, a local job)
+    reasons: tuple[Message, ...] = ()  # the pause in upstream's `paused` wire form
+    health: Message | None = None  # upstream's `health` object
 
 
 @dataclass(frozen=True)
@@ -256,6 +264,7 @@ class ProtocolSettings:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     shutdown_cancels: bool = True
     check_host: bool = True  # CheckHost before every `ready` (False: the host is assumed fit)
+    announce_pause: bool = False  # send upstream's `paused` (and `health`): a v0.6.12 server drops on it
     job_options: JobOptions = field(default_factory=JobOptions)
 
 
@@ -280,6 +289,12 @@ class RunnerProtocol:
         self.shutting_down = False
         self.stop_deadline: float | None = None  # during shutdown: stop at this time whatever happens
         self._hurry = False  # a second shutdown request: stop as soon as the job's result is saved
+        self.paused: tuple[str, ...] = ()  # why claiming is paused (the last check's pause texts)
+        self.pause_reasons: tuple[Message, ...] = ()
+        self.paused_since: str | None = None
+        self.health: Message | None = None
+        self.polling_paused = False  # the open poll is a `paused`, not a `ready`
+        self.wall_clock: Callable[[], str] = _rfc3339_now
 
     # -- inputs --------------------------------------------------------------------------------------
     def handle(self, event: Input, now: float) -> list[Action]:
@@ -316,6 +331,9 @@ class RunnerProtocol:
 
     def host_checked(self, problem: str | None, now: float) -> list[Action]:
         return self.handle(HostChecked(problem), now)
+
+    def host_checked_verdict(self, verdict: HostChecked, now: float) -> list[Action]:
+        return self.handle(verdict, now)
 
     def shutdown(self, now: float) -> list[Action]:
         return self.handle(ShutdownRequested(), now)
@@ -369,6 +387,7 @@ class RunnerProtocol:
         self.state = State.DISCONNECTED
         self.in_flight = None
         self.poll_deadline = None
+        self.polling_paused = False
         job = self.job
         if job is not None and job.phase is JobPhase.REJECTED:
             self.job = None
@@ -444,6 +463,12 @@ class RunnerProtocol:
                 return self._reconnect(f"`job` without a usable uuid: {err}")
             self.job = _Job(uuid, phase=JobPhase.REJECTED, rejected=str(err))  # nothing runs
             return [Log(logging.WARNING, f"job {uuid!r} rejected: {err}"), *self._pump(now)]
+        polling_paused, self.polling_paused = self.polling_paused, False
+        if polling_paused:  # handed a job although we said we are paused: as upstream, no `running`
+            reason = "; ".join(self.paused) or "paused"
+            self.job = _Job(claimed.uuid, phase=JobPhase.REJECTED, running_sent=True,
+                            rejected=f"the runner is paused and takes no job: {reason}")  # fmt: skip
+            return self._pump(now)
         self.job = _Job(claimed.uuid)
         config = _started_at(config, now)
         return [
@@ -454,11 +479,13 @@ class RunnerProtocol:
 
     def _on_no_job(self, _: NoJob, now: float) -> list[Action]:
         self.poll_deadline = None
+        self.polling_paused = False
         self.state = State.IDLE
         return self._pump(now)
 
     def _on_update(self, msg: Update, now: float) -> list[Action]:
         self.poll_deadline = None
+        self.polling_paused = False
         self.state = State.IDLE
         update = UpdateAvailable(msg.version, msg.url, msg.checksum)
         if self.settings.auto_update:
@@ -520,19 +547,38 @@ class RunnerProtocol:
         if self.state is State.CHECKING:
             self.state = State.IDLE
         actions: list[Action] = []
-        if event.problem is None:
-            if self.host_problem is not None:
-                actions.append(Log(logging.WARNING, "this host can run jobs again: asking for jobs"))
-            self.host_problem = None
-            self._recheck_delay = HOST_RECHECK_MIN_S
-            self.host_recheck_at = None
-            return actions + self._pump(now, host_ok=True)
-        if event.problem != self.host_problem:
-            actions.append(Log(logging.ERROR, f"not asking for jobs: {event.problem}"))
-        self.host_problem = event.problem
-        self.host_recheck_at = now + self._recheck_delay
-        self._recheck_delay = min(self._recheck_delay * 2, HOST_RECHECK_MAX_S)
-        return actions
+        self.health = event.health
+        if event.problem is not None:  # cannot run jobs: an error, re-checked with backoff
+            if event.problem != self.host_problem:
+                actions.append(Log(logging.ERROR, f"not asking for jobs: {event.problem}"))
+            self.host_problem = event.problem
+            self.host_recheck_at = now + self._recheck_delay
+            self._recheck_delay = min(self._recheck_delay * 2, HOST_RECHECK_MAX_S)
+            return actions
+        if self.host_problem is not None:
+            actions.append(Log(logging.WARNING, "this host can run jobs again: asking for jobs"))
+        self.host_problem = None
+        self._recheck_delay = HOST_RECHECK_MIN_S
+        if event.pause:  # should not run jobs now: paused, re-checked every second
+            if event.pause != self.paused:
+                actions.append(Log(logging.WARNING, f"paused, asking for no job: {'; '.join(event.pause)}"))
+                self.paused_since = self.paused_since or self.wall_clock()
+            self.paused = event.pause
+            self.pause_reasons = event.reasons
+            if (
+                self.settings.announce_pause
+                and self.state is State.IDLE
+                and self.job is None
+                and not self.pending
+            ):
+                return actions + self._poll(now, paused=True)
+            self.host_recheck_at = now + PAUSE_RECHECK_S
+            return actions
+        if self.paused:
+            actions.append(Log(logging.WARNING, "pause over: asking for jobs again"))
+        self.paused, self.pause_reasons, self.paused_since = (), (), None
+        self.host_recheck_at = None
+        return actions + self._pump(now, host_ok=True)
 
     def _on_shutdown(self, _: ShutdownRequested, now: float) -> list[Action]:
         """First request: no new job; cancel (or finish) the running one; deliver what is queued within
@@ -624,9 +670,18 @@ class RunnerProtocol:
                 return actions
             self.state = State.CHECKING
             return [*actions, CheckHost()]
+        return [*actions, *self._poll(now)]
+
+    def _poll(self, now: float, *, paused: bool = False) -> list[Action]:
+        """`ready` (or, paused with --announce-pause, `paused`): the server's answer ends the poll."""
         self.state = State.POLLING
         self.poll_deadline = now + self.settings.poll_timeout + self.settings.poll_margin
-        return [*actions, Send(Ready(self.settings.poll_timeout, self.settings.runner_metadata))]
+        self.polling_paused = paused
+        health = self.health if self.settings.announce_pause else None
+        ready = Ready(self.settings.poll_timeout, self.settings.runner_metadata, health)
+        if paused:
+            return [Send(Paused(ready, self.pause_reasons, self.paused_since or self.wall_clock()))]
+        return [Send(ready)]
 
     def _reconnect(self, reason: str) -> list[Action]:
         """Drop the connection now (the state is DISCONNECTED at once, so no timer fires again); the
@@ -641,6 +696,10 @@ class RunnerProtocol:
         self.poll_deadline = None
         actions: list[Action] = [Log(logging.WARNING, why)] if why else []
         return [*actions, Stop(code, error)]
+
+
+def _rfc3339_now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _is_uuid(text: str) -> bool:

@@ -43,12 +43,32 @@ def wire_size(text: str) -> int:
 class Ready:
     poll_timeout: int
     runner: Message | None = None  # metadata for self-update (None: --no-auto-update)
+    health: Message | None = None  # upstream's unreleased `health` (sent only with --announce-pause)
 
-    def wire(self) -> str:
-        msg: Message = {"event": "ready", "poll_timeout": self.poll_timeout}
+    def fields(self) -> Message:
+        msg: Message = {"poll_timeout": self.poll_timeout}
         if self.runner is not None:
             msg["runner"] = self.runner
-        return encode(msg)
+        if self.health is not None:
+            msg["health"] = self.health
+        return msg
+
+    def wire(self) -> str:
+        return encode({"event": "ready", **self.fields()})
+
+
+@dataclass(frozen=True)
+class Paused:
+    """Upstream's unreleased `paused`: every field of `ready` plus why and since when (RFC 3339 UTC).
+    A v0.6.12 server drops the connection on it: sent only with --announce-pause."""
+
+    ready: Ready
+    reasons: tuple[Message, ...]
+    since: str
+
+    def wire(self) -> str:
+        reasons = list(self.reasons[:16])
+        return encode({"event": "paused", **self.ready.fields(), "reasons": reasons, "since": self.since})
 
 
 @dataclass(frozen=True)
@@ -86,7 +106,7 @@ class Terminal:
         return cls(event, job, encode(message))
 
 
-RunnerMessage = Ready | Running | Heartbeat | Terminal
+RunnerMessage = Ready | Paused | Running | Heartbeat | Terminal
 
 
 def one_line_error(text: str) -> str:
