@@ -81,6 +81,11 @@ def doctor_command(
             if ok
             else "[bold red]this host cannot run jobs yet[/bold red]"
         )
+        count = len(fixes.plan_fixes(Path("/")).applicable)
+        if count:
+            console.print(
+                f"`runner doctor --fix` applies {count} of these fixes (`--fix --dry-run` shows them first)"
+            )
     raise SystemExit(0 if ok else 1)
 
 
