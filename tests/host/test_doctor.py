@@ -136,3 +136,57 @@ def test_doctor_shows_the_daemon_preflight_verdict(tmp_path: Path) -> None:
 
     check = _preflight_check(tmp_path / "empty-cache")
     assert check.status == "fail" and "runner kernel fetch" in (check.fix or "")
+
+
+def test_doctor_fix_writes_what_the_checks_print(tmp_path: Path) -> None:
+    """`runner doctor --fix` plans from the same inputs as the checks: the drop-in holds the exact
+    arguments the isolation and cgroup rows print, and the irqbalance command is the one its row gives."""
+    from bencher_runner.host.fixes import DROPIN, RunCommand, WriteFile, boot_args, plan_fixes
+
+    root = tmp_path
+    (root / "proc/4242").mkdir(parents=True)
+    (root / "proc/4242/comm").write_text("irqbalance\n")
+    (root / "proc/cmdline").write_text("ro quiet\n")
+    (root / "sys/devices/system/cpu").mkdir(parents=True)
+    (root / "sys/devices/system/cpu/online").write_text("0-5\n")
+    (root / "sys/fs/cgroup").mkdir(parents=True)
+    (root / "etc/default").mkdir(parents=True)
+    (root / "etc/default/grub").write_text('GRUB_CMDLINE_LINUX_DEFAULT="quiet"\n')
+    (root / "run/systemd/system").mkdir(parents=True)
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/systemctl").write_text("#!/bin/sh\n")
+    (root / "usr/bin/systemctl").chmod(0o755)
+
+    iso = check_isolation_args("ro quiet\n", (0, 1, 2, 3, 4, 5))
+    cgroup = check_cgroup(root / "sys/fs/cgroup")
+    irq = check_irqbalance(root / "proc")
+    grub, irqbalance = plan_fixes(root).fixes
+    write = grub.steps[0]
+    assert isinstance(write, WriteFile) and write.path == root / DROPIN
+    words = " ".join(f"{k}={v}" for k, v in boot_args(write.content).items())
+    assert iso.fix and words.startswith("isolcpus=1-5 nohz_full=1-5 rcu_nocbs=1-5")
+    assert f'"{words.removesuffix(" systemd.unified_cgroup_hierarchy=1")}"' in iso.fix
+    assert (
+        cgroup.fix
+        and "systemd.unified_cgroup_hierarchy=1" in cgroup.fix
+        and words.endswith("systemd.unified_cgroup_hierarchy=1")
+    )
+    assert irqbalance.steps == (RunCommand(("/usr/bin/systemctl", *(irq.fix or "").split()[1:])),)
+    assert "pid 4242" in irqbalance.summary
+
+
+def test_doctor_table_points_at_fix_when_it_has_fixes_to_apply(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bencher_runner.host import fixes
+
+    monkeypatch.delenv("BENCHER_RUNNER_KERNEL", raising=False)
+    monkeypatch.delenv("BENCHER_RUNNER_KERNEL_MODULES", raising=False)
+    step = fixes.RunCommand(("/usr/bin/systemctl", "disable", "--now", "irqbalance"))
+    plan = fixes.FixPlan((fixes.Fix("irqbalance", "running", (step,)),))
+    monkeypatch.setattr(fixes, "plan_fixes", lambda root: plan)
+    result = CliRunner().invoke(doctor_command, ["--cache-dir", str(tmp_path)])
+    assert "`runner doctor --fix` applies 1 of these fixes" in result.output
+    monkeypatch.setattr(fixes, "plan_fixes", lambda root: fixes.FixPlan(()))
+    result = CliRunner().invoke(doctor_command, ["--cache-dir", str(tmp_path)])
+    assert "runner doctor --fix" not in result.output and "this host cannot run jobs yet" in result.output
