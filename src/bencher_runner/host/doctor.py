@@ -157,8 +157,8 @@ def check_isolation_args(cmdline: str, cpus: tuple[int, ...]) -> Check:
         "isolation boot args",
         "warn",
         f"/proc/cmdline lacks {', '.join(missing)}: the scheduler and RCU may use benchmark CPUs",
-        f'add "{args}" to GRUB_CMDLINE_LINUX_DEFAULT (e.g. /etc/default/grub.d/zz-bencher-isolation.cfg), '
-        "run update-grub and reboot",
+        f'add "{args}" to GRUB_CMDLINE_LINUX_DEFAULT (`doctor --fix` writes '
+        "/etc/default/grub.d/bencher-runner.cfg), run update-grub and reboot",
     )
 
 
