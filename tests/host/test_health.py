@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from bencher_runner.host.doctor import DoctorEnv, can_run_jobs, check_health, run_checks
 from bencher_runner.host.health import (
     HealthCache,
     HealthReport,
@@ -422,3 +423,63 @@ def test_new_problems_are_those_not_seen_in_the_previous_report(tmp_path: Path) 
     reader.pages["nvme0"] = smart_page(warning=0x06)
     worse = probe(tmp_path, reader, synced=False)
     assert [(f.device, f.state) for f in new_problems(warm, worse)] == [("nvme0", "failing")]
+
+
+# --- runner doctor --------------------------------------------------------------------------------
+
+
+def _doctor_env(tmp_path: Path, report: HealthReport) -> DoctorEnv:
+    return DoctorEnv(cache=tmp_path / "cache", kvm_probe=lambda q, k: None, health=lambda: report)
+
+
+def test_doctor_shows_a_row_per_device_with_status_and_fix(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make_array(root, "md0", degraded=1)
+    make_array(root, "md1", action="check", completed="1 / 4", speed="100")
+    make_array(root, "md2")
+    make_nvme(root, "nvme0")
+    make_nvme(root, "nvme1")
+    make_throttle(root, {0: (0, 0)})
+    reader = Reader({"nvme0": smart_page(media_errors=7), "nvme1": smart_page()})
+    report = probe(root, reader, synced=False)
+    rows = {c.name: c for c in check_health(_doctor_env(tmp_path, report))}
+    assert list(rows) == [
+        "health: md0", "health: md1", "health: md2", "health: nvme0", "health: nvme1",
+        "health: thermal", "health: clock",
+    ]  # fmt: skip
+    assert (rows["health: md0"].status, rows["health: md0"].fix) == (
+        "fail",
+        "replace the failed disk; see mdadm --detail /dev/md0",
+    )
+    assert rows["health: md1"].status == "warn" and "claiming is paused" in rows["health: md1"].detail
+    assert rows["health: md1"].fix == "wait, or stop it: echo idle > /sys/block/md1/md/sync_action; " + (
+        "see mdadm --detail /dev/md1"
+    )
+    assert (rows["health: md2"].status, rows["health: md2"].fix) == ("ok", None)
+    assert rows["health: nvme0"].status == "fail" and "7 media and data integrity errors" in (
+        rows["health: nvme0"].detail
+    )
+    assert rows["health: nvme0"].fix and "replace the drive" in rows["health: nvme0"].fix
+    assert rows["health: nvme1"].status == "ok"
+    assert rows["health: thermal"].status == "ok"
+    assert rows["health: clock"].status == "warn" and rows["health: clock"].fix
+    assert all(c.fix for c in rows.values() if c.status != "ok")
+
+
+def test_doctor_runs_the_health_rows_and_a_failing_disk_fails_it(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    make_array(root, "md0")
+    healthy = _doctor_env(tmp_path, probe(root))
+    names = [c.name for c in run_checks(healthy)]
+    assert "health: md0" in names and "health: clock" in names
+    make_array(root, "md9", degraded=2)
+    failing = run_checks(_doctor_env(tmp_path, probe(root)))
+    assert all(c.status != "fail" for c in run_checks(healthy) if c.name.startswith("health:"))
+    assert next(c for c in failing if c.name == "health: md9").status == "fail"
+    assert not can_run_jobs(failing)
+
+
+def test_doctor_default_probe_reads_this_host() -> None:
+    rows = check_health(DoctorEnv(cache=Path("/nonexistent")))
+    assert [c.name for c in rows][-2:] == ["health: thermal", "health: clock"]
+    assert all(c.status in ("ok", "warn", "fail") for c in rows)
