@@ -4,6 +4,8 @@ JSON of upstream's `health` object and `paused` reasons."""
 
 import errno
 import json
+import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -483,3 +485,19 @@ def test_doctor_default_probe_reads_this_host() -> None:
     rows = check_health(DoctorEnv(cache=Path("/nonexistent")))
     assert [c.name for c in rows][-2:] == ["health: thermal", "health: clock"]
     assert all(c.status in ("ok", "warn", "fail") for c in rows)
+
+
+def test_a_probe_of_this_host_spawns_no_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe runs before every `ready`: file reads and syscalls only (ctypes.util.find_library
+    ran ldconfig on every clock read, 2 ms a probe)."""
+    clock_synchronised()  # a first call may set up the libc handle
+
+    def no_process(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the probe started a process: {args!r}")
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", no_process)
+    monkeypatch.setattr(os, "posix_spawn", no_process)
+    monkeypatch.setattr(os, "fork", no_process)
+    cache = HealthCache()
+    for now in (0.0, 1.0):
+        probe_health(Path("/"), now=now, cache=cache)
