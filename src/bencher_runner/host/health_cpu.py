@@ -6,6 +6,7 @@ interrupt; absent on other CPUs and in most VMs, which the probe treats as "noth
 Counts only ever rise, so what matters is a rise between two probes: the CPUs throttle now.
 """
 
+import os
 from pathlib import Path
 
 COUNTERS = ("core_throttle_count", "package_throttle_count")
@@ -14,20 +15,32 @@ COUNTERS = ("core_throttle_count", "package_throttle_count")
 ThrottleCounts = dict[tuple[int, str], int]
 
 
-def read_throttle_counts(sys: Path) -> ThrottleCounts:
-    counts: ThrottleCounts = {}
+def _read_int(path: str) -> int | None:
     try:
-        cpus = [p for p in (sys / "devices/system/cpu").iterdir() if p.name[3:].isdigit()]
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return int(os.read(fd, 64))
+    except (OSError, ValueError):
+        return None
+    finally:
+        os.close(fd)
+
+
+def read_throttle_counts(sys: Path) -> ThrottleCounts:
+    """Every CPU's counters; os-level reads of string paths, as a 128-CPU host has 256 of them."""
+    counts: ThrottleCounts = {}
+    base = sys / "devices/system/cpu"
+    try:
+        names = [n for n in os.listdir(base) if n.startswith("cpu") and n[3:].isdigit()]
     except OSError:
         return counts
-    for cpu in cpus:
-        if not cpu.name.startswith("cpu"):
-            continue
+    for name in names:
         for counter in COUNTERS:
-            try:
-                counts[int(cpu.name[3:]), counter] = int((cpu / "thermal_throttle" / counter).read_text())
-            except (OSError, ValueError):
-                continue
+            value = _read_int(f"{base}/{name}/thermal_throttle/{counter}")
+            if value is not None:
+                counts[int(name[3:]), counter] = value
     return counts
 
 
