@@ -123,6 +123,8 @@ def probe_health(
     """One probe of the host under ``root``. ``now`` is any seconds clock (the daemon's monotonic).
 
     Without a cache every NVMe log is read and throttling cannot be seen rising (no previous counts).
+    ``read_clock`` asks the running kernel whatever ``root`` is: tests inject it. Readers fail with
+    SmartLogError/OSError, which become findings; anything else is a bug and propagates.
     """
     cache = cache if cache is not None else HealthCache(nvme_interval_s=0.0)
     with cache.lock:
