@@ -10,7 +10,6 @@ not even looked at for it.
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.layout import HOST_ARCH, LocalImage, open_layout
 from bencher_runner.oci.progress import ProgressCallback
-from bencher_runner.oci.reference import ImageReference, parse_reference
+from bencher_runner.oci.reference import ImageReference, may_fall_back_to_http, parse_reference
 from bencher_runner.spec.config import RunConfig
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 2**30  # compressed: config + layers as the manifest declares them
@@ -35,15 +34,9 @@ def is_local_layout(image: str) -> bool:
 
 
 def is_loopback(registry: str) -> bool:
-    """Whether ``host[:port]`` names this machine: ``localhost``, 127.0.0.0/8 or ``[::1]``."""
-    host = registry[1:].partition("]")[0] if registry.startswith("[") else registry.rpartition(":")[0]
-    host = host or registry
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether ``host[:port]`` names this machine: ``localhost``, 127.0.0.0/8 or ``[::1]``, literally
+    (the same strict test as the HTTPS -> HTTP fallback's)."""
+    return may_fall_back_to_http(registry)
 
 
 def plain_http_warning(ref: ImageReference) -> str | None:
