@@ -83,7 +83,7 @@ def open_image(
     ``insecure`` pulls over plain HTTP. ``allow_local=False`` (a server's job): ``image`` must be a
     registry reference, whatever exists on this host under that name. ``cancel``: the pull ends with
     CanceledError soon after it is set, wherever it waits. ``warn`` hears about plain HTTP to another
-    host.
+    host, and about a loopback registry used over plain HTTP because it did not speak TLS.
     """
     if allow_local and is_local_layout(image):
         return open_layout(image, arch=arch)
@@ -102,4 +102,5 @@ def open_image(
         cache_max_bytes=cache_max_bytes,
         progress=progress,
         cancel=cancel,
+        warn=warn,
     )
