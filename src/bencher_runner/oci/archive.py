@@ -547,7 +547,7 @@ def open_archive(
             kind = ref.kind
             if kind == "auto":
                 members = archive.members
-                kind = "docker" if "manifest.json" in members and "index.json" not in members else "oci"
+                kind = "oci" if "index.json" in members or "oci-layout" in members else "docker"
             if kind == "oci":
                 return read_layout(_ArchiveLayout(importer), ref.tag, arch=arch)
             return _read_docker(importer, ref.tag, arch)
