@@ -1,8 +1,10 @@
 """Apply image layers, in order, into a directory tree that becomes the guest's root disk.
 
 Layers are untrusted tar streams and the runner is root, so extraction is done by hand rather than
-with ``tarfile.extractall``: every path is resolved inside ``dest`` with chroot semantics (symlinks
-planted by earlier entries are followed as if ``dest`` were ``/``, never out of it), the final
+with ``tarfile.extractall``. Every operation is relative to a directory fd reached from ``dest``
+without following any symlink (see :class:`_Tree`), so a symlink planted by an entry, earlier or later
+in the layer, can never redirect a write, a chown, a chmod, an xattr or a deletion outside ``dest``.
+Symlinks in paths are resolved by hand with chroot semantics (``dest`` is ``/``), the final
 component is never followed, names that climb out of the root are refused, whiteouts follow the OCI
 layer rules, device nodes are skipped (the guest's /dev is a devtmpfs) and a byte budget stops
 decompression bombs. Layers are streamed; nothing is loaded into memory whole.
@@ -16,11 +18,11 @@ import io
 import json
 import os
 import queue
-import shutil
 import stat
 import tarfile
 import threading
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,10 @@ MAX_SYMLINKS = 40  # as Linux's path walk
 MAX_METADATA_BYTES = 1 << 20  # PAX / GNU long-name headers are read into memory by tarfile: bound them
 CHUNK_SIZE = 1 << 20
 READAHEAD_CHUNKS = 4  # decompressed chunks a layer's reader thread may hold ready (memory bound)
+FD_CACHE = 64  # directory fds a layer keeps open, most recently used first
+MAX_DEPTH = 512  # directory levels: far beyond real images, within what mkfs -d and os.walk recurse into
+PATH_MAX = 4096  # Linux's, for the host path of every entry (the tools after us use paths)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -88,6 +94,10 @@ def _human(n: int) -> str:
 
 def _q(name: str) -> str:
     return json.dumps(name, ensure_ascii=False)
+
+
+def _safe(text: str | None) -> str:
+    return text or ""
 
 
 # --- reading the stream ------------------------------------------------------------------------------
@@ -269,28 +279,124 @@ class _Missing(Exception):
     """A path component does not exist (or is not a directory) while resolving without creating."""
 
 
+def _open_dir(name: str, dir_fd: int) -> int:
+    """``name`` in ``dir_fd`` as a directory fd; never follows a symlink, never blocks on a FIFO."""
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
 class _Tree:
-    """``dest`` seen as a root filesystem: resolves paths with chroot semantics, never leaves it."""
+    """``dest`` seen as a root filesystem, reached through directory fds only.
+
+    The root is opened once (O_NOFOLLOW: a swapped-in symlink is refused) and every other directory
+    is opened relative to its parent's fd, one component at a time, with O_NOFOLLOW|O_DIRECTORY, so
+    the kernel never follows a symlink of the tree, wherever and whenever it was planted. Symlinks met
+    on the way are read here and resolved with chroot semantics (``dest`` is ``/``; ``..`` stops
+    there). This component-wise walk was chosen over openat2(RESOLVE_IN_ROOT|RESOLVE_NO_SYMLINKS):
+    Python has no binding for it (a ctypes syscall with a fallback would leave two code paths, one
+    rarely tested), and missing components must be created on the way anyway. The walk costs little:
+    directory fds are cached by their real path (LRU, :data:`FD_CACHE` of them), and an entry whose
+    parent is cached costs no lookup at all. Removing a directory drops the fds of its subtree.
+
+    Fds returned by :meth:`resolve_dir` and :meth:`real_dir` belong to the cache: use them before the
+    next call that may walk (dup them to keep them longer).
+    """
 
     def __init__(self, root: Path, max_symlinks: int = MAX_SYMLINKS) -> None:
         self.root = os.fspath(root)
         self.max_symlinks = max_symlinks
-        self._dirs: set[str] = set()  # real (non-symlink) directories seen, as relative paths
+        try:
+            self.fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as e:
+            raise ImageError(
+                f"unpack destination {_q(self.root)} is not a directory (or is a symbolic link): "
+                f"{_safe(e.strerror)}"
+            ) from None
+        self._root_bytes = len(os.fsencode(self.root))
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def __enter__(self) -> _Tree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        os.close(self.fd)
 
     def host(self, rel: str) -> str:
+        """The host path of ``rel``, for messages and for callers outside the unpacker."""
         return os.path.join(self.root, rel) if rel else self.root
 
-    def forget_dirs(self) -> None:
-        """Called whenever a directory is deleted: the cache of known directories may be stale."""
-        self._dirs.clear()
+    # -- the fd cache
 
-    def resolve_dir(self, parts: Sequence[str], *, create: bool, where: str) -> str:
-        """Resolve ``parts`` (all followed, symlinks included) to a real directory; returns it relative.
+    def _cached(self, rel: str) -> int | None:
+        if not rel:
+            return self.fd
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+        return fd
 
-        With ``create``, missing components become directories (0755); without, :class:`_Missing`.
-        """
+    def _keep(self, rel: str, fd: int) -> None:
+        self._fds[rel] = fd
+        if len(self._fds) > FD_CACHE:
+            _, oldest = self._fds.popitem(last=False)  # never the fd just used: it is the newest
+            os.close(oldest)
+
+    def _drop(self, rel: str) -> None:
+        """``rel`` (a directory) is being removed: forget its fd and its subtree's."""
+        prefix = rel + "/"
+        for key in [k for k in self._fds if k == rel or k.startswith(prefix)]:
+            os.close(self._fds.pop(key))
+
+    # -- walking
+
+    def check_new(self, rel: str, where: str) -> None:
+        """Refuse to create ``rel`` deeper or longer than the tools after us (mkfs, the guest) handle."""
+        depth = rel.count("/") + 1
+        if depth > MAX_DEPTH:
+            raise UnsafeImageError(f"{where}: more than {MAX_DEPTH} directory levels deep; {_HOSTILE}")
+        if self._root_bytes + 1 + len(os.fsencode(rel)) >= PATH_MAX:
+            raise ImageError(
+                f"{where}: the path /{_q(rel)[1:-1]} is too long ({len(os.fsencode(rel))} bytes; Linux "
+                f"paths hold {PATH_MAX - 1}); {_MALFORMED}"
+            )
+
+    def real_dir(self, rel: str) -> int | None:
+        """The fd of the real directory at ``rel``, reached without following any symlink; None if a
+        component is missing, not a directory or a symlink."""
+        fd = self._cached(rel)
+        if fd is not None:
+            return fd
+        comps = rel.split("/")
+        known = len(comps) - 1
+        while known > 0 and "/".join(comps[:known]) not in self._fds:
+            known -= 1
+        cur = self._cached("/".join(comps[:known]))
+        assert cur is not None
+        for i in range(known, len(comps)):
+            try:
+                cur = _open_dir(comps[i], cur)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return None
+                raise
+            self._keep("/".join(comps[: i + 1]), cur)
+        return cur
+
+    def resolve_dir(self, parts: Sequence[str], *, create: bool, where: str) -> tuple[str, int]:
+        """Resolve ``parts`` (all followed, symlinks included) to a real directory: (its path relative
+        to the root, its fd). With ``create``, missing components become directories (0755); without,
+        :class:`_Missing`."""
         pending = list(reversed(parts))
         cur: list[str] = []
+        cur_rel = ""
+        cur_fd = self.fd
         links = 0
         while pending:
             comp = pending.pop()
@@ -299,58 +405,110 @@ class _Tree:
             if comp == "..":
                 if cur:
                     cur.pop()
+                    cur_rel = "/".join(cur)
+                    fd = self.real_dir(cur_rel)
+                    if fd is None:  # we just came through it
+                        raise _Missing(cur_rel)
+                    cur_fd = fd
                 continue
-            rel = "/".join((*cur, comp))
-            if rel in self._dirs:
-                cur.append(comp)
-                continue
-            path = self.host(rel)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                if not create:
-                    raise _Missing(rel) from None
-                os.mkdir(path, 0o755)
-                os.chmod(path, 0o755)  # not subject to the umask
-                self._dirs.add(rel)
-                cur.append(comp)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > self.max_symlinks:
-                    raise UnsafeImageError(
-                        f"{where}: more than {self.max_symlinks} symbolic links while resolving "
-                        f"{_q('/'.join(parts))} (a symlink loop?); {_HOSTILE}"
-                    )
-                target = os.readlink(path)
-                if target.startswith("/"):
-                    cur = []
-                pending.extend(reversed(target.split("/")))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                self._dirs.add(rel)
-                cur.append(comp)
-                continue
-            if not create:
-                raise _Missing(rel)
-            raise ImageError(
-                f"{where}: cannot create {_q('/'.join(parts))}: /{rel} is not a directory; {_MALFORMED}"
-            )
-        return "/".join(cur)
+            rel = f"{cur_rel}/{comp}" if cur_rel else comp
+            fd = self._cached(rel)
+            if fd is None:
+                try:
+                    fd = _open_dir(comp, cur_fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise _Missing(rel) from None
+                    fd = self._mkdir(cur_fd, comp, rel, where)
+                except OSError as e:
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    if not stat.S_ISLNK(os.stat(comp, dir_fd=cur_fd, follow_symlinks=False).st_mode):
+                        if not create:
+                            raise _Missing(rel) from None
+                        raise ImageError(
+                            f"{where}: cannot create {_q('/'.join(parts))}: /{_q(rel)[1:-1]} is not a "
+                            f"directory; {_MALFORMED}"
+                        ) from None
+                    links += 1
+                    if links > self.max_symlinks:
+                        raise UnsafeImageError(
+                            f"{where}: more than {self.max_symlinks} symbolic links while resolving "
+                            f"{_q('/'.join(parts))} (a symlink loop?); {_HOSTILE}"
+                        ) from None
+                    target = os.readlink(comp, dir_fd=cur_fd)
+                    if target.startswith("/"):
+                        cur, cur_rel, cur_fd = [], "", self.fd
+                    pending.extend(reversed(target.split("/")))
+                    continue
+                self._keep(rel, fd)
+            cur.append(comp)
+            cur_rel, cur_fd = rel, fd
+        return cur_rel, cur_fd
 
-    def remove(self, rel: str) -> bool:
-        """Delete ``rel`` itself (a directory recursively, symlinks not followed); False if absent."""
-        path = self.host(rel)
+    def _mkdir(self, parent_fd: int, name: str, rel: str, where: str) -> int:
+        self.check_new(rel, where)
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+        fd = _open_dir(name, parent_fd)
+        os.fchmod(fd, 0o755)  # not subject to the umask
+        return fd
+
+    def lookup(self, parts: Sequence[str], where: str) -> tuple[str, int, str] | None:
+        """What ``parts`` names, final symlinks followed too: (parent's relative path, parent's fd,
+        name), name "" for the root itself; None when it does not exist."""
+        parts = list(parts)
+        for _ in range(self.max_symlinks + 1):
+            if not parts:
+                return "", self.fd, ""
+            try:
+                parent, parent_fd = self.resolve_dir(parts[:-1], create=False, where=where)
+            except _Missing:
+                return None
+            base = parts[-1]
+            if base in ("..", "."):
+                up = parent.split("/") if parent else []
+                parts = up[:-1] if base == ".." else up
+                continue
+            try:
+                st = os.stat(base, dir_fd=parent_fd, follow_symlinks=False)
+            except OSError:
+                return None
+            if not stat.S_ISLNK(st.st_mode):
+                return parent, parent_fd, base
+            target = os.readlink(base, dir_fd=parent_fd)
+            start = [] if target.startswith("/") or not parent else parent.split("/")
+            parts = [*start, *(p for p in target.split("/") if p)]
+        raise UnsafeImageError(f"more than {self.max_symlinks} symbolic links while resolving {where}")
+
+    # -- removing
+
+    def remove(self, parent_fd: int, name: str, rel: str) -> bool:
+        """Delete ``name`` in ``parent_fd`` (at ``rel``) itself, a directory with all it holds, symlinks
+        never followed; False if it was absent."""
         try:
-            st = os.lstat(path)
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)  # never follows symlinks (fd-based on Linux)
-            self.forget_dirs()
+            self._drop(rel)
+            self._rmtree(parent_fd, name)
         else:
-            os.unlink(path)
+            os.unlink(name, dir_fd=parent_fd)
         return True
+
+    def _rmtree(self, parent_fd: int, name: str) -> None:
+        fd = _open_dir(name, parent_fd)
+        try:
+            with os.scandir(fd) as it:
+                children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+            for child, is_dir in children:
+                if is_dir:
+                    self._rmtree(fd, child)  # depth bounded by MAX_DEPTH
+                else:
+                    os.unlink(child, dir_fd=fd)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=parent_fd)
 
 
 def _join(parent: str, name: str) -> str:
@@ -362,7 +520,6 @@ def _join(parent: str, name: str) -> str:
 
 @dataclass
 class _DirMeta:
-    rel: str
     mode: int
     uid: int
     gid: int
@@ -378,23 +535,28 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
     return out
 
 
-def _set_xattrs(target: str | int, xattrs: dict[str, bytes]) -> None:
+def _set_xattrs(fd: int, xattrs: dict[str, bytes]) -> None:
     for key, value in xattrs.items():
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, key, value)
-            else:
-                os.setxattr(target, key, value, follow_symlinks=False)
-        except OSError:
-            pass  # best effort: ENOTSUP, user.* on symlinks, unknown namespaces, ...
+        with contextlib.suppress(OSError):  # best effort: ENOTSUP, unknown namespaces, ...
+            os.setxattr(fd, key, value)
 
 
-def _set_mtime(target: str | int, mtime: float) -> None:
+def _set_link_xattrs(parent_fd: int, name: str, xattrs: dict[str, bytes]) -> None:
+    """Xattrs of the symlink ``name`` itself. Python's setxattr takes no dir_fd, so the path goes
+    through /proc/self/fd/<parent>, a magic link to that very directory: nothing is re-resolved."""
+    path = f"/proc/self/fd/{parent_fd}/{name}"
+    for key, value in xattrs.items():
+        with contextlib.suppress(OSError):  # user.* on symlinks is refused by Linux; no /proc: none
+            os.setxattr(path, key, value, follow_symlinks=False)
+
+
+def _set_mtime(fd: int, mtime: float, name: str | None = None) -> None:
+    """The mtime (and atime) of ``fd``, or of ``name`` in ``fd`` itself (a symlink: not followed)."""
     try:
-        if isinstance(target, int):
-            os.utime(target, (mtime, mtime))
+        if name is None:
+            os.utime(fd, (mtime, mtime))
         else:
-            os.utime(target, (mtime, mtime), follow_symlinks=False)
+            os.utime(name, (mtime, mtime), dir_fd=fd, follow_symlinks=False)
     except (OverflowError, ValueError):
         pass
     except OSError as e:
@@ -409,7 +571,7 @@ class _LayerApplier:
         self.budget = budget
         self.stats = stats
         self.created: set[str] = set()  # real paths this layer created, and their ancestors
-        self.dir_meta: list[_DirMeta] = []
+        self.dir_meta: dict[str, _DirMeta] = {}  # by real path, in the order last seen
         self.skipped: set[tuple[str, ...]] = set()  # device entries left out (by image name)
 
     def where(self, member_name: str) -> str:
@@ -446,71 +608,90 @@ class _LayerApplier:
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
             raise ImageError(f"{where}: unsupported tar entry type {member.type!r}; {_MALFORMED}")
 
-        link_src: str | None = None
-        if member.islnk():
-            link_src = self._link_target(member, where)
-        if member.isreg():
-            self.budget.charge(member.size, where)  # before a single byte is read or written
+        link_src: tuple[str, int, str] | None = None
+        try:
+            if member.islnk():
+                link_src = self._link_target(member, where)
+            if member.isreg():
+                self.budget.charge(member.size, where)  # before a single byte is read or written
+            self._create(member, tar, parts, where, link_src)
+        finally:
+            if link_src is not None:
+                os.close(link_src[1])
 
-        parent = self.tree.resolve_dir(parts[:-1], create=True, where=where)
+    def _create(
+        self,
+        member: tarfile.TarInfo,
+        tar: tarfile.TarFile,
+        parts: tuple[str, ...],
+        where: str,
+        link_src: tuple[str, int, str] | None,
+    ) -> None:
+        base = parts[-1]
+        parent, pfd = self.tree.resolve_dir(parts[:-1], create=True, where=where)
         rel = _join(parent, base)
-        path = self.tree.host(rel)
+        self.tree.check_new(rel, where)
         self._mark(rel)
 
         existing: os.stat_result | None
         try:
-            existing = os.lstat(path)
+            existing = os.stat(base, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             existing = None
 
         if member.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                os.unlink(path)
+                os.unlink(base, dir_fd=pfd)
                 existing = None
             if existing is None:
-                os.mkdir(path, 0o700)
+                os.mkdir(base, 0o700, dir_fd=pfd)
             self.stats.dirs += 1
-            self.dir_meta.append(
-                _DirMeta(
-                    rel, stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, _xattrs(member)
-                )
+            self.dir_meta.pop(rel, None)
+            self.dir_meta[rel] = _DirMeta(
+                stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, _xattrs(member)
             )
             return
 
-        if link_src is not None and link_src == rel:
+        if link_src is not None and link_src[0] == rel:
             return  # a hard link to itself: nothing to do
         if existing is not None:
-            self.tree.remove(rel)
+            self.tree.remove(pfd, base, rel)
 
         if member.isreg():
-            self._write_file(member, tar, path, where)
+            self._write_file(member, tar, pfd, base, where)
             self.stats.files += 1
-            return
-        if member.issym():
-            os.symlink(member.linkname, path)
+        elif member.issym():
+            os.symlink(member.linkname, base, dir_fd=pfd)
+            os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+            _set_link_xattrs(pfd, base, _xattrs(member))
+            _set_mtime(pfd, member.mtime, base)
             self.stats.symlinks += 1
         elif member.islnk():
             assert link_src is not None
+            _, src_fd, src_name = link_src
             try:
-                os.link(self.tree.host(link_src), path, follow_symlinks=False)
+                os.link(src_name, base, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:  # the target was inside what this entry replaced
                 raise UnsafeImageError(
                     f"{where}: hard link target {_q(member.linkname)} no longer exists; {_HOSTILE}"
                 ) from None
-            self.stats.hardlinks += 1
-            return  # a hard link shares its target's inode and metadata
+            self.stats.hardlinks += 1  # a hard link shares its target's inode and metadata
         else:  # FIFO
-            os.mkfifo(path, 0o600)
-        self._set_meta(path, member, is_link=member.issym())
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+            fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                self._set_meta(fd, member)
+            finally:
+                os.close(fd)
 
-    def _link_target(self, member: tarfile.TarInfo, where: str) -> str:
+    def _link_target(self, member: tarfile.TarInfo, where: str) -> tuple[str, int, str]:
+        """The hard link's source: (its relative path, a dup of its parent's fd, its name)."""
         parts = _clean_name(member.linkname, where, "hard link target")
         if not parts:
             raise UnsafeImageError(f"{where}: hard link to the image root; {_HOSTILE}")
         try:
-            parent = self.tree.resolve_dir(parts[:-1], create=False, where=where)
-            rel = _join(parent, parts[-1])
-            st = os.lstat(self.tree.host(rel))
+            parent, parent_fd = self.tree.resolve_dir(parts[:-1], create=False, where=where)
+            st = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False)
         except (_Missing, FileNotFoundError):
             raise UnsafeImageError(
                 f"{where}: hard link target {_q(member.linkname)} does not exist in the image; {_HOSTILE}"
@@ -519,47 +700,47 @@ class _LayerApplier:
             raise UnsafeImageError(
                 f"{where}: hard link target {_q(member.linkname)} is a directory; {_HOSTILE}"
             )
-        return rel
+        return _join(parent, parts[-1]), os.dup(parent_fd), parts[-1]
 
-    def _write_file(self, member: tarfile.TarInfo, tar: tarfile.TarFile, path: str, where: str) -> None:
+    def _write_file(
+        self, member: tarfile.TarInfo, tar: tarfile.TarFile, parent_fd: int, name: str, where: str
+    ) -> None:
         src = tar.extractfile(member)
         if src is None:
             raise ImageError(f"{where}: cannot read the file data; {_MALFORMED}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(name, flags, 0o600, dir_fd=parent_fd)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as out:
-                remaining = member.size
-                while remaining > 0:
-                    chunk = src.read(min(CHUNK_SIZE, remaining))
-                    if not chunk:
-                        raise ImageError(f"{where}: the layer ends inside this file; {_MALFORMED}")
-                    out.write(chunk)
-                    remaining -= len(chunk)
+            remaining = member.size
+            while remaining > 0:
+                chunk = src.read(min(CHUNK_SIZE, remaining))
+                if not chunk:
+                    raise ImageError(f"{where}: the layer ends inside this file; {_MALFORMED}")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                remaining -= len(chunk)
             self.stats.bytes += member.size
-            os.fchown(fd, member.uid, member.gid)
-            os.fchmod(fd, stat.S_IMODE(member.mode))  # after chown, which clears setuid/setgid
-            _set_xattrs(fd, _xattrs(member))
-            _set_mtime(fd, member.mtime)
+            self._set_meta(fd, member)
         finally:
             os.close(fd)
 
-    def _set_meta(self, path: str, member: tarfile.TarInfo, *, is_link: bool) -> None:
-        os.chown(path, member.uid, member.gid, follow_symlinks=False)
-        if not is_link:
-            os.chmod(path, stat.S_IMODE(member.mode))  # path is a FIFO this function just created
-        _set_xattrs(path, _xattrs(member))
-        _set_mtime(path, member.mtime)
+    @staticmethod
+    def _set_meta(fd: int, member: tarfile.TarInfo) -> None:
+        os.fchown(fd, member.uid, member.gid)
+        os.fchmod(fd, stat.S_IMODE(member.mode))  # after chown, which clears setuid/setgid
+        _set_xattrs(fd, _xattrs(member))
+        _set_mtime(fd, member.mtime)
 
     def _whiteout(self, parts: tuple[str, ...], where: str) -> None:
         self.stats.whiteouts += 1
         base = parts[-1]
         try:
-            parent = self.tree.resolve_dir(parts[:-1], create=False, where=where)
+            parent, parent_fd = self.tree.resolve_dir(parts[:-1], create=False, where=where)
         except _Missing:
             return  # nothing below to hide
         if base == OPAQUE_WHITEOUT:
-            self._prune(parent)
+            self._prune(parent, parent_fd)
             return
         victim = base[len(WHITEOUT_PREFIX) :]
         if victim in ("", ".", ".."):
@@ -567,38 +748,37 @@ class _LayerApplier:
         rel = _join(parent, victim)
         if rel in self.created:
             return  # whiteouts only hide lower layers; this layer's own entry stays
-        self.tree.remove(rel)
+        self.tree.remove(parent_fd, victim, rel)
 
-    def _prune(self, rel_dir: str) -> None:
+    def _prune(self, rel_dir: str, dir_fd: int) -> None:
         """Opaque whiteout: delete everything under ``rel_dir`` that this layer did not create."""
-        with os.scandir(self.tree.host(rel_dir)) as it:
+        with os.scandir(dir_fd) as it:
             children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
         for child, is_dir in children:
             rel = _join(rel_dir, child)
             if rel not in self.created:
-                self.tree.remove(rel)
+                self.tree.remove(dir_fd, child, rel)
             elif is_dir:
-                self._prune(rel)
+                fd = _open_dir(child, dir_fd)
+                try:
+                    self._prune(rel, fd)
+                finally:
+                    os.close(fd)
 
     def finish(self) -> None:
-        """Apply directory metadata once the layer's contents are in place (0555 dirs get filled)."""
-        for meta in reversed(self.dir_meta):
-            path = self.tree.host(meta.rel)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # replaced or whited out later in the same layer
-            except OSError as e:
-                if e.errno == errno.ELOOP:  # replaced by a symlink later in the layer
-                    continue
-                raise
-            try:
-                os.fchown(fd, meta.uid, meta.gid)
-                os.fchmod(fd, meta.mode)
-                _set_xattrs(fd, meta.xattrs)
-                _set_mtime(fd, meta.mtime)
-            finally:
-                os.close(fd)
+        """Apply directory metadata once the layer's contents are in place (0555 dirs get filled).
+
+        Each directory is reached again from the root without following any symlink: one that a later
+        entry replaced, whited out or put behind a symlink is skipped, never reached through it.
+        """
+        for rel, meta in reversed(self.dir_meta.items()):
+            fd = self.tree.real_dir(rel)
+            if fd is None:
+                continue
+            os.fchown(fd, meta.uid, meta.gid)
+            os.fchmod(fd, meta.mode)
+            _set_xattrs(fd, meta.xattrs)
+            _set_mtime(fd, meta.mtime)
         self.dir_meta.clear()
 
 
@@ -619,7 +799,8 @@ def unpack_layer_stream(
     decompressed, fmt = _sniff(fileobj, media_type, name)
     ahead = _ReadAhead(decompressed)
     try:
-        _apply_stream(_GuardedReader(ahead, name, fmt), media_type, dest, name, fmt, budget, stats)
+        with _Tree(dest) as tree:
+            _apply_stream(_GuardedReader(ahead, name, fmt), media_type, tree, name, fmt, budget, stats)
     finally:
         ahead.close()
     return stats
@@ -628,13 +809,14 @@ def unpack_layer_stream(
 def _apply_stream(
     guarded: _GuardedReader,
     media_type: str,
-    dest: Path,
+    tree: _Tree,
     name: str,
     fmt: str,
     budget: ByteBudget,
     stats: UnpackStats,
 ) -> None:
-    applier = _LayerApplier(_Tree(dest), name, budget, stats)
+    applier = _LayerApplier(tree, name, budget, stats)
+    where = name
     try:
         try:
             tar = tarfile.open(  # noqa: SIM115 - closed by the `with` below
@@ -647,36 +829,37 @@ def _apply_stream(
         with tar:
             while (member := tar.next()) is not None:
                 getattr(tar, "members").clear()  # noqa: B009 - stream mode keeps every header otherwise
-                try:
-                    applier.apply(member, tar)
-                except OSError as e:
-                    raise ImageError(
-                        f"{applier.where(member.name)}: cannot write {e.filename or dest}: {e.strerror}; "
-                        "check free space and permissions of the work directory"
-                    ) from e
+                where = applier.where(member.name)
+                applier.apply(member, tar)
+        where = f"{name} (its directories' metadata)"
+        applier.finish()
     except tarfile.TarError as e:
         raise ImageError(
-            f"{name} (media type {media_type}, {fmt}) is not a readable tar archive: {e}; "
+            f"{name} (media type {_q(media_type)}, {fmt}) is not a readable tar archive: {_safe(str(e))}; "
             "the layer is corrupt, pull or build the image again"
         ) from None
-    applier.finish()
+    except OSError as e:
+        raise ImageError(
+            f"{where}: cannot create it in {_q(tree.root)}: {_safe(e.strerror or str(e))}; "
+            "check free space and permissions of the work directory"
+        ) from e
 
 
 def unpack_layers(
     layers: Sequence[LayerRef], dest: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> UnpackStats:
     """Apply ``layers`` (lowest first) into the existing directory ``dest``; nothing outside it changes."""
-    if not dest.is_dir():
-        raise ImageError(f"unpack destination {dest} is not a directory")
     stats = UnpackStats()
     budget = ByteBudget(max_bytes)
+    with _Tree(dest):
+        pass  # dest must be a directory, not a symlink: say so before opening any layer
     for i, layer in enumerate(layers, 1):
         name = f"layer {i}/{len(layers)} {layer.digest[:19]}…"
         try:
             f = layer.path.open("rb")
         except OSError as e:
             raise ImageError(
-                f"{name}: cannot open {layer.path}: {e.strerror}; check the image layout"
+                f"{name}: cannot open {_q(str(layer.path))}: {_safe(e.strerror)}; check the image layout"
             ) from None
         with f:
             unpack_layer_stream(f, layer.media_type, dest, name=name, budget=budget, stats=stats)
@@ -688,8 +871,14 @@ def ensure_directory(dest: Path, path: str) -> None:
 
     Resolved with the same chroot semantics as unpacking, so a planted symlink cannot lead outside.
     """
-    tree = _Tree(dest)
-    tree.resolve_dir([p for p in path.split("/") if p], create=True, where=f"working directory {_q(path)}")
+    where = f"working directory {_q(path)}"
+    with _Tree(dest) as tree:
+        try:
+            tree.resolve_dir([p for p in path.split("/") if p], create=True, where=where)
+        except OSError as e:
+            raise ImageError(
+                f"{where}: cannot create it in the image: {_safe(e.strerror or str(e))}"
+            ) from None
 
 
 def resolve_in_tree(dest: Path, path: str, *, max_symlinks: int = MAX_SYMLINKS) -> Path | None:
@@ -697,42 +886,26 @@ def resolve_in_tree(dest: Path, path: str, *, max_symlinks: int = MAX_SYMLINKS) 
 
     None when it does not exist; UnsafeImageError past ``max_symlinks`` links. Never outside ``dest``.
     """
-    tree = _Tree(dest, max_symlinks)
-    parts = [p for p in path.split("/") if p]
-    for _ in range(max_symlinks + 1):
-        if not parts:
-            return Path(tree.root)
-        try:
-            parent = tree.resolve_dir(parts[:-1], create=False, where=_q(path))
-        except _Missing:
+    with _Tree(dest, max_symlinks) as tree:
+        found = tree.lookup([p for p in path.split("/") if p], where=_q(path))
+        if found is None:
             return None
-        if parts[-1] == "..":
-            parts = [*(parent.split("/")[:-1] if parent else [])]
-            continue
-        full = tree.host(_join(parent, parts[-1]))
-        try:
-            st = os.lstat(full)
-        except OSError:
-            return None
-        if not stat.S_ISLNK(st.st_mode):
-            return Path(full)
-        target = os.readlink(full)
-        base = [] if target.startswith("/") else parent.split("/") if parent else []
-        parts = [*base, *(p for p in target.split("/") if p)]
-    raise UnsafeImageError(f"more than {max_symlinks} symbolic links while resolving {_q(path)}")
+        parent, _, name = found
+        return Path(tree.host(_join(parent, name) if name else parent))
 
 
 def read_image_file(dest: Path, path: str, limit: int = 1 << 20) -> str | None:
-    """A small regular file of the unpacked image (/etc/passwd), resolved inside ``dest``; None if absent."""
+    """A small regular file of the unpacked image (/etc/passwd), resolved inside ``dest``; None if absent
+    or not a regular file (a FIFO there is never opened for blocking). At most ``limit`` bytes are read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
     try:
-        full = resolve_in_tree(dest, path)
-    except ImageError:
-        return None
-    if full is None:
-        return None
-    try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+        with _Tree(dest) as tree:
+            found = tree.lookup([p for p in path.split("/") if p], where=_q(path))
+            if found is None or not found[2]:
+                return None
+            fd = os.open(found[2], flags, dir_fd=found[1])
+    except (ImageError, OSError):
         return None
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):

@@ -1,0 +1,279 @@
+"""Hostile layers against the unpacker: nothing outside the tree may change, whatever the entry order.
+
+Each test unpacks into ``world/dest`` next to ``world/outside``, a directory the test made that hostile
+symlinks point at (absolutely, or relatively so that the host would resolve them there). The fixture
+checks afterwards that nothing under ``world`` but ``dest`` changed: no mode, owner, mtime, contents or
+xattr, no new or removed entry.
+"""
+
+import os
+import stat
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bencher_runner.oci.layout import open_layout
+from bencher_runner.oci.unpack import UnpackStats, unpack_layers
+from bencher_runner.spec.errors import ImageError
+from tests.support.oci_builder import Entry, LayerSpec, build_layout, directory, file, hardlink, symlink
+
+HOSTILE_META: dict[str, Any] = {"mode": 0o777, "uid": 4242, "gid": 4242, "mtime": 86400}
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        try:
+            out[name] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError:
+            continue
+    return out
+
+
+def snapshot(root: Path, exclude: Path) -> dict[str, tuple[Any, ...]]:
+    """Everything observable about ``root`` and below (``exclude`` left out), xattrs included."""
+    out: dict[str, tuple[Any, ...]] = {}
+    paths = [root]
+    while paths:
+        p = paths.pop()
+        st = p.lstat()
+        extra: Any = None
+        if stat.S_ISLNK(st.st_mode):
+            extra = os.readlink(p)
+        elif stat.S_ISREG(st.st_mode):
+            extra = p.read_bytes()
+        elif stat.S_ISDIR(st.st_mode):
+            children = sorted(c for c in os.listdir(p) if p / c != exclude)
+            extra = children
+            paths.extend(p / c for c in children)
+        out[str(p.relative_to(root))] = (
+            st.st_mode,
+            st.st_uid,
+            st.st_gid,
+            st.st_nlink,
+            st.st_size,
+            st.st_mtime_ns,
+            extra,
+            _xattrs(p),
+        )
+    return out
+
+
+@dataclass
+class World:
+    tmp: Path
+    dest: Path
+    outside: Path  # world/outside: what hostile symlinks aim at
+
+    def unpack(self, layers: Sequence[LayerSpec]) -> UnpackStats:
+        layout = self.tmp / "layouts" / str(len(list((self.tmp / "layouts").iterdir())))
+        build_layout(layout, layers, {}, tag=None)
+        return unpack_layers(open_layout(str(layout)).layers, self.dest)
+
+    def targets(self) -> dict[str, str]:
+        """Symlink targets that, followed by the host from dest/<name>, reach ``outside``."""
+        return {
+            "absolute": str(self.outside),
+            "relative": "../outside",
+            "climbing": "../" * 12 + str(self.outside).lstrip("/"),
+        }
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    top = tmp_path / "world"
+    dest, outside = top / "dest", top / "outside"
+    dest.mkdir(parents=True)
+    (outside / "victim" / "deep").mkdir(parents=True)
+    (outside / "victim-file").write_text("precious")
+    (outside / "victim" / "deep" / "keep").write_text("also precious")
+    os.mkfifo(outside / "pipe")
+    (tmp_path / "layouts").mkdir()
+    before = snapshot(top, dest)
+    above = sorted(os.listdir(tmp_path))
+    yield World(tmp_path, dest, outside)
+    assert snapshot(top, dest) == before, "something outside the tree changed"
+    assert sorted(os.listdir(tmp_path)) == above
+
+
+KINDS = ["absolute", "relative", "climbing"]
+
+
+# --- finding 1: directory metadata applied after a symlink replaced a parent ------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dir_metadata_never_applied_through_a_later_symlink_in_the_same_layer(
+    world: World, kind: str
+) -> None:
+    target = world.targets()[kind]
+    world.unpack([[directory("a"), directory("a/victim", **HOSTILE_META), symlink("a", target)]])
+    assert os.readlink(world.dest / "a") == target
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_deep_dir_metadata_never_applied_through_a_replaced_middle_component(world: World, kind: str) -> None:
+    target = "../" + world.targets()[kind] if kind == "relative" else world.targets()[kind]
+    world.unpack(
+        [
+            [
+                directory("x/a/victim/deep", **HOSTILE_META),
+                directory("x/a/victim", **HOSTILE_META),
+                symlink("x/a", target),
+            ]
+        ]
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dir_xattrs_never_applied_through_a_later_symlink(world: World, kind: str) -> None:
+    world.unpack(
+        [
+            [
+                directory("a"),
+                Entry("a/victim", "dir", mode=0o755, xattrs={"user.pwned": b"1", "trusted.pwned": b"1"}),
+                symlink("a", world.targets()[kind]),
+            ]
+        ]
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_symlink_planted_in_a_later_layer(world: World, kind: str) -> None:
+    """Layer 1's fix-ups ran before layer 2 planted the link; layer 2's entries resolve inside dest."""
+    target = world.targets()[kind]
+    world.unpack(
+        [
+            [directory("a"), directory("a/victim", **HOSTILE_META)],
+            [
+                symlink("a", target),
+                directory("a/victim", **HOSTILE_META),
+                file("a/victim-file", "overwritten", **HOSTILE_META),
+                file("a/new", "new"),
+            ],
+        ]
+    )
+    landed = world.dest / "outside" if kind == "relative" else world.dest / str(world.outside).lstrip("/")
+    assert (landed / "new").read_text() == "new"
+    assert stat.S_IMODE((landed / "victim").lstat().st_mode) == 0o777
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_files_fifos_and_symlinks_through_a_planted_symlink_land_inside(world: World, kind: str) -> None:
+    world.unpack(
+        [
+            [
+                directory("a"),
+                symlink("a", world.targets()[kind]),
+                file("a/victim-file", "overwritten", **HOSTILE_META),
+                file("a/new", "new", **HOSTILE_META),
+                Entry("a/pipe", "fifo", **HOSTILE_META),
+                symlink("a/victim", "/elsewhere", uid=4242, gid=4242, mtime=86400),
+                directory("a/victim/deep", **HOSTILE_META),
+            ]
+        ]
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_hard_links_through_a_planted_symlink(world: World, kind: str) -> None:
+    """A hard link's target is resolved inside dest: it cannot name, or be made beside, host files."""
+    target = world.targets()[kind]
+    with pytest.raises(ImageError, match="does not exist in the image"):
+        world.unpack([[directory("a"), symlink("a", target), hardlink("stolen", "a/victim-file")]])
+    world.unpack(
+        [[file("real", "image data"), directory("a"), symlink("a", target), hardlink("a/h", "real")]]
+    )
+    landed = world.dest / "outside" if kind == "relative" else world.dest / str(world.outside).lstrip("/")
+    assert (landed / "h").read_text() == "image data"
+    # the link made while `a` was a real directory goes with it when `a` is replaced
+    world.unpack(
+        [[file("real2", "r"), directory("b"), hardlink("b/victim-file", "real2"), symlink("b", target)]]
+    )
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_whiteouts_through_a_planted_symlink(world: World, kind: str) -> None:
+    target = world.targets()[kind]
+    world.unpack([[directory("a"), symlink("a", target), file("a/.wh.victim"), file("a/.wh.victim-file")]])
+    world.unpack([[symlink("b", target)], [file("b/.wh..wh..opq"), file("b/.wh.pipe")]])
+
+
+def test_root_of_the_tree_is_never_followed(world: World, tmp_path: Path) -> None:
+    """dest itself a symlink (a swapped staging dir): refused, nothing written where it points."""
+    link = tmp_path / "swapped"
+    link.symlink_to(world.outside)
+    layout = tmp_path / "layouts" / "swap"
+    build_layout(layout, [[file("victim-file", "pwned"), directory("victim", **HOSTILE_META)]], {}, tag=None)
+    with pytest.raises(ImageError, match="not a directory"):
+        unpack_layers(open_layout(str(layout)).layers, link)
+    link.unlink()
+
+
+# --- the fd walk itself: cache eviction, removal, repeated entries ------------------------------------
+
+
+def test_entries_spread_over_more_directories_than_the_fd_cache_holds(world: World) -> None:
+    dirs = [f"d{i}/sub" for i in range(150)]
+    entries = [directory(d) for d in dirs]
+    entries += [file(f"{d}/f{round_}", f"{d}-{round_}") for round_ in range(3) for d in dirs]  # interleaved
+    stats = world.unpack([entries])
+    assert stats.files == 450
+    for d in dirs:
+        assert sorted(os.listdir(world.dest / d)) == ["f0", "f1", "f2"]
+        assert (world.dest / d / "f2").read_text() == f"{d}-2"
+
+
+def test_a_replaced_directory_takes_its_cached_fds_with_it(world: World) -> None:
+    world.unpack(
+        [
+            [
+                file("d/sub/first", "1"),
+                file("d", "now a file"),
+                directory("d"),
+                file("d/sub/second", "2"),
+                symlink("e", "d"),
+                file("e/sub/third", "3"),
+            ]
+        ]
+    )
+    assert sorted(os.listdir(world.dest / "d" / "sub")) == ["second", "third"]
+
+
+def test_a_hard_link_whose_parents_are_created_past_the_fd_cache(world: World) -> None:
+    deep = "/".join(f"n{i}" for i in range(100))
+    world.unpack([[file("src", "shared"), hardlink(f"{deep}/link", "src")]])
+    assert (world.dest / deep / "link").stat().st_ino == (world.dest / "src").stat().st_ino
+
+
+def test_the_last_metadata_of_a_directory_listed_twice_wins(world: World) -> None:
+    world.unpack([[directory("d", mode=0o700, uid=1), file("d/f"), directory("d", mode=0o750, uid=2)]])
+    st = (world.dest / "d").lstat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o750, 2)
+
+
+def test_too_deep_or_too_long_paths_are_refused_in_one_line(world: World) -> None:
+    with pytest.raises(ImageError, match="levels deep") as err:
+        world.unpack([[file("/".join(["d"] * 600) + "/f")]])
+    assert "\n" not in str(err.value)
+    with pytest.raises(ImageError, match="too long") as err:
+        world.unpack([[file("/".join(["x" * 200] * 30))]])
+    assert "\n" not in str(err.value)
+
+
+def test_the_deepest_allowed_tree_is_built_removed_and_measured(world: World) -> None:
+    from bencher_runner.oci.unpack import MAX_DEPTH
+    from bencher_runner.rootfs import tree_usage_bytes
+
+    deep = "/".join(["d"] * (MAX_DEPTH - 1))
+    world.unpack([[file(f"{deep}/f", "x")]])
+    assert tree_usage_bytes(world.dest) > 0  # the next step (mkfs) can walk it
+    world.unpack([[file(".wh.d")]])
+    assert os.listdir(world.dest) == []
