@@ -6,8 +6,11 @@ checks afterwards that nothing under ``world`` but ``dest`` changed: no mode, ow
 xattr, no new or removed entry.
 """
 
+import io
+import math
 import os
 import stat
+import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +19,18 @@ from typing import Any
 import pytest
 
 from bencher_runner.oci.layout import open_layout
-from bencher_runner.oci.unpack import UnpackStats, unpack_layers
+from bencher_runner.oci.unpack import ByteBudget, UnpackStats, unpack_layer_stream, unpack_layers
 from bencher_runner.spec.errors import ImageError
-from tests.support.oci_builder import Entry, LayerSpec, build_layout, directory, file, hardlink, symlink
+from tests.support.oci_builder import (
+    Entry,
+    LayerSpec,
+    RawLayer,
+    build_layout,
+    directory,
+    file,
+    hardlink,
+    symlink,
+)
 
 HOSTILE_META: dict[str, Any] = {"mode": 0o777, "uid": 4242, "gid": 4242, "mtime": 86400}
 
@@ -72,10 +84,10 @@ class World:
     dest: Path
     outside: Path  # world/outside: what hostile symlinks aim at
 
-    def unpack(self, layers: Sequence[LayerSpec]) -> UnpackStats:
+    def unpack(self, layers: Sequence[LayerSpec], **kw: Any) -> UnpackStats:
         layout = self.tmp / "layouts" / str(len(list((self.tmp / "layouts").iterdir())))
         build_layout(layout, layers, {}, tag=None)
-        return unpack_layers(open_layout(str(layout)).layers, self.dest)
+        return unpack_layers(open_layout(str(layout)).layers, self.dest, **kw)
 
     def targets(self) -> dict[str, str]:
         """Symlink targets that, followed by the host from dest/<name>, reach ``outside``."""
@@ -277,3 +289,135 @@ def test_the_deepest_allowed_tree_is_built_removed_and_measured(world: World) ->
     assert tree_usage_bytes(world.dest) > 0  # the next step (mkfs) can walk it
     world.unpack([[file(".wh.d")]])
     assert os.listdir(world.dest) == []
+
+
+# --- findings 7 and 11: every error is one UTF-8 line; out-of-range numbers are errors, not crashes --
+
+BAD = "bad\udcffname\n\u2028x"  # an undecodable byte (as tarfile hands it over), a newline, U+2028
+
+
+def raw_tar(*infos: tarfile.TarInfo) -> bytes:
+    """A PAX tar of header-only entries, numbers written as given (PAX records for what does not fit)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for info in infos:
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def tar_info(name: str, kind: bytes = tarfile.REGTYPE, **fields: Any) -> tarfile.TarInfo:
+    """A header; a float field that is not finite goes into a PAX record (tarfile cannot write it)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    pax: dict[str, str] = {}
+    for key, value in fields.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            pax[key] = str(value)
+        else:
+            setattr(info, key, value)
+    info.pax_headers = pax
+    return info
+
+
+def assert_one_utf8_line(err: BaseException) -> str:
+    text = str(err)
+    text.encode("utf-8")  # what json.dumps(..., ensure_ascii=False) and the wire need
+    assert len(text.splitlines()) == 1 and "\n" not in text, text
+    return text
+
+
+BAD_NAME_LAYERS: dict[str, list[LayerSpec]] = {
+    "absolute": [[file("/" + BAD)]],
+    "escaping": [[file("../" + BAD)]],
+    "missing link target": [[hardlink("h", BAD)]],
+    "link to a directory": [[directory(BAD), hardlink("h", BAD)]],
+    "symlink loop": [[symlink(BAD, BAD), file(BAD + "/x")]],
+    "not a directory": [[file(BAD), file(BAD + "/x")]],
+    "name too long for the filesystem": [[file(BAD + "x" * 300)]],
+    "too deep": [[file("/".join([BAD] * 600))]],
+    "path too long": [[file("/".join([BAD + "y" * 200] * 25))]],
+    "invalid whiteout": [[directory(BAD), file(BAD + "/.wh.")]],
+    "unsupported type": [RawLayer(raw_tar(tar_info(BAD, b"Z")))],
+    "uid out of range": [[file(BAD, uid=2**40)]],
+    "non-directory root": [[symlink(BAD + "/..", "/")]],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_NAME_LAYERS))
+def test_error_texts_quote_undecodable_names_on_one_utf8_line(world: World, case: str) -> None:
+    with pytest.raises(ImageError) as err:
+        world.unpack(BAD_NAME_LAYERS[case])
+    text = assert_one_utf8_line(err.value)
+    assert "\\xff" in text, text
+
+
+def test_the_byte_budget_error_quotes_the_name_on_one_line(world: World) -> None:
+    with pytest.raises(ImageError, match="more than") as err:
+        world.unpack([[Entry(BAD, zeros=2 * 2**20)]], max_bytes=2**20)
+    assert "\\xff" in assert_one_utf8_line(err.value)
+
+
+@pytest.mark.parametrize("data", [b"this is not a tar archive" * 50, b"BZh91AY&SY" + bytes(100)])
+def test_a_hostile_media_type_is_quoted_on_one_line(world: World, data: bytes) -> None:
+    budget = ByteBudget(2**20)
+    with pytest.raises(ImageError) as err:
+        unpack_layer_stream(io.BytesIO(data), "x/" + BAD, world.dest, name="layer 1/1", budget=budget)
+    assert "\\xff" in assert_one_utf8_line(err.value)
+
+
+def test_skipped_device_names_are_printable(world: World) -> None:
+    stats = world.unpack([[Entry(BAD, "chardev", devmajor=1, devminor=3)]])
+    assert len(stats.skipped_devices) == 1
+    assert_one_utf8_line(Exception(stats.skipped_devices[0]))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("uid", 2**40), ("gid", 2**40), ("uid", 2**32), ("uid", 2**32 - 1), ("uid", -5), ("gid", -1)],
+)
+@pytest.mark.parametrize("kind", [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.FIFOTYPE])
+def test_ids_out_of_range_are_one_line_image_errors(
+    world: World, field: str, value: int, kind: bytes
+) -> None:
+    """chown takes 0..2**32-2 (2**32-1 means "leave unchanged"): refused, as GNU tar reports them."""
+    info = tar_info("entry", kind, linkname="target" if kind == tarfile.SYMTYPE else "", **{field: value})
+    with pytest.raises(ImageError, match=rf"{field} {value} is out of range") as err:
+        world.unpack([RawLayer(raw_tar(info))])
+    assert_one_utf8_line(err.value)
+    assert not os.path.lexists(world.dest / "entry")
+
+
+@pytest.mark.parametrize("size", [-1, -(2**62)])
+def test_a_negative_size_is_refused_not_refunded(world: World, size: int) -> None:
+    with pytest.raises(ImageError, match="size") as err:
+        world.unpack([RawLayer(raw_tar(tar_info("f", size=size)))], max_bytes=2**20)
+    assert_one_utf8_line(err.value)
+
+
+def test_a_huge_size_is_a_budget_error(world: World) -> None:
+    with pytest.raises(ImageError, match="more than") as err:
+        world.unpack([RawLayer(raw_tar(tar_info("f", size=2**70)))])
+    assert_one_utf8_line(err.value)
+
+
+EXT4_MIN_TIME, EXT4_MAX_TIME = -(2**31), 2**34 - 2**31 - 1
+
+
+@pytest.mark.parametrize(
+    ("mtime", "stored"),
+    [
+        (2**40, EXT4_MAX_TIME),
+        (1e300, EXT4_MAX_TIME),
+        (float("inf"), EXT4_MAX_TIME),
+        (-(2**40), EXT4_MIN_TIME),
+        (float("-inf"), EXT4_MIN_TIME),
+        (float("nan"), 0),
+        (-86400, -86400),  # before 1970 is fine
+    ],
+)
+@pytest.mark.parametrize("kind", [tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.FIFOTYPE])
+def test_mtimes_are_clamped_to_what_ext4_stores(world: World, mtime: float, stored: int, kind: bytes) -> None:
+    """As the kernel does when it writes a timestamp to an ext4 inode (1901-12-13 to 2446-05-10)."""
+    info = tar_info("entry", kind, linkname="target" if kind == tarfile.SYMTYPE else "", mtime=mtime)
+    world.unpack([RawLayer(raw_tar(info))])
+    assert (world.dest / "entry").lstat().st_mtime == stored

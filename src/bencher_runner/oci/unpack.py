@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
+import math
 import os
 import queue
 import stat
@@ -42,6 +42,8 @@ READAHEAD_CHUNKS = 4  # decompressed chunks a layer's reader thread may hold rea
 FD_CACHE = 64  # directory fds a layer keeps open, most recently used first
 MAX_DEPTH = 512  # directory levels: far beyond real images, within what mkfs -d and os.walk recurse into
 PATH_MAX = 4096  # Linux's, for the host path of every entry (the tools after us use paths)
+MAX_ID = 2**32 - 2  # chown's largest uid/gid: 2**32 - 1 means "leave unchanged"
+EXT4_MIN_TIME, EXT4_MAX_TIME = -(2**31), 2**34 - 2**31 - 1  # what an ext4 inode stores (256-byte inodes)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 WHITEOUT_PREFIX = ".wh."
@@ -92,12 +94,41 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
-def _q(name: str) -> str:
-    return json.dumps(name, ensure_ascii=False)
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 def _safe(text: str | None) -> str:
-    return text or ""
+    """``text`` (a tar name, a media type, an OS message) made printable, one line and UTF-8-encodable.
+
+    tarfile hands undecodable bytes over as lone surrogates (surrogateescape); those become ``\\xNN``,
+    as the bytes were. Control and line-breaking characters (and backslashes, quotes) are escaped, so
+    an error text is always one line and always survives ``json.dumps(..., ensure_ascii=False)``.
+    """
+    if text is None:
+        return ""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # the usual case, checked in C
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
+def _q(name: str) -> str:
+    """``name`` quoted for an error text (see :func:`_safe`)."""
+    return f'"{_safe(name)}"'
 
 
 # --- reading the stream ------------------------------------------------------------------------------
@@ -210,7 +241,7 @@ class _GuardedReader:
             data = self._src.read(size)
         except _DECODE_ERRORS as e:
             raise ImageError(
-                f"{self._name}: cannot decompress ({self._fmt}): {e}; the layer is corrupt, "
+                f"{self._name}: cannot decompress ({self._fmt}): {_safe(str(e))}; the layer is corrupt, "
                 "pull or build the image again"
             ) from None
         self.total += len(data)
@@ -249,8 +280,8 @@ def _sniff(fileobj: _Readable, media_type: str, name: str) -> tuple[_Readable, s
     for magic, fmt in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raise ImageError(
-                f"{name} (media type {media_type}) is compressed with {fmt}, which OCI layers do not use; "
-                "rebuild the image with gzip, zstd or uncompressed layers"
+                f"{name} (media type {_q(media_type)}) is compressed with {fmt}, which OCI layers do not "
+                "use; rebuild the image with gzip, zstd or uncompressed layers"
             )
     return raw, "uncompressed"
 
@@ -550,8 +581,17 @@ def _set_link_xattrs(parent_fd: int, name: str, xattrs: dict[str, bytes]) -> Non
             os.setxattr(path, key, value, follow_symlinks=False)
 
 
+def _clamp_time(mtime: float) -> float:
+    """A tar mtime as ext4 (the guest's disk) stores it: the kernel clamps timestamps written to an
+    ext4 inode to 1901-12-13 .. 2446-05-10, and so do we, whatever the staging filesystem; NaN is 0."""
+    if math.isnan(mtime):
+        return 0
+    return min(max(mtime, EXT4_MIN_TIME), EXT4_MAX_TIME)
+
+
 def _set_mtime(fd: int, mtime: float, name: str | None = None) -> None:
     """The mtime (and atime) of ``fd``, or of ``name`` in ``fd`` itself (a symlink: not followed)."""
+    mtime = _clamp_time(mtime)
     try:
         if name is None:
             os.utime(fd, (mtime, mtime))
@@ -562,6 +602,16 @@ def _set_mtime(fd: int, mtime: float, name: str | None = None) -> None:
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
+
+
+def _check_numbers(member: tarfile.TarInfo, where: str) -> None:
+    """Refuse owners chown cannot set and negative sizes (PAX records carry any integer); GNU tar, too,
+    reports an owner out of uid_t's range as an error. Mtimes are clamped instead (:func:`_clamp_time`)."""
+    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value <= MAX_ID:
+            raise ImageError(f"{where}: {what} {value} is out of range (0 to {MAX_ID}); {_MALFORMED}")
+    if member.size < 0:
+        raise ImageError(f"{where}: negative size {member.size}; {_MALFORMED}")
 
 
 class _LayerApplier:
@@ -598,15 +648,16 @@ class _LayerApplier:
         if any(p.startswith(_META_PREFIX) for p in parts):
             return  # AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): not part of the filesystem
         if member.ischr() or member.isblk():
-            self.stats.skipped_devices.append("/" + "/".join(parts))
+            self.stats.skipped_devices.append("/" + _safe("/".join(parts)))
             self.skipped.add(parts)
             return
         if member.islnk() and _clean_name(member.linkname, where, "hard link target") in self.skipped:
-            self.stats.skipped_devices.append("/" + "/".join(parts))  # a hard link to a skipped device
+            self.stats.skipped_devices.append("/" + _safe("/".join(parts)))  # a link to a skipped device
             self.skipped.add(parts)
             return
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
             raise ImageError(f"{where}: unsupported tar entry type {member.type!r}; {_MALFORMED}")
+        _check_numbers(member, where)
 
         link_src: tuple[str, int, str] | None = None
         try:
