@@ -6,12 +6,14 @@ checks afterwards that nothing under ``world`` but ``dest`` changed: no mode, ow
 xattr, no new or removed entry.
 """
 
+import contextlib
 import io
 import math
 import os
 import stat
 import tarfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,14 @@ from typing import Any
 import pytest
 
 from bencher_runner.oci.layout import open_layout
-from bencher_runner.oci.unpack import ByteBudget, UnpackStats, unpack_layer_stream, unpack_layers
+from bencher_runner.oci.unpack import (
+    ByteBudget,
+    UnpackStats,
+    ensure_directory,
+    read_image_file,
+    unpack_layer_stream,
+    unpack_layers,
+)
 from bencher_runner.spec.errors import ImageError
 from tests.support.oci_builder import (
     Entry,
@@ -421,3 +430,69 @@ def test_mtimes_are_clamped_to_what_ext4_stores(world: World, mtime: float, stor
     info = tar_info("entry", kind, linkname="target" if kind == tarfile.SYMTYPE else "", mtime=mtime)
     world.unpack([RawLayer(raw_tar(info))])
     assert (world.dest / "entry").lstat().st_mtime == stored
+
+
+# --- finding 5 (part): image files that are FIFOs never block -------------------------------------
+
+
+def _without_hanging(fn: Callable[[], Any], fifos: Sequence[Path]) -> Any:
+    """Run ``fn`` in a thread; fail (after unblocking it through ``fifos``) if it is still blocked."""
+    result: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(fn())
+        except BaseException as e:
+            errors.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(5)
+    hung = thread.is_alive()
+    if hung:
+        for fifo in fifos:  # a writer lets a blocked open return, so the thread ends
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+    assert not hung, "blocked opening a FIFO"
+    if errors:
+        raise errors[0]
+    return result[0]
+
+
+@pytest.mark.parametrize("path", ["/etc/passwd", "etc/group", "/etc/../etc/passwd"])
+def test_a_fifo_at_an_image_file_reads_as_absent(tmp_path: Path, path: str) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.mkfifo(root / "etc" / "passwd")
+    os.mkfifo(root / "etc" / "group")
+    fifos = [root / "etc" / "passwd", root / "etc" / "group"]
+    assert _without_hanging(lambda: read_image_file(root, path), fifos) is None
+
+
+def test_a_symlink_to_a_fifo_reads_as_absent(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    os.mkfifo(root / "pipe")
+    (root / "etc" / "passwd").symlink_to("/pipe")
+    assert _without_hanging(lambda: read_image_file(root, "/etc/passwd"), [root / "pipe"]) is None
+
+
+def test_an_image_file_is_read_up_to_its_limit(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "passwd").write_bytes(b"root:x:0:0::/:/bin/sh\n" * 100_000)
+    text = read_image_file(root, "/etc/passwd", limit=1000)
+    assert text is not None and len(text) == 1000
+
+
+@pytest.mark.parametrize("working_dir", ["/pipe", "/pipe/sub", "/link/sub"])
+def test_a_fifo_as_working_dir_fails_in_one_line_without_blocking(tmp_path: Path, working_dir: str) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    os.mkfifo(root / "pipe")
+    (root / "link").symlink_to("pipe")
+    with pytest.raises(ImageError, match="not a directory") as err:
+        _without_hanging(lambda: ensure_directory(root, working_dir), [root / "pipe"])
+    assert_one_utf8_line(err.value)
