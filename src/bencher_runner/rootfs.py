@@ -222,6 +222,7 @@ _EXT4_TYPES = ((3, 1024, 8192), (512, 1024, 4096), (4 << 20, 4096, 16384), (16 <
 _EXT4_HUGE = (4096, 65536)
 _EXT4_INODE_SIZE = 256
 _EXT4_DESC_SIZE = 64  # the 64bit feature is on in mke2fs.conf's ext4 features
+EXT4_RESERVED_INODES = 11  # 1-10 are reserved (the root is 2), 11 is lost+found; the rest: the tree's
 
 
 def ext4_inode_count(disk_mib: int) -> int:

@@ -3,9 +3,13 @@
 The tree lives only from unpack to mkfs, and most of a cold job's preparation is creating its inodes:
 on a disk filesystem each create costs the kernel about 30x what it costs on tmpfs (measured here:
 180 us vs 5.5 us per file), so staging in `/dev/shm` roughly halves a cold job's preparation. It is
-used only when `/dev/shm` is a tmpfs with room for a generous estimate of the tree and the estimate
-is a small share of the host's available memory; otherwise, or when the estimate was wrong, the tree
-goes to the job's work directory on disk as before. Nothing of it reaches the guest but the ext4 image.
+used only when `/dev/shm` is a tmpfs with room for a generous estimate of the tree (from the
+compressed size) and the estimate is a small share of the host's available memory. That estimate only
+decides where to start: a decompression bomb looks small compressed. The tree then gets an allowance
+(:func:`memory_allowance`), which the unpacker checks against the uncompressed sizes as they are
+reached; once the tree passes it (or the tmpfs is full), the job drops the tmpfs tree and unpacks
+into its work directory on disk, where the disk budget alone applies. Nothing of it reaches the guest
+but the ext4 image.
 """
 
 import contextlib
@@ -19,6 +23,7 @@ TMPFS_MAGIC = 0x01021994
 EXPANSION = 5  # unpacked bytes per compressed byte we plan for (gzip on typical images: 2-3)
 HEADROOM = 64 << 20
 MEMORY_SHARE = 0.25  # at most this share of MemAvailable
+INODE_HEADROOM = 1024
 
 
 def _mem_available() -> int:
@@ -62,6 +67,21 @@ def memory_tree(work: Path, compressed_bytes: int, root: Path | None = None) -> 
     except OSError:
         return None
     return tree
+
+
+def memory_allowance(tree: Path) -> tuple[int, int | None]:
+    """What unpacking into ``tree`` (on tmpfs) may take: (bytes, inodes; None when unbounded).
+
+    The tmpfs's free space and free inodes less a headroom, and at most MEMORY_SHARE of the host's
+    available memory: tmpfs pages are RAM. Checked while extracting, against uncompressed sizes.
+    """
+    try:
+        st = os.statvfs(tree)
+    except OSError:
+        return 0, 0
+    free = st.f_bavail * st.f_frsize - HEADROOM
+    inodes = max(0, st.f_favail - INODE_HEADROOM) if st.f_files else None
+    return max(0, min(free, int(_mem_available() * MEMORY_SHARE))), inodes
 
 
 def stale_memory_tree(work: Path, root: Path | None = None) -> Path:

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import io
 import math
+import mmap
 import os
 import queue
 import stat
@@ -23,7 +24,7 @@ import tarfile
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol, cast
@@ -32,13 +33,15 @@ import zstandard
 from isal import igzip, isal_zlib
 
 from bencher_runner.oci.layout import LayerRef
-from bencher_runner.spec.errors import ImageError, UnsafeImageError
+from bencher_runner.spec.errors import ImageError, RunnerError, UnsafeImageError
 
 DEFAULT_MAX_BYTES = 64 * 2**30
 MAX_SYMLINKS = 40  # as Linux's path walk
 MAX_METADATA_BYTES = 1 << 20  # PAX / GNU long-name headers are read into memory by tarfile: bound them
 CHUNK_SIZE = 1 << 20
 READAHEAD_CHUNKS = 4  # decompressed chunks a layer's reader thread may hold ready (memory bound)
+SCAN_MAX = 4 * 2**30  # what is counted past the disk budget, to say how large a disk an image needs
+PAGE_SIZE = mmap.PAGESIZE  # what tmpfs allocates a file's data in
 FD_CACHE = 64  # directory fds a layer keeps open, most recently used first
 MAX_DEPTH = 512  # directory levels: far beyond real images, within what mkfs -d and os.walk recurse into
 PATH_MAX = 4096  # Linux's, for the host path of every entry (the tools after us use paths)
@@ -71,20 +74,187 @@ class UnpackStats:
     whiteouts: int = 0
 
 
+class StagingFull(ImageError):
+    """The tree passed its staging allowance (tmpfs): the caller unpacks it on disk instead."""
+
+
+@dataclass
+class StagingAllowance:
+    """What the tree may take of the tmpfs it is staged on: ``bytes`` of file pages (sizes rounded up
+    to whole pages, as tmpfs allocates them; xattrs too) and ``inodes`` (None: unbounded)."""
+
+    bytes: int
+    inodes: int | None = None
+    used_bytes: int = 0
+    used_inodes: int = 0
+
+    def charge(self, size: int, inodes: int, where: str) -> None:
+        pages = -(-size // PAGE_SIZE) * PAGE_SIZE
+        if self.used_bytes + pages > self.bytes or (
+            self.inodes is not None and self.used_inodes + inodes > self.inodes
+        ):
+            raise StagingFull(
+                f"the tree passed its memory allowance of {_human(self.bytes)}"
+                + (f" or {self.inodes} inodes" if self.inodes is not None else "")
+                + f" at {where}"
+            )
+        self.used_bytes += pages
+        self.used_inodes += inodes
+
+    def release(self, size: int, inodes: int) -> None:
+        self.used_bytes = max(0, self.used_bytes - -(-size // PAGE_SIZE) * PAGE_SIZE)
+        self.used_inodes = max(0, self.used_inodes - inodes)
+
+
 @dataclass
 class ByteBudget:
-    """Regular-file bytes allowed across all layers of one image; ``used`` grows as files are written."""
+    """What the unpacked tree may take, across all layers of one image, charged as entries are written
+    (before their data is read) and refunded when a later entry or whiteout removes them.
+
+    ``limit``: regular-file bytes at their apparent size (a sparse member is written dense, zeros and
+    all) plus xattr bytes. ``inode_limit``: files, directories, symlinks and FIFOs (a hard link shares
+    its target's inode). A job sets both from its disk (``disk_mib``), so a bomb stops at the disk
+    size while it extracts; the rest of the image is then only counted, up to a bound, so that the
+    error can say which disk it needs (``disk_for(bytes, inodes)`` -> MiB, given by the job).
+    ``staging``: the tmpfs allowance, checked against the uncompressed sizes as they are reached;
+    passing it raises :class:`StagingFull`.
+    """
 
     limit: int
     used: int = 0
+    inode_limit: int | None = None
+    inodes: int = 0
+    disk_mib: int | None = None
+    staging: StagingAllowance | None = None
+    disk_for: Callable[[int, int], int] | None = None
 
-    def charge(self, size: int, where: str) -> None:
-        if self.used + size > self.limit:
-            raise ImageError(
-                f"image unpacks to more than {self.limit} bytes (limit {_human(self.limit)}, reached at "
-                f"{where}); the image is too large or a decompression bomb; use a smaller image"
-            )
+    def charge(self, size: int, where: str, *, inodes: int = 0) -> None:
+        """Charge ``size`` bytes and ``inodes`` inodes for the entry at ``where``, or raise ImageError."""
+        over_bytes = self.used + size > self.limit
+        if over_bytes or (self.inode_limit is not None and self.inodes + inodes > self.inode_limit):
+            if self.disk_mib is None:
+                raise ImageError(self._too_big(where) if over_bytes else self._too_many(where))
+            raise _OverBudget(self, "bytes" if over_bytes else "inodes", where)
+        if self.staging is not None:
+            self.staging.charge(size, inodes, where)
         self.used += size
+        self.inodes += inodes
+
+    def release(self, st: os.stat_result) -> None:
+        """An entry was removed: refund its inode, and its bytes when it was a file's last link."""
+        last = stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
+        size = st.st_size if last and stat.S_ISREG(st.st_mode) else 0
+        inodes = 1 if last else 0
+        self.used = max(0, self.used - size)
+        self.inodes = max(0, self.inodes - inodes)
+        if self.staging is not None:
+            self.staging.release(size, inodes)
+
+    def _too_big(self, where: str) -> str:
+        return (
+            f"image unpacks to more than {self.limit} bytes (limit {_human(self.limit)}, reached at "
+            f"{where}); the image is too large or a decompression bomb; use a smaller image"
+        )
+
+    def _too_many(self, where: str) -> str:
+        return (
+            f"image has more than {self.inode_limit} files, directories and links (reached at {where}); "
+            "use an image with fewer files"
+        )
+
+    def over_disk(self, over: _OverBudget) -> str:
+        """The error for an image that does not fit its disk, with what was counted of it."""
+        found = f"found at {over.where}"
+        needed = self.disk_for(over.bytes, over.inodes) if self.disk_for and over.complete else None
+        fix = f"pass --disk {needed} or more" if needed else "pass a larger --disk"
+        fix += " (or give the job a larger disk)"
+        if over.kind == "bytes" and over.complete:
+            need = f" and need a disk of at least {needed} MiB" if needed else ""
+            return (
+                f"the image's files take {-(-over.bytes // 2**20)} MiB{need}, but the disk is "
+                f"{self.disk_mib} MiB ({found}); {fix}"
+            )
+        if over.kind == "bytes":
+            return (
+                f"the image unpacks to more than {_human(over.bytes)}, far more than its {self.disk_mib} "
+                f"MiB disk holds ({found}); if its layers are small, it is a decompression bomb; "
+                f"{fix} or use a smaller image"
+            )
+        count = str(over.inodes) if over.complete else f"more than {over.inodes}"
+        return (
+            f"the image has more files than an ext4 disk of {self.disk_mib} MiB holds: {count} files, "
+            f"directories and links for its {self.inode_limit} inodes ({found}); {fix} or use an image "
+            "with fewer files"
+        )
+
+
+class _OverBudget(ImageError):
+    """The disk budget ran out at ``where``. What follows is counted from the tar headers, not written:
+    up to a bound of decompressed bytes read (as much again as the disk, at most SCAN_MAX) and of
+    entries (twice the inodes), and unpack_layers then says how large the image is.
+    """
+
+    def __init__(self, budget: ByteBudget, kind: str, where: str) -> None:
+        self.kind = kind
+        self.where = where
+        self.bytes = budget.used
+        self.inodes = budget.inodes
+        self.complete = False  # the whole image was counted (the message up to then says "more than")
+        self.scanned = 0  # decompressed bytes read while counting
+        self._cap = budget.limit + min(budget.limit, SCAN_MAX)
+        self._inode_cap = 2 * budget.inode_limit if budget.inode_limit is not None else None
+        super().__init__(budget.over_disk(self))
+        self.complete = True
+
+    def count(self, member: tarfile.TarInfo) -> None:
+        if member.isreg():
+            self.bytes += max(0, member.size)
+        base = member.name.rstrip("/").rpartition("/")[2]
+        if not (member.islnk() or member.ischr() or member.isblk() or base.startswith(WHITEOUT_PREFIX)):
+            self.inodes += 1
+
+    def full(self) -> bool:
+        if self.scanned > self._cap or (self._inode_cap is not None and self.inodes > self._inode_cap):
+            self.complete = False
+            return True
+        return False
+
+    def scan(self, tar: tarfile.TarFile, guarded: _GuardedReader) -> None:
+        """Count the rest of ``tar``, skipping the data, until the stream read passes the bound."""
+        start = guarded.total
+        guarded.stop_at = start + self._cap - self.scanned
+        try:
+            while not self.full():
+                member = tar.next()
+                if member is None:
+                    break
+                getattr(tar, "members").clear()  # noqa: B009 - as in _apply_stream
+                self.count(member)
+                self.scanned += guarded.total - start
+                start = guarded.total
+        except _StopReading:
+            self.complete = False  # a member larger than what is left to read: "more than"
+        except (RunnerError, tarfile.TarError, OSError, EOFError):
+            self.complete = False  # a corrupt rest: what was counted is a lower bound
+        self.scanned += guarded.total - start
+
+    def scan_layer(self, layer: LayerRef) -> None:
+        try:
+            with layer.path.open("rb") as f:
+                stream, fmt = _sniff(f, layer.media_type, "")
+                guarded = _GuardedReader(stream, "", fmt)
+                try:
+                    tar = tarfile.open(  # noqa: SIM115 - closed by the `with` below
+                        fileobj=cast(IO[bytes], guarded), mode="r|", tarinfo=_BoundedTarInfo
+                    )
+                except tarfile.ReadError:
+                    if guarded.total == 0:
+                        return  # an empty layer
+                    raise
+                with tar:
+                    self.scan(tar, guarded)
+        except (RunnerError, tarfile.TarError, OSError, EOFError):
+            self.complete = False
 
 
 def _human(n: int) -> str:
@@ -227,16 +397,24 @@ _DECODE_ERRORS = (
 )  # fmt: skip
 
 
+class _StopReading(Exception):
+    """A :class:`_GuardedReader` reached its ``stop_at``."""
+
+
 class _GuardedReader:
-    """The decompressed tar stream: turns decoding failures into :class:`ImageError`, counts bytes."""
+    """The decompressed tar stream: turns decoding failures into :class:`ImageError`, counts bytes,
+    and stops (:class:`_StopReading`) once ``total`` passes ``stop_at``."""
 
     def __init__(self, src: _Readable, name: str, fmt: str) -> None:
         self._src = src
         self._name = name
         self._fmt = fmt
         self.total = 0
+        self.stop_at: int | None = None
 
     def read(self, size: int = -1) -> bytes:
+        if self.stop_at is not None and self.total > self.stop_at:
+            raise _StopReading
         try:
             data = self._src.read(size)
         except _DECODE_ERRORS as e:
@@ -332,9 +510,12 @@ class _Tree:
     next call that may walk (dup them to keep them longer).
     """
 
-    def __init__(self, root: Path, max_symlinks: int = MAX_SYMLINKS) -> None:
+    def __init__(
+        self, root: Path, max_symlinks: int = MAX_SYMLINKS, budget: ByteBudget | None = None
+    ) -> None:
         self.root = os.fspath(root)
         self.max_symlinks = max_symlinks
+        self.budget = budget  # charged for directories created on the way, refunded for removals
         try:
             self.fd = os.open(self.root, _DIR_FLAGS)
         except OSError as e:
@@ -479,6 +660,8 @@ class _Tree:
 
     def _mkdir(self, parent_fd: int, name: str, rel: str, where: str) -> int:
         self.check_new(rel, where)
+        if self.budget is not None:
+            self.budget.charge(0, where, inodes=1)
         os.mkdir(name, 0o755, dir_fd=parent_fd)
         fd = _open_dir(name, parent_fd)
         os.fchmod(fd, 0o755)  # not subject to the umask
@@ -525,18 +708,25 @@ class _Tree:
             self._rmtree(parent_fd, name)
         else:
             os.unlink(name, dir_fd=parent_fd)
+        self.released(st)
         return True
+
+    def released(self, st: os.stat_result) -> None:
+        if self.budget is not None:
+            self.budget.release(st)
 
     def _rmtree(self, parent_fd: int, name: str) -> None:
         fd = _open_dir(name, parent_fd)
         try:
             with os.scandir(fd) as it:
-                children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
-            for child, is_dir in children:
-                if is_dir:
+                children = [e.name for e in it]
+            for child in children:
+                st = os.stat(child, dir_fd=fd, follow_symlinks=False)  # now: an earlier link went
+                if stat.S_ISDIR(st.st_mode):
                     self._rmtree(fd, child)  # depth bounded by MAX_DEPTH
                 else:
                     os.unlink(child, dir_fd=fd)
+                self.released(st)
         finally:
             os.close(fd)
         os.rmdir(name, dir_fd=parent_fd)
@@ -663,8 +853,6 @@ class _LayerApplier:
         try:
             if member.islnk():
                 link_src = self._link_target(member, where)
-            if member.isreg():
-                self.budget.charge(member.size, where)  # before a single byte is read or written
             self._create(member, tar, parts, where, link_src)
         finally:
             if link_src is not None:
@@ -690,16 +878,20 @@ class _LayerApplier:
         except FileNotFoundError:
             existing = None
 
+        xattrs = _xattrs(member)
+        xattr_bytes = sum(len(k) + len(v) for k, v in xattrs.items())
         if member.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
                 os.unlink(base, dir_fd=pfd)
+                self.tree.released(existing)
                 existing = None
+            self.budget.charge(xattr_bytes, where, inodes=1 if existing is None else 0)
             if existing is None:
                 os.mkdir(base, 0o700, dir_fd=pfd)
             self.stats.dirs += 1
             self.dir_meta.pop(rel, None)
             self.dir_meta[rel] = _DirMeta(
-                stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, _xattrs(member)
+                stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, xattrs
             )
             return
 
@@ -708,13 +900,19 @@ class _LayerApplier:
         if existing is not None:
             self.tree.remove(pfd, base, rel)
 
+        if member.islnk():
+            pass  # a hard link shares its target's inode
+        elif member.isreg():  # before a single byte is read or written
+            self.budget.charge(member.size + xattr_bytes, where, inodes=1)
+        else:
+            self.budget.charge(xattr_bytes, where, inodes=1)
         if member.isreg():
             self._write_file(member, tar, pfd, base, where)
             self.stats.files += 1
         elif member.issym():
             os.symlink(member.linkname, base, dir_fd=pfd)
             os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
-            _set_link_xattrs(pfd, base, _xattrs(member))
+            _set_link_xattrs(pfd, base, xattrs)
             _set_mtime(pfd, member.mtime, base)
             self.stats.symlinks += 1
         elif member.islnk():
@@ -866,6 +1064,7 @@ def _apply_stream(
     budget: ByteBudget,
     stats: UnpackStats,
 ) -> None:
+    tree.budget = budget
     applier = _LayerApplier(tree, name, budget, stats)
     where = name
     try:
@@ -881,7 +1080,12 @@ def _apply_stream(
             while (member := tar.next()) is not None:
                 getattr(tar, "members").clear()  # noqa: B009 - stream mode keeps every header otherwise
                 where = applier.where(member.name)
-                applier.apply(member, tar)
+                try:
+                    applier.apply(member, tar)
+                except _OverBudget as over:
+                    over.count(member)
+                    over.scan(tar, guarded)
+                    raise
         where = f"{name} (its directories' metadata)"
         applier.finish()
     except tarfile.TarError as e:
@@ -897,11 +1101,18 @@ def _apply_stream(
 
 
 def unpack_layers(
-    layers: Sequence[LayerRef], dest: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
+    layers: Sequence[LayerRef],
+    dest: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    budget: ByteBudget | None = None,
 ) -> UnpackStats:
-    """Apply ``layers`` (lowest first) into the existing directory ``dest``; nothing outside it changes."""
+    """Apply ``layers`` (lowest first) into the existing directory ``dest``; nothing outside it changes.
+
+    ``budget`` (a job's: its disk, perhaps a tmpfs allowance) or else ``max_bytes`` bounds the tree.
+    """
     stats = UnpackStats()
-    budget = ByteBudget(max_bytes)
+    budget = budget if budget is not None else ByteBudget(max_bytes)
     with _Tree(dest):
         pass  # dest must be a directory, not a symlink: say so before opening any layer
     for i, layer in enumerate(layers, 1):
@@ -912,8 +1123,15 @@ def unpack_layers(
             raise ImageError(
                 f"{name}: cannot open {_q(str(layer.path))}: {_safe(e.strerror)}; check the image layout"
             ) from None
-        with f:
-            unpack_layer_stream(f, layer.media_type, dest, name=name, budget=budget, stats=stats)
+        try:
+            with f:
+                unpack_layer_stream(f, layer.media_type, dest, name=name, budget=budget, stats=stats)
+        except _OverBudget as over:
+            for later in layers[i:]:
+                if over.full():
+                    break
+                over.scan_layer(later)
+            raise ImageError(budget.over_disk(over)) from None
     return stats
 
 
