@@ -77,7 +77,7 @@ from bencher_runner.spec.errors import (
 from bencher_runner.spec.launch import Launch, resolve_command, resolve_launch
 from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
 from bencher_runner.spec.units import MIB
-from bencher_runner.staging import memory_allowance, memory_tree, out_of_space, stale_memory_tree
+from bencher_runner.staging import memory_allowance, memory_tree, out_of_space, remove_memory_tree
 
 TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
 SERIAL_TAIL_LINES = 25
@@ -292,7 +292,7 @@ class Job:
         try:
             return body(work)
         finally:
-            shutil.rmtree(stale_memory_tree(work), ignore_errors=True)
+            remove_memory_tree(work)
             shutil.rmtree(work, ignore_errors=True)
             os.close(lock)
 
@@ -321,7 +321,7 @@ class Job:
             )
 
         compressed = sum(layer.size for layer in image.layers)
-        staged = memory_tree(work, compressed) if in_memory else None
+        staged = memory_tree(work, compressed, warn=self.reporter.warn) if in_memory else None
         tree = staged or work / "tree"
         tree.mkdir(exist_ok=True)
         self.reporter.phase(f"unpacking layers{' in memory' if staged else ''}")
@@ -334,7 +334,7 @@ class Job:
             self.reporter.warn(
                 f"the image did not fit in {staged.parent} ({err}): unpacking it on disk instead"
             )
-            shutil.rmtree(staged, ignore_errors=True)
+            remove_memory_tree(work)
             tree = work / "tree"
             tree.mkdir()
             stats = unpack_layers(image.layers, tree, budget=budget(None))
