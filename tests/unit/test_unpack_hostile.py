@@ -26,10 +26,11 @@ from bencher_runner.oci.unpack import (
     UnpackStats,
     ensure_directory,
     read_image_file,
+    resolve_in_tree,
     unpack_layer_stream,
     unpack_layers,
 )
-from bencher_runner.spec.errors import ImageError
+from bencher_runner.spec.errors import ImageError, UnsafeImageError
 from tests.support.oci_builder import (
     Entry,
     LayerSpec,
@@ -496,3 +497,43 @@ def test_a_fifo_as_working_dir_fails_in_one_line_without_blocking(tmp_path: Path
     with pytest.raises(ImageError, match="not a directory") as err:
         _without_hanging(lambda: ensure_directory(root, working_dir), [root / "pipe"])
     assert_one_utf8_line(err.value)
+
+
+# --- found by tests/fuzz: NULs, empty symlink targets, a directory where a file is read ------------
+
+
+@pytest.mark.parametrize(
+    "info",
+    [
+        tar_info("a\0b"),
+        tar_info("dir\0/x", tarfile.DIRTYPE),
+        tar_info("link", tarfile.SYMTYPE, linkname="tar\0get"),
+        tar_info("link", tarfile.SYMTYPE, linkname=""),
+        tar_info("hard", tarfile.LNKTYPE, linkname="x\0y"),
+    ],
+    ids=["file name", "dir name", "symlink target", "empty symlink target", "hard link target"],
+)
+def test_nul_bytes_and_empty_symlink_targets_are_refused_in_one_line(
+    world: World, info: tarfile.TarInfo
+) -> None:
+    info.pax_headers = {"path": info.name, **({"linkpath": info.linkname} if info.linkname else {})}
+    with pytest.raises(UnsafeImageError) as err:
+        world.unpack([RawLayer(raw_tar(info))])
+    assert_one_utf8_line(err.value)
+
+
+def test_nul_bytes_in_looked_up_paths(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    assert read_image_file(root, "/etc/pass\0wd") is None
+    assert resolve_in_tree(root, "/etc\0") is None
+    with pytest.raises(ImageError, match="NUL") as err:
+        ensure_directory(root, "/work\0dir")
+    assert_one_utf8_line(err.value)
+
+
+def test_a_directory_where_a_file_is_read_reads_as_absent(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "etc" / "passwd").mkdir(parents=True)
+    assert read_image_file(root, "/etc/passwd") is None
+    assert read_image_file(root, "/") is None

@@ -468,7 +468,9 @@ def _sniff(fileobj: _Readable, media_type: str, name: str) -> tuple[_Readable, s
 
 
 def _clean_name(name: str, where: str, what: str = "entry") -> tuple[str, ...]:
-    """Lexically normalise a tar path; absolute paths and '..' above the root are refused."""
+    """Lexically normalise a tar path; absolute paths, '..' above the root and NULs are refused."""
+    if "\0" in name:
+        raise UnsafeImageError(f"{where} {what} {_q(name)}: a NUL byte in the name; {_HOSTILE}")
     if name.startswith("/"):
         raise UnsafeImageError(f"{where} {what} {_q(name)}: absolute path; {_HOSTILE}")
     parts: list[str] = []
@@ -847,6 +849,8 @@ class _LayerApplier:
             return
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
             raise ImageError(f"{where}: unsupported tar entry type {member.type!r}; {_MALFORMED}")
+        if member.issym() and ("\0" in member.linkname or not member.linkname):
+            raise UnsafeImageError(f"{where}: an empty symlink target or a NUL byte in it; {_HOSTILE}")
         _check_numbers(member, where)
 
         link_src: tuple[str, int, str] | None = None
@@ -1141,6 +1145,8 @@ def ensure_directory(dest: Path, path: str) -> None:
     Resolved with the same chroot semantics as unpacking, so a planted symlink cannot lead outside.
     """
     where = f"working directory {_q(path)}"
+    if "\0" in path:
+        raise ImageError(f"{where}: contains a NUL byte, which no path can; fix the image's WorkingDir")
     with _Tree(dest) as tree:
         try:
             tree.resolve_dir([p for p in path.split("/") if p], create=True, where=where)
@@ -1155,6 +1161,8 @@ def resolve_in_tree(dest: Path, path: str, *, max_symlinks: int = MAX_SYMLINKS) 
 
     None when it does not exist; UnsafeImageError past ``max_symlinks`` links. Never outside ``dest``.
     """
+    if "\0" in path:
+        return None  # no file has such a name
     with _Tree(dest, max_symlinks) as tree:
         found = tree.lookup([p for p in path.split("/") if p], where=_q(path))
         if found is None:
@@ -1168,6 +1176,8 @@ def read_image_file(dest: Path, path: str, limit: int = 1 << 20) -> str | None:
     or not a regular file (a FIFO there is never opened for blocking). At most ``limit`` bytes are read.
     """
     flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    if "\0" in path:
+        return None
     try:
         with _Tree(dest) as tree:
             found = tree.lookup([p for p in path.split("/") if p], where=_q(path))
@@ -1176,7 +1186,8 @@ def read_image_file(dest: Path, path: str, limit: int = 1 << 20) -> str | None:
             fd = os.open(found[2], flags, dir_fd=found[1])
     except (ImageError, OSError):
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory
+        os.close(fd)
+        return None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
         return f.read(limit).decode("utf-8", errors="replace")
