@@ -537,3 +537,12 @@ def test_a_directory_where_a_file_is_read_reads_as_absent(tmp_path: Path) -> Non
     (root / "etc" / "passwd").mkdir(parents=True)
     assert read_image_file(root, "/etc/passwd") is None
     assert read_image_file(root, "/") is None
+
+
+def test_a_name_too_long_to_exist_is_absent(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    root.mkdir()
+    long = "x" * 256
+    assert resolve_in_tree(root, f"/{long}/a") is None
+    assert resolve_in_tree(root, f"/{long}") is None
+    assert read_image_file(root, f"/{long}/passwd") is None

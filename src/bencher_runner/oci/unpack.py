@@ -635,6 +635,8 @@ class _Tree:
                         raise _Missing(rel) from None
                     fd = self._mkdir(cur_fd, comp, rel, where)
                 except OSError as e:
+                    if e.errno == errno.ENAMETOOLONG and not create:
+                        raise _Missing(rel) from None  # no such name can exist
                     if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                         raise
                     if not stat.S_ISLNK(os.stat(comp, dir_fd=cur_fd, follow_symlinks=False).st_mode):
