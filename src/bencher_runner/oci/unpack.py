@@ -6,8 +6,10 @@ without following any symlink (see :class:`_Tree`), so a symlink planted by an e
 in the layer, can never redirect a write, a chown, a chmod, an xattr or a deletion outside ``dest``.
 Symlinks in paths are resolved by hand with chroot semantics (``dest`` is ``/``), the final
 component is never followed, names that climb out of the root are refused, whiteouts follow the OCI
-layer rules, device nodes are skipped (the guest's /dev is a devtmpfs) and a byte budget stops
-decompression bombs. Layers are streamed; nothing is loaded into memory whole.
+layer rules, device nodes are skipped (the guest's /dev is a devtmpfs), and a budget of bytes and
+inodes (a job's: its disk, see :class:`ByteBudget`) stops decompression bombs while they extract.
+Numbers that chown cannot take are refused, mtimes are clamped to ext4's range, and every error is
+one printable UTF-8 line (:func:`_safe`). Layers are streamed; nothing is loaded into memory whole.
 """
 
 from __future__ import annotations
