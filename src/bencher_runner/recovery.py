@@ -14,7 +14,7 @@ from pathlib import Path
 from bencher_runner.host.tuning import restore_leftover_tuning
 from bencher_runner.paths import work_root
 from bencher_runner.sandbox.netns import release_stale_network
-from bencher_runner.staging import stale_memory_tree
+from bencher_runner.staging import remove_memory_tree
 
 LOCK_NAME = ".lock"
 STARTING_GRACE_S = 60
@@ -43,7 +43,7 @@ def remove_stale_work_dirs(cache: Path) -> list[Path]:
             if lock is not None:
                 os.close(lock)
         release_stale_network(work)
-        shutil.rmtree(stale_memory_tree(work), ignore_errors=True)
+        remove_memory_tree(work)
         shutil.rmtree(work, ignore_errors=True)
         removed.append(work)
     return removed
