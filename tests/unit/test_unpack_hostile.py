@@ -292,11 +292,11 @@ def test_too_deep_or_too_long_paths_are_refused_in_one_line(world: World) -> Non
 
 def test_the_deepest_allowed_tree_is_built_removed_and_measured(world: World) -> None:
     from bencher_runner.oci.unpack import MAX_DEPTH
-    from bencher_runner.rootfs import tree_usage_bytes
+    from bencher_runner.rootfs import tree_usage
 
     deep = "/".join(["d"] * (MAX_DEPTH - 1))
     world.unpack([[file(f"{deep}/f", "x")]])
-    assert tree_usage_bytes(world.dest) > 0  # the next step (mkfs) can walk it
+    assert tree_usage(world.dest)[0] > 0  # the next step (mkfs) can walk it
     world.unpack([[file(".wh.d")]])
     assert os.listdir(world.dest) == []
 
