@@ -74,7 +74,8 @@ def build_rootfs(
         with image.open("wb") as f:
             f.truncate(disk_mib * MIB)
         capacity = _inode_capacity(mkfs, image, disk_mib, cancel)
-        if capacity is not None and inodes + RESERVED_INODES > capacity:
+        # `inodes` counts the root directory, which is one of ext4's reserved inodes (inode 2)
+        if capacity is not None and inodes - 1 + RESERVED_INODES > capacity:
             raise _too_many_inodes(mkfs, image, disk_mib, inodes, capacity, needed, cancel)
         proc = _run_cancellable([mkfs, *MKFS_FLAGS, "-d", str(tree), str(image)], cancel)
         if proc.returncode != 0:
