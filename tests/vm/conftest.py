@@ -1,16 +1,19 @@
 """Fixtures for tests that boot real microVMs through the `runner` CLI (TCG here, KVM where it works)."""
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from bencher_runner.paths import cache_dir, work_root
+from bencher_runner.recovery import LOCK_NAME
 from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import Entry, build_layout, layer_from_dir
 
@@ -58,11 +61,30 @@ def plain_image(make_image: Any) -> str:
     return make_image({"Env": ["PATH=/bin"]})  # type: ignore[no-any-return]
 
 
+def _held_by_a_live_runner(work_dir: Path) -> bool:
+    """A job that is still running somewhere (another runner on this machine) holds its dir's lock."""
+    try:
+        fd = os.open(work_dir / LOCK_NAME, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 @pytest.fixture(autouse=True)
 def no_leftovers() -> Iterator[None]:
-    """Every VM test must leave no QEMU process and no work directory behind."""
-    yield
+    """Every VM test must leave no work directory behind: every job of the test has ended by now, so
+    a dir left unlocked is a leftover (one still locked belongs to a job of another runner)."""
     work = work_root(cache_dir())
-    assert not (work.exists() and any(work.iterdir())), f"work dirs left: {list(work.iterdir())}"
+    before = set(work.iterdir()) if work.exists() else set()
+    yield
+    left = [d for d in (work.iterdir() if work.exists() else ()) if d not in before]
+    left = [d for d in left if not _held_by_a_live_runner(d)]
+    assert not left, f"work dirs left: {left}"
     procs = subprocess.run(["pgrep", "-f", f"qemu-system.*{work}"], capture_output=True, text=True)
     assert procs.stdout.strip() == "", f"QEMU still running: {procs.stdout}"
