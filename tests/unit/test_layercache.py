@@ -600,3 +600,11 @@ def test_the_job_restores_the_budget_of_the_cached_layers(tmp_path: Path) -> Non
     assert "64 MiB" in str(cold.value) and "layer 2/2" in str(cold.value)
     assert str(incremental.value) == str(cold.value)
     assert not list((tmp_path / "cache" / "rootfs").glob("*.ext4"))[1:], "no template of the image"
+
+
+@pytest.mark.parametrize("mtime", [1_600_000_000.5, 1_600_000_000.999999, -0.25])
+def test_fractional_mtimes_read_back_as_a_full_build_stores_them(tmp_path: Path, mtime: float) -> None:
+    """mkfs.ext4 -d keeps whole seconds; files the kernel writes onto the mounted base must too."""
+    lower = [[*BASE, *LOWER_PADDING]]
+    upper = [[Entry("frac", "file", data=b"f", mtime=mtime), Entry("frac-dir", "dir", mtime=mtime)]]
+    check_case(tmp_path, lower, upper, {})

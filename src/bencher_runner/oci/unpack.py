@@ -779,10 +779,12 @@ def _set_link_xattrs(parent_fd: int, name: str, xattrs: dict[str, bytes]) -> Non
 
 def _clamp_time(mtime: float) -> float:
     """A tar mtime as ext4 (the guest's disk) stores it: the kernel clamps timestamps written to an
-    ext4 inode to 1901-12-13 .. 2446-05-10, and so do we, whatever the staging filesystem; NaN is 0."""
+    ext4 inode to 1901-12-13 .. 2446-05-10, and so do we, whatever the staging filesystem; NaN is 0.
+    Whole seconds (rounded down): `mkfs.ext4 -d` (e2fsprogs 1.47.0) copies only those, and a tree
+    written onto a mounted ext4 (an incremental root disk, layercache.py) must read back the same."""
     if math.isnan(mtime):
         return 0
-    return min(max(mtime, EXT4_MIN_TIME), EXT4_MAX_TIME)
+    return math.floor(min(max(mtime, EXT4_MIN_TIME), EXT4_MAX_TIME))
 
 
 def _set_mtime(fd: int, mtime: float, name: str | None = None) -> None:
