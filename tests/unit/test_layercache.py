@@ -608,3 +608,30 @@ def test_fractional_mtimes_read_back_as_a_full_build_stores_them(tmp_path: Path,
     lower = [[*BASE, *LOWER_PADDING]]
     upper = [[Entry("frac", "file", data=b"f", mtime=mtime), Entry("frac-dir", "dir", mtime=mtime)]]
     check_case(tmp_path, lower, upper, {})
+
+
+def test_cache_ls_shows_and_cache_prune_removes_the_chain_disks(tmp_path: Path) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from bencher_runner.cli import main
+
+    cache = ChainCache(tmp_path)
+    for c in "ab":
+        disk = tmp_path / f"{c}.ext4"
+        disk.write_bytes(b"x" * 8192)
+        cache.put(
+            [LayerRef(f"sha256:{c * 64}", "", 1, Path())], 1024, disk, link=False, used_bytes=0, used_inodes=0
+        )
+    runner = CliRunner()
+    listed = runner.invoke(main, ["cache", "ls", "--cache-dir", str(tmp_path)])
+    assert listed.exit_code == 0, listed.output
+    assert "2 cached root disks of layer chains" in listed.output and "1024 MiB disk" in listed.output
+    doc = json.loads(runner.invoke(main, ["cache", "ls", "--json", "--cache-dir", str(tmp_path)]).output)
+    assert {d["chain_id"] for d in doc if d["kind"] == "layer-chain"} == {f"sha256:{c * 64}" for c in "ab"}
+    kept = runner.invoke(main, ["cache", "prune", "--max-size", "100", "--cache-dir", str(tmp_path)])
+    assert "removed 0 layer-chain disks" in kept.output, kept.output  # within the default cap
+    pruned = runner.invoke(main, ["cache", "prune", "--all", "--cache-dir", str(tmp_path)])
+    assert pruned.exit_code == 0 and "removed 2 layer-chain disks" in pruned.output, pruned.output
+    assert cache.entries() == []
