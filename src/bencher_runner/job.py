@@ -495,7 +495,8 @@ class Job:
         layers = image.layers
         new = layers[base.depth :]
         self.reporter.phase(
-            f"root disk of the lower {base.depth} layer(s) cached: applying {len(new)} new layer(s) to a copy"
+            f"building {cfg.disk_mib} MiB ext4 root disk from the cached disk of its lower {base.depth} "
+            f"layer(s) and {len(new)} new layer(s)"
         )
         budget = self._budget(used=base.used_bytes, inodes=base.used_inodes)  # as a full unpack by then
         mount_point = work / "disk-mount"
