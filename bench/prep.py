@@ -11,7 +11,11 @@ quoted as ratios against a reference measured alongside, as shared/design/BENCHM
    1024 MiB file. Goal <= 0.8. Each phase of both is reported.
 2. warm image prep (blobs and template cached: manifest read from the cache, template lookup, disk
    copy) against the cold prep. Goal <= 0.05. Ours names the image by digest, as Bencher jobs do.
-3. peak RSS of a fresh process pulling (and, separately, pulling + unpacking) a 512 MiB layer.
+3. incremental image prep (issue #16): a second image, the realistic one plus a layer adding
+   1 MiB, prepared on the cache the cold run left (its lower layer's root disk cached: pull of the
+   manifest and the new layer, a copy of the cached disk with the new layer applied, the job's disk
+   copy), against the cold prep of that same image on an empty cache. Goal <= 0.15.
+4. peak RSS of a fresh process pulling (and, separately, pulling + unpacking) a 512 MiB layer.
    Goal <= 120 MiB.
 
 "Ours" calls the same library functions, in the same order, as ``job.py`` does (``Job._run``,
@@ -22,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gzip
 import json
 import os
 import pstats
+import random
 import shutil
 import statistics
 import subprocess
@@ -34,17 +40,34 @@ import textwrap
 import time
 from pathlib import Path
 
+from tests.support.oci_builder import (
+    OCI_CONFIG,
+    OCI_LAYER_TYPES,
+    OCI_MANIFEST,
+    REF_NAME,
+    directory,
+    file,
+    layer_bytes,
+    read_json_blob,
+    sha256,
+    write_blob,
+    write_index,
+    write_json_blob,
+)
+
 from bench.images import big_layer_layout, layer_sizes, loopback_registry, push, realistic_layout
 from bencher_runner.job import Job
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.source import open_image
-from bencher_runner.rootfs import TemplateCache, build_rootfs, copy_disk, template_key
+from bencher_runner.rootfs import TemplateCache, copy_disk, template_key
 from bencher_runner.spec.config import make_run_config
 
 DISK_MIB = 1024
 MKFS_REFERENCE = ["mkfs.ext4", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
 GOAL_COLD = 0.8
 GOAL_WARM = 0.05
+GOAL_INCREMENTAL = 0.15
+NEW_LAYER_MIB = 1
 GOAL_RSS_MIB = 120
 BIG_LAYER_MIB = 512
 
@@ -70,31 +93,61 @@ class Stopwatch:
 # --- ours ---------------------------------------------------------------------------------------------
 
 
-def ours_cold(ref: str, cache: Path, work: Path) -> Phases:
-    """A cold job's prep, as job.py does it: pull, unpack (Job._unpack: in memory when it fits),
-    mkfs (template put), the iteration's copy."""
+def ours_cold(ref: str, cache: Path, work: Path, *, built: str = "full") -> Phases:
+    """A job's prep without a cached template, as job.py does it: pull, the template
+    (Job._build_template: unpack in memory when it fits + mkfs, or from a cached base of the image's
+    lower layers when there is one: ``built`` says which is expected), the iteration's copy."""
     watch = Stopwatch()
     mark = watch.mark
     image = open_image(ref, cache_dir=image_cache_dir(cache), insecure=True)
     mark("pull")
     templates = TemplateCache(cache)
     key = template_key(image.manifest_digest, DISK_MIB)
-    assert templates.get(key) is None, "the template cache must start empty"
+    assert templates.get(key) is None, "the template cache must not hold this image"
     job = Job(make_run_config(image=ref, disk_mib=DISK_MIB), cache=cache)
-    tree, passwd, group = job._unpack(work, image)
-    mark("unpack")
-    built = work / "rootfs.ext4"
-    build_rootfs(tree, built, DISK_MIB, allocate=False)
-    mark("mkfs")
-    shutil.rmtree(tree)
-    template = templates.put(key, built, passwd, group)
-    mark("rmtree_put")
+    template = job._build_template(work, image, templates, key)
+    root_disk = job.state.metadata["root_disk"]
+    assert isinstance(root_disk, dict) and root_disk["built"] == built, root_disk
+    mark("rootfs")
+    timings = job.state.timings
+    rootfs = watch.phases.pop("rootfs")
+    for name in ("unpack", "mkfs", "incremental"):
+        if f"{name}_s" in timings:
+            watch.phases[name] = timings[f"{name}_s"]
+            rootfs -= timings[f"{name}_s"]
+    watch.phases["put"] = rootfs  # template and layer-chain caches, removing the tree
     disk = work / "iter-1" / "rootfs.ext4"
     disk.parent.mkdir()
     copy_disk(template.disk, disk)
     mark("copy")
     disk.unlink()  # job.py frees it after the VM; not timed
     return watch.done()
+
+
+def plus_layer_layout(realistic: Path, dest: Path) -> Path:
+    """The realistic image plus a layer adding NEW_LAYER_MIB MiB (seeded random data: a new commit's
+    build output), as an OCI layout tagged ``latest``; the realistic blobs are hard-linked."""
+    blobs = dest / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    for blob in (realistic / "blobs" / "sha256").iterdir():
+        try:
+            os.link(blob, blobs / blob.name)
+        except OSError:
+            shutil.copyfile(blob, blobs / blob.name)
+    shutil.copyfile(realistic / "oci-layout", dest / "oci-layout")
+    index = json.loads((realistic / "index.json").read_text())
+    manifest = read_json_blob(dest, index["manifests"][0]["digest"])
+    config = read_json_blob(dest, manifest["config"]["digest"])
+    data = random.Random(16).randbytes(NEW_LAYER_MIB << 20)
+    entries = [directory("app"), file("app/build.bin", data), file("app/main.py", "print('v2')\n")]
+    new_layer = layer_bytes(entries)
+    config["rootfs"]["diff_ids"].append(sha256(gzip.decompress(new_layer)))
+    config["history"].append({"created_by": "bench/prep.py: a new commit's layer"})
+    manifest["config"] = write_json_blob(dest, config, OCI_CONFIG)
+    manifest["layers"].append(write_blob(dest, new_layer, OCI_LAYER_TYPES["gzip"]))
+    top = write_json_blob(dest, manifest, OCI_MANIFEST, annotations={REF_NAME: "latest"})
+    write_index(dest, [top])
+    return dest
 
 
 def ours_warm(ref: str, cache: Path, work: Path) -> Phases:
@@ -219,12 +272,15 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
         tmp = Path(tmp_name)
         with loopback_registry(tmp) as reg:
             digest = push(realistic, reg, "proj", "v1")
+            plus = plus_layer_layout(realistic, tmp / "plus-layer")
+            digest2 = push(plus, reg, "proj", "v2")
             push(big, reg, "big", "latest")
             host_ref = f"{reg.host}/proj:v1"
             ref = f"http://{reg.host}/proj@{digest}"  # by digest, as Bencher jobs name images
+            ref2 = f"http://{reg.host}/proj@{digest2}"
             gz_bytes, _ = layer_sizes(realistic)
 
-            cold, warm, refs = [], [], []
+            cold, warm, refs, incremental, cold2 = [], [], [], [], []
             for i in range(repeat):
                 work = _scratch(tmp, "reference")
                 os.sync()  # both start with no dirty pages of the other's run to write back
@@ -234,9 +290,18 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
                 os.sync()
                 cold.append(ours_cold(ref, cache, work))
                 warm.append(ours_warm(ref, cache, work))
+                work = _scratch(tmp, "work")
+                os.sync()
+                incremental.append(ours_cold(ref2, cache, work, built="incremental"))  # v1's disk cached
+                cache, work = _scratch(tmp, "cache"), _scratch(tmp, "work")
+                os.sync()
+                cold2.append(ours_cold(ref2, cache, work))
                 print(
                     f"  run {i + 1}/{repeat}: reference {refs[-1]['total']:.2f} s ({_fmt(refs[-1])}); "
-                    f"ours cold {cold[-1]['total']:.2f} s ({_fmt(cold[-1])}); warm {warm[-1]['total']:.3f} s",
+                    f"ours cold {cold[-1]['total']:.2f} s ({_fmt(cold[-1])}); "
+                    f"warm {warm[-1]['total']:.3f} s; "
+                    f"+{NEW_LAYER_MIB} MiB layer: incremental {incremental[-1]['total']:.3f} s "
+                    f"({_fmt(incremental[-1])}), cold {cold2[-1]['total']:.2f} s",
                     flush=True,
                 )
             if profile is not None:
@@ -258,9 +323,17 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
                     shutil.rmtree(work)
 
     ref_m, cold_m, warm_m = _median(refs), _median(cold), _median(warm)
-    for name, phases in (("reference", ref_m), ("cold", cold_m), ("warm", warm_m)):
+    incr_m, cold2_m = _median(incremental), _median(cold2)
+    named = (("reference", ref_m), ("cold", cold_m), ("warm", warm_m))
+    for name, phases in (*named, ("incremental", incr_m), ("cold_plus_layer", cold2_m)):
         for k, v in phases.items():
             results[f"prep_{name}_{k}_s"] = v
+    results["prep_incremental_over_cold"] = statistics.median(
+        n["total"] / c["total"] for n, c in zip(incremental, cold2, strict=True)
+    )
+    results["prep_incremental_over_cold_base_image"] = statistics.median(
+        n["total"] / c["total"] for n, c in zip(incremental, cold, strict=True)
+    )
     results["prep_cold_over_reference"] = statistics.median(
         c["total"] / r["total"] for c, r in zip(cold, refs, strict=True)
     )
@@ -292,6 +365,14 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
         f"{results['prep_warm_template_copy_over_cold']:.3f}"
     )
     print(f"  warm: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in warm_m.items() if k != 'total')}")
+    print(
+        f"incremental image prep (+{NEW_LAYER_MIB} MiB layer on the cached realistic image): "
+        f"{incr_m['total'] * 1000:.0f} ms / cold prep of that image {cold2_m['total'] * 1000:.0f} ms = "
+        f"{results['prep_incremental_over_cold']:.3f} (goal <= {GOAL_INCREMENTAL}); / cold prep of the "
+        f"realistic image: {results['prep_incremental_over_cold_base_image']:.3f}"
+    )
+    print(f"  incremental: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in incr_m.items() if k != 'total')}")
+    print(f"  cold of that image: {_fmt(cold2_m)} s")
     for mode in rss:
         key = mode.replace("+", "_")
         peak, base = results[f"rss_{key}_peak_mib"], results[f"rss_{key}_baseline_mib"]

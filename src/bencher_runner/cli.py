@@ -367,27 +367,50 @@ def kernel_show(cache_dir: Path | None) -> None:
 
 @main.group(context_settings=CONTEXT)
 def cache() -> None:
-    """Inspect and prune the image blob cache."""
+    """Inspect and prune the image blob cache and the cached root disks of layer chains."""
 
 
 @cache.command("ls", context_settings=CONTEXT)
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
-    """List cached blobs, least recently used first."""
+    """List cached blobs, then cached root disks of layer chains, least recently used first."""
     import json
 
+    from bencher_runner.layercache import ChainCache
     from bencher_runner.oci.blobcache import image_cache_dir, list_cache
 
     entries = list_cache(image_cache_dir(_cache(cache_dir)))
+    chains = ChainCache(_cache(cache_dir)).entries()
     if as_json:
-        doc = [{"digest": e.digest, "size": e.size, "last_used": e.last_used.isoformat()} for e in entries]
+        doc = [
+            {"kind": "blob", "digest": e.digest, "size": e.size, "last_used": e.last_used.isoformat()}
+            for e in entries
+        ] + [
+            {
+                "kind": "layer-chain",
+                "chain_id": c.chain_id,
+                "layers": c.depth,
+                "top_layer": c.top_layer,
+                "disk_mib": c.disk_mib,
+                "size": c.allocated,
+                "last_used": c.last_used.isoformat(),
+            }
+            for c in chains
+        ]
         click.echo(json.dumps(doc))
         return
     for e in entries:
         used = e.last_used.strftime("%Y-%m-%d %H:%M")
         click.echo(f"{e.digest}  {e.size / 2**20:10.1f} MiB  {used}")
     click.echo(f"{len(entries)} blobs, {sum(e.size for e in entries) / 2**20:.1f} MiB")
+    for c in chains:
+        used = c.last_used.strftime("%Y-%m-%d %H:%M")
+        what = f"root disk of {c.depth} layer(s) up to {c.top_layer[:19]}…, {c.disk_mib} MiB disk"
+        click.echo(f"chain {c.chain_id[:19]}…  {c.allocated / 2**20:10.1f} MiB  {used}  {what}")
+    click.echo(
+        f"{len(chains)} cached root disks of layer chains, {sum(c.allocated for c in chains) / 2**20:.1f} MiB"
+    )
 
 
 @cache.command("prune", context_settings=CONTEXT)
@@ -395,9 +418,17 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
 @click.option(
     "--max-size", type=click.IntRange(0), help="Keep at most this many MiB (least recently used go)."
 )
-@click.option("--all", "prune_all", is_flag=True, help="Remove every cached blob.")
-def cache_prune(cache_dir: Path | None, max_size: int | None, prune_all: bool) -> None:
-    """Remove cached blobs, least recently used first."""
+@click.option(
+    "--chains-max-size",
+    type=click.IntRange(0),
+    help="Keep at most this many MiB of cached root disks of layer chains (default: 4096).",
+)
+@click.option("--all", "prune_all", is_flag=True, help="Remove every cached blob and layer-chain disk.")
+def cache_prune(
+    cache_dir: Path | None, max_size: int | None, chains_max_size: int | None, prune_all: bool
+) -> None:
+    """Remove cached blobs and root disks of layer chains, least recently used first."""
+    from bencher_runner.layercache import MAX_CHAIN_BYTES, ChainCache
     from bencher_runner.oci.blobcache import image_cache_dir, prune_cache
 
     if prune_all == (max_size is not None):
@@ -407,6 +438,16 @@ def cache_prune(cache_dir: Path | None, max_size: int | None, prune_all: bool) -
     click.echo(
         f"removed {len(result.removed)} blobs ({result.freed_bytes / 2**20:.1f} MiB); "
         f"kept {result.kept_count} ({result.kept_bytes / 2**20:.1f} MiB)"
+    )
+    chains = ChainCache(_cache(cache_dir))
+    if prune_all:  # a job that finds its base gone builds the disk in full
+        pruned = chains.prune(None, None, min_age=0)
+    else:
+        cap = MAX_CHAIN_BYTES if chains_max_size is None else chains_max_size * 2**20
+        pruned = chains.prune(cap)
+    click.echo(
+        f"removed {len(pruned.removed)} layer-chain disks ({pruned.freed_bytes / 2**20:.1f} MiB); "
+        f"kept {pruned.kept_count} ({pruned.kept_bytes / 2**20:.1f} MiB)"
     )
 
 

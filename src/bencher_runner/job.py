@@ -19,7 +19,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,14 +29,24 @@ from bencher_runner.host.capacity import check_host_capacity
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
 from bencher_runner.host.tuning import TuningOptions, tuned_host
+from bencher_runner.layercache import (
+    ChainBase,
+    ChainCache,
+    IncrementalUnavailable,
+    apply_layers,
+    base_depth,
+    has_dir,
+    incremental_supported,
+)
 from bencher_runner.oci.blobcache import image_cache_dir
-from bencher_runner.oci.layout import LocalImage
+from bencher_runner.oci.layout import LayerRef, LocalImage
 from bencher_runner.oci.progress import PullProgress
 from bencher_runner.oci.source import credentials_for, open_image
 from bencher_runner.oci.unpack import (
     ByteBudget,
     StagingAllowance,
     StagingFull,
+    UnpackStats,
     ensure_directory,
     read_image_file,
     unpack_layers,
@@ -45,6 +55,7 @@ from bencher_runner.paths import work_root
 from bencher_runner.recovery import LOCK_NAME
 from bencher_runner.rootfs import (
     EXT4_RESERVED_INODES,
+    Template,
     TemplateCache,
     build_rootfs,
     copy_disk,
@@ -315,16 +326,10 @@ class Job:
             shutil.rmtree(work, ignore_errors=True)
             os.close(lock)
 
-    def _unpack(
-        self, work: Path, image: LocalImage, *, in_memory: bool = True
-    ) -> tuple[Path, str | None, str | None]:
-        """Unpack the image (WorkingDir created) into a tmpfs tree when it surely fits (staging.py),
-        else into work/tree; returns the tree with the image's /etc/passwd and /etc/group.
-
-        The job's disk bounds the tree (bytes and inodes) while it extracts; on tmpfs so does the
-        tmpfs allowance, and passing it moves the unpack to disk."""
+    def _budget(self, staged: Path | None = None, *, used: int = 0, inodes: int = 0) -> ByteBudget:
+        """The job's disk bounds the tree (bytes and inodes) while it extracts; on tmpfs (``staged``)
+        so does the tmpfs allowance. ``used``/``inodes``: already charged (by a cached chain base)."""
         disk_mib = self.config.disk_mib
-        inodes = ext4_inode_count(disk_mib) - EXT4_RESERVED_INODES
 
         def disk_for(total_bytes: int, total_inodes: int) -> int:
             """A disk (MiB, at most ~1.5% above the least) that holds this many bytes and inodes."""
@@ -333,20 +338,40 @@ class Job:
                 mib += max(1, mib // 64)
             return mib
 
-        def budget(staged: Path | None) -> ByteBudget:
-            allowance = StagingAllowance(*memory_allowance(staged)) if staged is not None else None
-            return ByteBudget(
-                disk_mib * MIB, inode_limit=inodes, disk_mib=disk_mib, staging=allowance, disk_for=disk_for
-            )
+        allowance = StagingAllowance(*memory_allowance(staged)) if staged is not None else None
+        return ByteBudget(
+            disk_mib * MIB,
+            used=used,
+            inode_limit=ext4_inode_count(disk_mib) - EXT4_RESERVED_INODES,
+            inodes=inodes,
+            disk_mib=disk_mib,
+            staging=allowance,
+            disk_for=disk_for,
+        )
 
-        compressed = sum(layer.size for layer in image.layers)
+    def _unpack(
+        self, work: Path, image: LocalImage, *, in_memory: bool = True
+    ) -> tuple[Path, str | None, str | None]:
+        """Unpack the whole image (WorkingDir created): the tree, the image's /etc/passwd and /etc/group."""
+        tree, _, stats = self._unpack_layers(work, image.layers, in_memory=in_memory)
+        return tree, *self._finish_tree(tree, image, stats.skipped_devices)
+
+    def _unpack_layers(
+        self, work: Path, layers: Sequence[LayerRef], *, in_memory: bool = True
+    ) -> tuple[Path, ByteBudget, UnpackStats]:
+        """Unpack ``layers`` into a tmpfs tree when it surely fits (staging.py), else into work/tree;
+        returns the tree, the budget charged for it and the unpack's stats.
+
+        Passing the tmpfs allowance (or filling the tmpfs) moves the unpack to disk."""
+        compressed = sum(layer.size for layer in layers)
         staged = memory_tree(work, compressed, warn=self.reporter.warn) if in_memory else None
         tree = staged or work / "tree"
         tree.mkdir(exist_ok=True)
         self.reporter.phase(f"unpacking layers{' in memory' if staged else ''}")
         t0 = time.monotonic()
+        budget = self._budget(staged)
         try:
-            stats = unpack_layers(image.layers, tree, budget=budget(staged))
+            stats = unpack_layers(layers, tree, budget=budget, total=len(layers))
         except ImageError as err:
             if staged is None or not (isinstance(err, StagingFull) or out_of_space(err)):
                 raise
@@ -356,17 +381,154 @@ class Job:
             remove_memory_tree(work)
             tree = work / "tree"
             tree.mkdir()
-            stats = unpack_layers(image.layers, tree, budget=budget(None))
+            budget = self._budget(None)
+            stats = unpack_layers(layers, tree, budget=budget, total=len(layers))
         self.state.timings["unpack_s"] = time.monotonic() - t0
         self._check_cancel("while its image was unpacked")
-        if stats.skipped_devices:
-            devices = stats.skipped_devices
+        return tree, budget, stats
+
+    def _warn_devices(self, devices: Sequence[str]) -> None:
+        if devices:
             shown = ", ".join(devices[:4]) + (f" and {len(devices) - 4} more" if len(devices) > 4 else "")
             self.reporter.warn(
                 f"skipped {len(devices)} device node(s) in the image: {shown} (the guest's /dev is devtmpfs)"
             )
+
+    def _finish_tree(
+        self, tree: Path, image: LocalImage, devices: Sequence[str]
+    ) -> tuple[str | None, str | None]:
+        """WorkingDir created (as Docker does); returns the image's /etc/passwd and /etc/group."""
+        self._warn_devices(devices)
         ensure_directory(tree, image.config.config.working_dir or "/")
-        return tree, read_image_file(tree, "etc/passwd"), read_image_file(tree, "etc/group")
+        return read_image_file(tree, "etc/passwd"), read_image_file(tree, "etc/group")
+
+    def _build_template(self, work: Path, image: LocalImage, templates: TemplateCache, key: str) -> Template:
+        """The image's root disk template: from the cached base of its longest known chain of lower
+        layers plus its new layers (layercache.py), else in full (unpack + mkfs), leaving a base of
+        its lower layers for the next image that shares them."""
+        cfg = self.config
+        layers = image.layers
+        chains = ChainCache(self.cache)
+        unsupported = incremental_supported()
+        base = chains.longest(layers, cfg.disk_mib) if unsupported is None else None
+        metrics.cache_lookup("chain", base is not None)
+        if base is not None:
+            try:
+                template = self._incremental(work, image, templates, key, chains, base)
+                self.state.metadata["root_disk"] = {
+                    "built": "incremental",
+                    "cached_layers": base.depth,
+                    "applied_layers": len(layers) - base.depth,
+                }
+                return template
+            except IncrementalUnavailable as err:
+                self.reporter.phase(
+                    f"cannot reuse the cached lower layers ({err}): building the disk in full"
+                )
+                unsupported = str(err)
+        depth = base_depth(layers) if unsupported is None else len(layers)
+        tree, budget, stats = self._unpack_layers(work, layers[:depth])
+        working_dir = image.config.config.working_dir or "/"
+        built = work / "rootfs.ext4"
+        if depth < len(layers):  # a base of the lower layers first, then the top layer onto a copy of it
+            self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 disk of the lower {depth} layers")
+            lower = work / "lower.ext4"
+            self._timed(
+                "mkfs", lambda: build_rootfs(tree, lower, cfg.disk_mib, allocate=False, cancel=self.cancel)
+            )
+            shutil.rmtree(tree)
+            used = (budget.used, budget.inodes, stats.skipped_devices)
+            stored = chains.put(
+                layers[:depth],
+                cfg.disk_mib,
+                lower,
+                link=False,
+                used_bytes=used[0],
+                used_inodes=used[1],
+                skipped_devices=used[2],
+            )
+            base = stored or ChainBase("", depth, cfg.disk_mib, lower, *used[:2], tuple(used[2]))
+            try:
+                template = self._incremental(work, image, templates, key, chains, base)
+                self.state.metadata["root_disk"] = {
+                    "built": "full",
+                    "layers": len(layers),
+                    "base_layers": depth,
+                }
+                return template
+            except IncrementalUnavailable as err:
+                self.reporter.phase(f"applying the top layer failed ({err}): building the disk in full")
+                tree, budget, stats = self._unpack_layers(work, layers)
+                depth = len(layers)
+        pristine = depth == len(layers) and unsupported is None and has_dir(tree, working_dir)
+        passwd, group = self._finish_tree(tree, image, stats.skipped_devices)
+        self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
+        self._timed(
+            "mkfs", lambda: build_rootfs(tree, built, cfg.disk_mib, allocate=False, cancel=self.cancel)
+        )
+        shutil.rmtree(tree)
+        template = templates.put(key, built, passwd, group)
+        self.state.metadata["root_disk"] = {"built": "full", "layers": len(layers)}
+        if pristine:  # the template is exactly the layers' tree: the base of their chain, for free
+            chains.put(
+                layers,
+                cfg.disk_mib,
+                template.disk,
+                link=True,
+                used_bytes=budget.used,
+                used_inodes=budget.inodes,
+                skipped_devices=stats.skipped_devices,
+            )
+        return template
+
+    def _incremental(
+        self,
+        work: Path,
+        image: LocalImage,
+        templates: TemplateCache,
+        key: str,
+        chains: ChainCache,
+        base: ChainBase,
+    ) -> Template:
+        """The template as ``base`` (the disk of the first ``base.depth`` layers) plus the rest."""
+        cfg = self.config
+        layers = image.layers
+        new = layers[base.depth :]
+        self.reporter.phase(
+            f"building {cfg.disk_mib} MiB ext4 root disk from the cached disk of its lower {base.depth} "
+            f"layer(s) and {len(new)} new layer(s)"
+        )
+        budget = self._budget(used=base.used_bytes, inodes=base.used_inodes)  # as a full unpack by then
+        mount_point = work / "disk-mount"
+        mount_point.mkdir(exist_ok=True)
+        built = work / "rootfs.ext4"
+        t0 = time.monotonic()
+        applied = apply_layers(
+            base.disk,
+            built,
+            mount_point,
+            new,
+            budget=budget,
+            first=base.depth + 1,
+            total=len(layers),
+            working_dir=image.config.config.working_dir or "/",
+        )
+        self.state.timings["incremental_s"] = time.monotonic() - t0
+        self._check_cancel("while its image was unpacked")
+        self._warn_devices([*base.skipped_devices, *applied.stats.skipped_devices])
+        template = templates.put(key, built, applied.passwd, applied.group)
+        if applied.pristine:
+            devices = [*base.skipped_devices, *applied.stats.skipped_devices]
+            chains.put(
+                layers,
+                cfg.disk_mib,
+                template.disk,
+                link=True,
+                used_bytes=budget.used,
+                used_inodes=budget.inodes,
+                skipped_devices=devices,
+            )
+        return template
 
     def _launch(self, image: LocalImage, passwd: str | None, group: str | None) -> Launch:
         """What to run, by Docker's rules, against the image's own passwd and group."""
@@ -444,15 +606,9 @@ class Job:
         metrics.cache_lookup("template", template is not None)
         if template is not None:
             self.reporter.phase(f"root disk template cached ({cfg.disk_mib} MiB)")
+            self.state.metadata["root_disk"] = {"built": "template"}
         else:
-            tree, passwd, group = self._unpack(work, image)
-            built = work / "rootfs.ext4"
-            self.reporter.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
-            self._timed(
-                "mkfs", lambda: build_rootfs(tree, built, cfg.disk_mib, allocate=False, cancel=self.cancel)
-            )
-            shutil.rmtree(tree)
-            template = templates.put(key, built, passwd, group)
+            template = self._build_template(work, image, templates, key)
         self.state.timings["rootfs_s"] = time.monotonic() - t0
         self._check_deadline("while its root disk was prepared")
         launch = self._launch(image, template.passwd, template.group)

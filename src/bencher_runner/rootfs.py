@@ -231,11 +231,17 @@ def copy_disk(src: Path, dest: Path) -> None:
                 os.posix_fallocate(fd_out, 0, size)  # the guest can never over-commit the host's disk
             except OSError as err:
                 raise _no_room(dest, bytes_to_mib(size), err) from None
-            for offset, length in _data_extents(fd_in, size):
-                _copy_range(fd_in, fd_out, offset, length)
+            copy_extents(fd_in, fd_out, size)
     except BaseException:
         dest.unlink(missing_ok=True)
         raise
+
+
+def copy_extents(fd_in: int, fd_out: int, size: int) -> None:
+    """Copy the data extents of the first ``size`` bytes of ``fd_in`` to the same offsets of ``fd_out``
+    (in the kernel: copy_file_range); holes are skipped, so a sparse source stays sparse."""
+    for offset, length in _data_extents(fd_in, size):
+        _copy_range(fd_in, fd_out, offset, length)
 
 
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

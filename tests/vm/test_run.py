@@ -202,7 +202,8 @@ def test_warm_job_reuses_the_root_disk_template(make_image: Any) -> None:
     warm = runner("--image", image, "--json", "--disk", "128")
     assert cold.doc["results"] == warm.doc["results"]
     assert [(r["exit_code"], r["stdout"]) for r in cold.doc["results"]] == [(0, "16\n")]
-    assert "unpacking layers" in cold.stderr and "building 128 MiB" in cold.stderr
+    assert "building 128 MiB" in cold.stderr  # in full, or from a cached disk of the busybox layer
+    assert "unpacking layers" in cold.stderr or "new layer(s)" in cold.stderr
     assert "unpacking layers" not in warm.stderr and "template cached" in warm.stderr
     assert "mkfs_s" not in warm.doc["timings"]
     other_size = runner("--image", image, "--json", "--disk", "96")  # another size: its own template

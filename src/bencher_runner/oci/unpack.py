@@ -779,10 +779,12 @@ def _set_link_xattrs(parent_fd: int, name: str, xattrs: dict[str, bytes]) -> Non
 
 def _clamp_time(mtime: float) -> float:
     """A tar mtime as ext4 (the guest's disk) stores it: the kernel clamps timestamps written to an
-    ext4 inode to 1901-12-13 .. 2446-05-10, and so do we, whatever the staging filesystem; NaN is 0."""
+    ext4 inode to 1901-12-13 .. 2446-05-10, and so do we, whatever the staging filesystem; NaN is 0.
+    Whole seconds (rounded down): `mkfs.ext4 -d` (e2fsprogs 1.47.0) copies only those, and a tree
+    written onto a mounted ext4 (an incremental root disk, layercache.py) must read back the same."""
     if math.isnan(mtime):
         return 0
-    return min(max(mtime, EXT4_MIN_TIME), EXT4_MAX_TIME)
+    return math.floor(min(max(mtime, EXT4_MIN_TIME), EXT4_MAX_TIME))
 
 
 def _set_mtime(fd: int, mtime: float, name: str | None = None) -> None:
@@ -1114,17 +1116,22 @@ def unpack_layers(
     *,
     max_bytes: int = DEFAULT_MAX_BYTES,
     budget: ByteBudget | None = None,
+    first: int = 1,
+    total: int | None = None,
 ) -> UnpackStats:
     """Apply ``layers`` (lowest first) into the existing directory ``dest``; nothing outside it changes.
 
     ``budget`` (a job's: its disk, perhaps a tmpfs allowance) or else ``max_bytes`` bounds the tree.
+    ``first``/``total``: the layers are numbers ``first``.. of an image of ``total`` layers (messages
+    say "layer 3/3" when only the top of an image is applied onto its cached lower layers).
     """
     stats = UnpackStats()
     budget = budget if budget is not None else ByteBudget(max_bytes)
+    count = total if total is not None else first - 1 + len(layers)
     with _Tree(dest):
         pass  # dest must be a directory, not a symlink: say so before opening any layer
-    for i, layer in enumerate(layers, 1):
-        name = f"layer {i}/{len(layers)} {layer.digest[:19]}…"
+    for i, layer in enumerate(layers, first):
+        name = f"layer {i}/{count} {layer.digest[:19]}…"
         try:
             f = layer.path.open("rb")
         except OSError as e:
@@ -1135,7 +1142,7 @@ def unpack_layers(
             with f:
                 unpack_layer_stream(f, layer.media_type, dest, name=name, budget=budget, stats=stats)
         except _OverBudget as over:
-            for later in layers[i:]:
+            for later in layers[i - first + 1 :]:
                 if over.full():
                     break
                 over.scan_layer(later)
