@@ -17,7 +17,7 @@ from bencher_runner.metrics import serve_metrics
 from bencher_runner.paths import cache_dir as default_cache_dir
 from bencher_runner.paths import state_dir as default_state_dir
 from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT
+from bencher_runner.spec.config import DEFAULT_JAIL_UID, DEFAULT_MAX_OUTPUT
 from bencher_runner.spec.errors import RunnerError
 from bencher_runner.spec.jobspec import DEFAULT_MAX_DISK_MIB, JobOptions
 
@@ -135,6 +135,9 @@ def daemon_command(
     announce_pause: bool = False,
     network_mode: str = "user",
     firecracker_bin: Path | None = None,
+    jail_uid: int = DEFAULT_JAIL_UID,
+    jail_gid: int = DEFAULT_JAIL_UID,
+    danger_no_jail: bool = False,
     **tuning_flags: Any,
 ) -> None:
     """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
@@ -164,6 +167,9 @@ def daemon_command(
             backend="firecracker" if sandbox == "firecracker" else "qemu",
             network_mode="tap" if network_mode == "tap" or sandbox == "firecracker" else "user",
             firecracker=firecracker_bin,
+            jail_uid=jail_uid,
+            jail_gid=jail_gid,
+            danger_no_jail=danger_no_jail,
         ),
     )
     from bencher_runner.recovery import recover_from_crash
