@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from bencher_runner.sandbox.firecracker import FirecrackerVm
 from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
-from bencher_runner.sandbox.jail import jail_vm, kvm_group, write_resolv_conf
+from bencher_runner.sandbox.jail import jail_vm, write_resolv_conf
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
 from bencher_runner.sandbox.netns import JobNetwork, empty_netns, host_nameserver, job_network
 from bencher_runner.sandbox.network import NetworkPlan, user_nat
@@ -681,7 +681,6 @@ class Job:
                 gid=cfg.jail_gid,
                 netns=netns,
                 resolv_conf=resolv,
-                kvm_group=kvm_group(),
             )
             return QemuVm(inside, it_dir / "qemu.log", cpus=cpus, jail=plan)
         from bencher_runner.sandbox.firecracker import FirecrackerVm, find_jailer, jailer_config

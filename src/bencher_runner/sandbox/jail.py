@@ -29,6 +29,7 @@ import json
 import os
 import select
 import shutil
+import stat
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -76,8 +77,8 @@ class JailPlan:
     gid: int
     binary: Path  # the VMM, visible at its own path (its data files are found next to it)
     binds: tuple[Bind, ...] = ()
-    devices: tuple[str, ...] = ()  # /dev/kvm, /dev/net/tun when the VM needs them
-    groups: tuple[int, ...] = ()  # supplementary groups (the group of a /dev/kvm only it may open)
+    devices: tuple[Bind, ...] = ()  # /dev/kvm, /dev/net/tun when the VM needs them
+    node_dir: Path | None = None  # where private device nodes go (the iteration's dir)
     netns: str | None = None  # a job network namespace (`ip netns` name); None: a new, empty one
     nofile: int = NOFILE_LIMIT
     nproc: int = NPROC_LIMIT
@@ -112,7 +113,6 @@ def jail_vm(
     gid: int,
     netns: str | None = None,
     resolv_conf: Path | None = None,
-    kvm_group: int | None = None,
 ) -> tuple[JailPlan, VmSpec]:
     """The plan for one VM and its spec as the VMM sees it inside the jail (its files at JAIL_*)."""
     binds = [
@@ -131,8 +131,8 @@ def jail_vm(
         gid=gid,
         binary=Path(binary),
         binds=tuple(binds),
-        devices=devices,
-        groups=(kvm_group,) if kvm_group is not None and spec.accel == "kvm" else (),
+        devices=tuple(Bind(Path(device), device, writable=True) for device in devices),
+        node_dir=spec.rootfs.parent,
         netns=netns,
     )
     inside = replace(
@@ -178,7 +178,9 @@ def bwrap_argv(
         )
     argv += ["--dev", "/dev"]
     for device in plan.devices:
-        argv += ["--dev-bind", device, device]
+        for parent in _parents(device.target)[1:]:  # below /dev: bwrap would make them 0700
+            argv += ["--perms", "0755", "--dir", parent]
+        argv += ["--dev-bind", str(device.source), device.target]
     binary = str(plan.binary)
     if not binary.startswith("/usr/"):
         for parent in _parents(binary):
@@ -191,10 +193,9 @@ def bwrap_argv(
     argv += ["--remount-ro", "/", "--chdir", "/"]
     if info_fd is not None:
         argv += ["--info-fd", str(info_fd)]
-    groups = f"--groups={','.join(map(str, plan.groups))}" if plan.groups else "--clear-groups"
     argv += [
         "--", tools.setpriv,
-        f"--reuid={plan.uid}", f"--regid={plan.gid}", groups,
+        f"--reuid={plan.uid}", f"--regid={plan.gid}", "--clear-groups",
         "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--pdeathsig=SIGKILL",
         "--", tools.env, "-i", *(f"{name}={value}" for name, value in plan.env),  # bwrap always sets PWD
         "--", *vmm_argv,
@@ -241,22 +242,41 @@ def host_root_links(root: Path = Path("/")) -> dict[str, str | None]:
     return links
 
 
-def kvm_group(device: Path = Path(KVM)) -> int | None:
-    """The group that may open /dev/kvm when others may not (Debian's `kvm`), else None."""
-    try:
-        st = device.stat()
-    except OSError:
-        return None
-    return None if st.st_mode & 0o006 == 0o006 else st.st_gid
+def private_device(device: Path, node_dir: Path, uid: int, gid: int) -> Path:
+    """``device`` itself when anyone may open it (/dev/net/tun and /dev/kvm usually are 0666), else a
+    node of the same device in ``node_dir`` that only the jail uid may open. Never a group or a mode
+    change on the host's node: that would open it to every process of that group or to everyone."""
+    st = device.stat()
+    if st.st_mode & 0o006 == 0o006:
+        return device
+    if os.statvfs(node_dir).f_flag & os.ST_NODEV:
+        raise SandboxError(
+            f"{device} may be opened by root only and the work dir {node_dir} is on a nodev mount, so "
+            f"the VM jail cannot get a private {device}: `chmod 0666 {device}` (its usual mode) or use "
+            "a --cache-dir on a filesystem mounted without nodev"
+        )
+    node = node_dir / f"dev-{device.name}"
+    node.unlink(missing_ok=True)
+    os.mknod(node, 0o600 | stat.S_IFCHR, st.st_rdev)
+    os.chown(node, uid, gid)
+    return node
 
 
-def hand_over(plan: JailPlan) -> None:
-    """The writable files (the iteration's disks and serial log) to the jail uid, readable by it alone."""
+def hand_over(plan: JailPlan) -> JailPlan:
+    """The writable files (the iteration's disks and serial log) to the jail uid, readable by it alone;
+    the plan with the devices it may open."""
     for bind in plan.binds:
         if bind.writable:
             bind.source.touch(mode=0o600)  # the serial log exists before the VMM opens it
             os.chown(bind.source, plan.uid, plan.gid)
             os.chmod(bind.source, 0o600)
+    if not plan.devices or plan.node_dir is None:
+        return plan
+    node_dir = plan.node_dir
+    devices = tuple(
+        replace(d, source=private_device(d.source, node_dir, plan.uid, plan.gid)) for d in plan.devices
+    )
+    return replace(plan, devices=devices)
 
 
 def write_resolv_conf(path: Path, nameserver: str | None) -> Path:
@@ -310,7 +330,7 @@ def start_jailed(
     """Start ``vmm_argv`` in the jail; the process (bwrap, what to wait for and kill) and the VMM's PID
     (None: the jail could not be built; bwrap said why on ``stderr``)."""
     tools = find_jail_tools()
-    hand_over(plan)
+    plan = hand_over(plan)
     read_fd, write_fd = os.pipe()
     try:
         argv = bwrap_argv(plan, tools, vmm_argv, root_links=host_root_links(), info_fd=write_fd)
