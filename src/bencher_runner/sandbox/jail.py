@@ -31,7 +31,7 @@ import select
 import shutil
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO
@@ -156,7 +156,7 @@ def bwrap_argv(
     tools: JailTools,
     vmm_argv: Sequence[str],
     *,
-    root_links: dict[str, str | None],
+    root_links: Mapping[str, str | None],
     info_fd: int | None = None,
 ) -> list[str]:
     """The whole chain for one VMM (see the module docstring); ``root_links``: the host's
