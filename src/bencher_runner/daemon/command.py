@@ -1,6 +1,7 @@
 """The `runner daemon` click command (registered as `runner daemon` and `runner up` by cli.py)."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,7 @@ def daemon_command(
     **tuning_flags: Any,
 ) -> None:
     """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
+    os.environ.pop("BENCHER_RUNNER_KEY", None)  # read once (into `key`): no child process inherits it
     cache = default_cache_dir(cache_dir)
     state_dir = default_state_dir(state_dir)
     tuning = tuning_options_from(tuning_flags)
@@ -194,7 +196,8 @@ def daemon_command(
             click.echo(f"runner: error: {err}", err=True)
             sys.exit(2)
         log.info("metrics at http://%s:%d/metrics", *bound)
-    recover_from_crash(cache, warn=log.warning, info=log.info)  # a crashed daemon's VMs died with it
+    # a crashed daemon's VMs died with it; its jails' leftovers are removed, cache and state kept 0700
+    recover_from_crash(cache, warn=log.warning, info=log.info, jail_uid=jail_uid, state=state_dir)
     from bencher_runner.daemon.preflight import HostPreflight, fetch_default_kernel
 
     preflight = HostPreflight(cache, settings.job_options, fetch_kernel=fetch_default_kernel)
