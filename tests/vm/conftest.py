@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from bencher_runner.paths import cache_dir, work_root
+from bencher_runner.recovery import jail_uid_processes
+from bencher_runner.spec.config import DEFAULT_JAIL_UID
 from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import Entry, build_layout, layer_from_dir
 
@@ -66,3 +68,5 @@ def no_leftovers() -> Iterator[None]:
     assert not (work.exists() and any(work.iterdir())), f"work dirs left: {list(work.iterdir())}"
     procs = subprocess.run(["pgrep", "-f", f"qemu-system.*{work}"], capture_output=True, text=True)
     assert procs.stdout.strip() == "", f"QEMU still running: {procs.stdout}"
+    # A jailed QEMU's argv names only jail paths: find it by the jail uid instead.
+    assert jail_uid_processes(DEFAULT_JAIL_UID) == {}, "a process of the jail uid is still running"
