@@ -13,9 +13,13 @@ adapters turn it into a process:
   the fixed paths of JAIL_PATHS; every capability but the three setpriv needs dropped; dies with the
   runner) -> ``setpriv`` (the jail uid/gid, no groups, no capabilities, no_new_privs) -> ``env -i``
   (bwrap always sets PWD) -> the VMM. Bound into the jail, setpriv and env run from its /usr.
-  Measured on QEMU 7.2: its own ``-chroot``/``-runas`` chroot and switch uid only after start-up, in
-  the host's mount and network namespaces, with every capability kept until then and none of
-  no_new_privs, rlimits or an empty /dev; bwrap gives all of that before QEMU's first instruction.
+  Measured on QEMU 7.2 (Debian 12), its own ``-chroot DIR -runas 64434:64434`` instead: with our
+  ``-sandbox ...,elevateprivileges=deny`` QEMU dies of SIGSYS at its setgid (the filter is in place
+  first), so it needs elevateprivileges=allow; then it runs in the runner's mount and network
+  namespaces, with the full capability bounding set, the runner's whole environment (35 variables
+  here, the key among them), a core limit it may raise (hard: unlimited), no bound on processes or
+  open files, and root-opened files reachable until it chroots after start-up. bwrap + setpriv give
+  all of that up before QEMU's first instruction, with QEMU's seccomp filter unchanged.
 - Firecracker: its own jailer, given the same uid/gid, network namespace and open-file bound, the same
   file names inside its chroot (JAIL_PATHS), and prlimit in front for what the jailer does not set.
 
