@@ -73,7 +73,8 @@ def main() -> None:
 @click.option(
     "--image",
     required=True,
-    help="OCI layout directory (DIR or DIR:TAG), or registry reference host[:port]/repo[:tag][@digest].",
+    help="OCI layout directory (DIR[:TAG]), archive (oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], "
+    "FILE.tar[:TAG]), or registry reference host[:port]/repo[:tag][@digest].",
 )
 @click.option("--token", envvar="BENCHER_RUNNER_TOKEN", help="Bearer token for the registry (never logged).")
 @click.option("--registry-username", help="Registry user, for registries that want a password login.")

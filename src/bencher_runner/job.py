@@ -33,10 +33,25 @@ from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.layout import LocalImage
 from bencher_runner.oci.progress import PullProgress
 from bencher_runner.oci.source import credentials_for, open_image
-from bencher_runner.oci.unpack import ensure_directory, read_image_file, unpack_layers
+from bencher_runner.oci.unpack import (
+    ByteBudget,
+    StagingAllowance,
+    StagingFull,
+    ensure_directory,
+    read_image_file,
+    unpack_layers,
+)
 from bencher_runner.paths import work_root
 from bencher_runner.recovery import LOCK_NAME
-from bencher_runner.rootfs import TemplateCache, build_rootfs, copy_disk, template_key
+from bencher_runner.rootfs import (
+    EXT4_RESERVED_INODES,
+    TemplateCache,
+    build_rootfs,
+    copy_disk,
+    ext4_inode_count,
+    min_disk_mib,
+    template_key,
+)
 from bencher_runner.sandbox.accel import AccelChoice, cached_kvm_problem, choose_accel, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
@@ -84,7 +99,7 @@ from bencher_runner.spec.errors import (
 from bencher_runner.spec.launch import Launch, resolve_command, resolve_launch
 from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
 from bencher_runner.spec.units import MIB
-from bencher_runner.staging import memory_tree, out_of_space, stale_memory_tree
+from bencher_runner.staging import memory_allowance, memory_tree, out_of_space, remove_memory_tree
 
 TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
 # Results written after the command exited are still collected this long past the deadline: half
@@ -297,7 +312,7 @@ class Job:
         try:
             return body(work)
         finally:
-            shutil.rmtree(stale_memory_tree(work), ignore_errors=True)
+            remove_memory_tree(work)
             shutil.rmtree(work, ignore_errors=True)
             os.close(lock)
 
@@ -305,23 +320,44 @@ class Job:
         self, work: Path, image: LocalImage, *, in_memory: bool = True
     ) -> tuple[Path, str | None, str | None]:
         """Unpack the image (WorkingDir created) into a tmpfs tree when it surely fits (staging.py),
-        else into work/tree; returns the tree with the image's /etc/passwd and /etc/group."""
+        else into work/tree; returns the tree with the image's /etc/passwd and /etc/group.
+
+        The job's disk bounds the tree (bytes and inodes) while it extracts; on tmpfs so does the
+        tmpfs allowance, and passing it moves the unpack to disk."""
+        disk_mib = self.config.disk_mib
+        inodes = ext4_inode_count(disk_mib) - EXT4_RESERVED_INODES
+
+        def disk_for(total_bytes: int, total_inodes: int) -> int:
+            """A disk (MiB, at most ~1.5% above the least) that holds this many bytes and inodes."""
+            mib = max(min_disk_mib(total_bytes), disk_mib)
+            while ext4_inode_count(mib) - EXT4_RESERVED_INODES < total_inodes:
+                mib += max(1, mib // 64)
+            return mib
+
+        def budget(staged: Path | None) -> ByteBudget:
+            allowance = StagingAllowance(*memory_allowance(staged)) if staged is not None else None
+            return ByteBudget(
+                disk_mib * MIB, inode_limit=inodes, disk_mib=disk_mib, staging=allowance, disk_for=disk_for
+            )
+
         compressed = sum(layer.size for layer in image.layers)
-        staged = memory_tree(work, compressed) if in_memory else None
+        staged = memory_tree(work, compressed, warn=self.reporter.warn) if in_memory else None
         tree = staged or work / "tree"
         tree.mkdir(exist_ok=True)
         self.reporter.phase(f"unpacking layers{' in memory' if staged else ''}")
         t0 = time.monotonic()
         try:
-            stats = unpack_layers(image.layers, tree)
+            stats = unpack_layers(image.layers, tree, budget=budget(staged))
         except ImageError as err:
-            if staged is None or not out_of_space(err):
+            if staged is None or not (isinstance(err, StagingFull) or out_of_space(err)):
                 raise
-            self.reporter.warn(f"the image did not fit in {staged.parent}: unpacking it on disk instead")
-            shutil.rmtree(staged, ignore_errors=True)
+            self.reporter.warn(
+                f"the image did not fit in {staged.parent} ({err}): unpacking it on disk instead"
+            )
+            remove_memory_tree(work)
             tree = work / "tree"
             tree.mkdir()
-            stats = unpack_layers(image.layers, tree)
+            stats = unpack_layers(image.layers, tree, budget=budget(None))
         self.state.timings["unpack_s"] = time.monotonic() - t0
         self._check_cancel("while its image was unpacked")
         if stats.skipped_devices:

@@ -25,7 +25,7 @@ from bencher_runner.host.tuning import restore_leftover_tuning
 from bencher_runner.paths import work_root
 from bencher_runner.sandbox.netns import release_stale_network
 from bencher_runner.spec.config import DEFAULT_JAIL_UID
-from bencher_runner.staging import stale_memory_tree
+from bencher_runner.staging import remove_memory_tree
 
 LOCK_NAME = ".lock"
 STARTING_GRACE_S = 60
@@ -64,7 +64,7 @@ def remove_stale_work_dirs(cache: Path) -> list[Path]:
             continue
         for holder in (work, *sorted(work.glob("iter-*"))):  # a jailed VMM's netns is per iteration
             release_stale_network(holder)
-        shutil.rmtree(stale_memory_tree(work), ignore_errors=True)
+        remove_memory_tree(work)
         shutil.rmtree(work, ignore_errors=True)
         removed.append(work)
     return removed

@@ -74,7 +74,8 @@ def build_rootfs(
         with image.open("wb") as f:
             f.truncate(disk_mib * MIB)
         capacity = _inode_capacity(mkfs, image, disk_mib, cancel)
-        if capacity is not None and inodes + RESERVED_INODES > capacity:
+        # `inodes` counts the root directory, which is one of ext4's reserved inodes (inode 2)
+        if capacity is not None and inodes - 1 + RESERVED_INODES > capacity:
             raise _too_many_inodes(mkfs, image, disk_mib, inodes, capacity, needed, cancel)
         proc = _run_cancellable([mkfs, *MKFS_FLAGS, "-d", str(tree), str(image)], cancel)
         if proc.returncode != 0:
@@ -350,3 +351,60 @@ class TemplateCache:
             if now - disk.stat().st_mtime > RECENT_USE_S:
                 disk.with_suffix(".json").unlink(missing_ok=True)
                 disk.unlink(missing_ok=True)
+
+
+# --- inode count ------------------------------------------------------------------------------------
+# What `mkfs.ext4` with MKFS_FLAGS gives a disk, so that unpacking can refuse an image with more files
+# than its disk can hold while it extracts, not after a tree of millions of files is built. The
+# figures are e2fsprogs' defaults (mke2fs.conf usage types by size: floppy < 3 MiB, small < 512 MiB,
+# big >= 4 TiB, huge >= 16 TiB; 256-byte inodes) and its rounding in ext2fs_initialize(); a unit test
+# checks them against the real mkfs.ext4.
+_EXT4_TYPES = ((3, 1024, 8192), (512, 1024, 4096), (4 << 20, 4096, 16384), (16 << 20, 4096, 32768))
+_EXT4_HUGE = (4096, 65536)
+_EXT4_INODE_SIZE = 256
+_EXT4_DESC_SIZE = 64  # the 64bit feature is on in mke2fs.conf's ext4 features
+EXT4_RESERVED_INODES = 11  # 1-10 are reserved (the root is 2), 11 is lost+found; the rest: the tree's
+
+
+def ext4_inode_count(disk_mib: int) -> int:
+    """How many inodes `mkfs.ext4` (MKFS_FLAGS, stock mke2fs.conf) makes on a disk of ``disk_mib`` MiB."""
+    blocksize, ratio = next(((b, r) for limit, b, r in _EXT4_TYPES if disk_mib < limit), _EXT4_HUGE)
+    blocks = requested = disk_mib * MIB // blocksize
+    first_data_block = 1 if blocksize == 1024 else 0
+    per_group = blocksize * 8
+    desc_per_block = blocksize // _EXT4_DESC_SIZE
+    wanted = max(requested * blocksize // ratio, 12)
+    while True:
+        groups = _ceil(blocks - first_data_block, per_group)
+        desc_blocks = _ceil(groups, desc_per_block)
+        table_blocks = _ceil(_ceil(wanted, groups) * _EXT4_INODE_SIZE, blocksize)
+        inodes_per_group = (table_blocks * blocksize // _EXT4_INODE_SIZE) & ~7  # whole blocks, then /8
+        table_blocks = _ceil(inodes_per_group * _EXT4_INODE_SIZE, blocksize)
+        # A last group too small for its own metadata (+50 blocks) is dropped and the sums redone.
+        growth = blocks * 1024 if blocks < 0xFFFFFFFF // 1024 else 0xFFFFFFFF
+        reserved_gdt = _ceil(_ceil(growth - first_data_block, per_group), desc_per_block) - desc_blocks
+        last_overhead = 2 + table_blocks
+        if _has_super_backup(groups - 1):
+            last_overhead += 1 + desc_blocks + min(reserved_gdt, blocksize // 4)
+        rest = (blocks - first_data_block) % per_group
+        if rest and rest < last_overhead + 50:
+            blocks -= rest
+            continue
+        return inodes_per_group * groups
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _has_super_backup(group: int) -> bool:
+    """sparse_super: groups 0, 1 and powers of 3, 5 and 7 hold a superblock copy."""
+    if group <= 1:
+        return True
+    for base in (3, 5, 7):
+        power = base
+        while power < group:
+            power *= base
+        if power == group:
+            return True
+    return False

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,19 @@ def fake_bundle(cache: Path) -> None:
     (kernel / "bundle.json").write_text(json.dumps({"release": "x", "kernel": "vmlinuz", "modules": []}))
 
 
+@pytest.fixture
+async def patient_server() -> AsyncIterator[FakeBencher]:
+    """A paused runner sends nothing but pings (every 20 s): give idle connections the real 90 s."""
+    srv = FakeBencher(key=KEY, heartbeat_timeout=90.0, grace_period=60.0)
+    await srv.start()
+    yield srv
+    await srv.close()
+
+
 async def test_a_marker_during_a_job_lets_it_finish_then_pauses_until_removed(
-    server: FakeBencher, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    patient_server: FakeBencher, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    server = patient_server
     caplog.set_level(logging.INFO, logger="bencher_runner")
     cache, run = tmp_path / "cache", tmp_path / "run"
     fake_bundle(cache)

@@ -79,11 +79,16 @@ def test_an_untrusted_certificate_fails_at_once_saying_what_to_do(
     assert "certificate" in text and "SSL_CERT_FILE" in text and reg.host in text, text
 
 
-def test_a_plain_http_registry_addressed_as_https_says_so(tmp_path: Path, registry: Registry) -> None:
+def test_a_plain_http_loopback_registry_addressed_as_https_falls_back_saying_so(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """Issue #17: as Docker does for loopback registries, HTTPS first, then plain HTTP, with a warning
+    (other hosts never fall back: tests/unit/test_http_fallback.py)."""
+    warned: list[str] = []
     with pytest.raises(ImageError) as err:
-        open_image(f"{registry.host}/tls/proj:v1", cache_dir=tmp_path / "cache")
-    text = str(err.value)
-    assert "TLS failed" in text and "--insecure-registry" in text, text
+        open_image(f"{registry.host}/tls/nothing-here:v1", cache_dir=tmp_path / "cache", warn=warned.append)
+    assert "has no manifest v1" in str(err.value), err.value  # the HTTP request reached the registry
+    assert len(warned) == 1 and "does not speak TLS" in warned[0] and registry.host in warned[0], warned
 
 
 def test_a_cancel_breaks_off_an_https_read_the_registry_never_answers(

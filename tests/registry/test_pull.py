@@ -300,3 +300,19 @@ def test_concurrent_pulls_share_the_cache(
     assert len(results) == 3 and all(r == results[0] for r in results), results
     gets = [path for (_, path, _) in faults.blob_gets()]
     assert len(gets) == len(set(gets)) == 3  # config + 2 layers, each downloaded once
+
+
+def test_a_loopback_registry_without_tls_is_pulled_without_insecure_registry(
+    registry: Registry, pushed: dict[str, str], tmp_path: Path
+) -> None:
+    """Issue #17: HTTPS is tried, the registry answers in plain HTTP, the pull goes on over HTTP."""
+    warned: list[str] = []
+    image = open_image(
+        f"{registry.host}/plain@{pushed['plain']}", cache_dir=tmp_path / "cache", warn=warned.append
+    )
+    assert image.manifest_digest == pushed["plain"] and len(image.layers) == 2
+    assert len(warned) == 1, warned
+    assert f"registry {registry.host} does not speak TLS" in warned[0] and "plain HTTP" in warned[0]
+    warned.clear()
+    open_image(f"{registry.host}/plain:v1", cache_dir=tmp_path / "cache", insecure=True, warn=warned.append)
+    assert warned == []  # --insecure-registry: HTTP from the start, nothing to say for loopback

@@ -15,6 +15,7 @@ import json
 import os
 import platform as _platform
 import stat
+import subprocess
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -210,6 +211,24 @@ def write_tar(entries: Sequence[Entry], out: IO[bytes]) -> None:
                 tar.addfile(ti, io.BufferedReader(_Zeros(e.data, e.zeros), 1 << 20))
             else:
                 tar.addfile(ti)
+
+
+def sparse_tar(name: str, size: int, workdir: Path, data: bytes = b"x") -> bytes:
+    """An uncompressed GNU tar holding ``name``, a sparse file of ``size`` apparent bytes (``data`` at
+    its start, the rest a hole), written by GNU tar --sparse: a few KiB whatever ``size`` is."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = workdir / name
+    with src.open("wb") as f:
+        f.write(data)
+        f.truncate(size)
+    try:
+        return subprocess.run(
+            ["tar", "--sparse", "--format=gnu", "-C", str(workdir), "-cf", "-", name],
+            check=True,
+            capture_output=True,
+        ).stdout
+    finally:
+        src.unlink()
 
 
 def layer_bytes(entries: Sequence[Entry], compression: Compression = "gzip") -> bytes:

@@ -8,7 +8,6 @@ import pytest
 
 from bencher_runner.daemon.preflight import HostPreflight
 from bencher_runner.host.maintenance import drain, job_lock
-from bencher_runner.protocol import HostChecked
 from bencher_runner.spec.jobspec import JobOptions
 
 TCG = JobOptions(accel="tcg")  # no KVM probe in unit tests
@@ -95,7 +94,8 @@ def test_a_missing_vmm_is_not_fit(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
 def test_a_fit_host(tmp_path: Path) -> None:
     fake_bundle(tmp_path)
-    assert HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run")() == HostChecked(None)
+    verdict = HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run")()
+    assert verdict.problem is None and verdict.pause == () and verdict.health is not None
 
 
 def test_a_drained_host_is_paused_not_failing(tmp_path: Path) -> None:
@@ -117,4 +117,37 @@ def test_a_local_job_holding_the_job_lock_pauses(tmp_path: Path) -> None:
         {"kind": "maintenance", "marker": False, "lock": True},
     )
     assert f"pid {os.getpid()}" in verdict.pause[0]
-    assert HostPreflight(tmp_path, TCG, run_dir=run)() == HostChecked(None)
+    assert HostPreflight(tmp_path, TCG, run_dir=run)().pause == ()
+
+
+def test_a_health_pause_pauses_and_a_failing_disk_is_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from bencher_runner.host.health import Finding, HealthReport
+
+    fake_bundle(tmp_path)
+    throttling = Finding("cpu", "thermal", "warning", "CPU 3 is throttling", "check the cooling", pause=True)
+    failing = Finding("nvme0", "nvme", "failing", "media errors: 12", "replace the drive")
+    check = HostPreflight(
+        tmp_path,
+        TCG,
+        run_dir=tmp_path / "run",
+        health_probe=lambda: HealthReport((throttling, failing), (), ()),
+    )
+    verdict = check()
+    assert verdict.problem is None and len(verdict.pause) == 1 and "throttling" in verdict.pause[0]
+    assert verdict.reasons == ()  # no upstream reason kind for throttling
+    assert verdict.health is not None and verdict.health["state"] == "failing"
+    check()
+    assert caplog.text.count("media errors: 12") == 1
+
+
+def test_a_broken_health_probe_does_not_stop_a_fit_host(tmp_path: Path) -> None:
+    fake_bundle(tmp_path)
+
+    def broken() -> "object":
+        raise RuntimeError("boom")
+
+    check = HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run", health_probe=broken)  # type: ignore[arg-type]
+    verdict = check()
+    assert verdict.problem is None and verdict.pause == ()

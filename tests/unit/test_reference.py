@@ -353,3 +353,70 @@ def test_a_job_reports_the_plain_http_warning(tmp_path: Path, monkeypatch: pytes
     result = run_job(cfg, cache=tmp_path, reporter=Record())
     assert result.error == "stop here"
     assert any("registry.example.com over plain HTTP" in w for w in warnings), warnings
+
+
+# --- HTTPS -> HTTP fallback: only literal loopback addresses and exactly `localhost` -----------------
+
+
+@pytest.mark.parametrize(
+    "registry",
+    [
+        "127.0.0.1",
+        "127.0.0.1:5000",
+        "127.255.255.254:80",
+        "127.1.2.3",
+        "localhost",
+        "localhost:5000",
+        "[::1]",
+        "[::1]:5000",
+        "[0:0:0:0:0:0:0:1]:5000",
+    ],
+)
+def test_a_loopback_registry_may_fall_back_to_http(registry: str) -> None:
+    from bencher_runner.oci.reference import may_fall_back_to_http
+
+    assert may_fall_back_to_http(registry) is True
+
+
+@pytest.mark.parametrize(
+    "registry",
+    [
+        "example.com",
+        "registry.example.com:443",
+        "10.0.0.1:5000",
+        "192.168.1.1",
+        "127.0.0.1.example.com",
+        "127.0.0.1.example.com:5000",
+        "localhost.evil",
+        "localhost.evil:5000",
+        "evil.localhost",
+        "localhost.",
+        "LOCALHOST",
+        "localhost:5000:1",
+        "0x7f.1",
+        "0x7f.0.0.1",
+        "127.1",
+        "127.0.1",
+        "2130706433",
+        "0177.0.0.1",
+        "127.000.000.001",
+        "::1",
+        "[::1",
+        "[::1]x",
+        "[::2]",
+        "[::1%lo]",
+        "[::ffff:127.0.0.1]",
+        "[2001:db8::1]:5000",
+        "127.0.0.1:",
+        "127.0.0.1:0",
+        "127.0.0.1:99999",
+        "127.0.0.1:+80",
+        "127.0.0.1 ",
+        " localhost",
+        "",
+    ],
+)
+def test_no_other_registry_ever_falls_back_to_http(registry: str) -> None:
+    from bencher_runner.oci.reference import may_fall_back_to_http
+
+    assert may_fall_back_to_http(registry) is False

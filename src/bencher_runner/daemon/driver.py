@@ -297,11 +297,12 @@ class Daemon:
                 raise event[1]
             else:  # pragma: no cover
                 continue
+            actions = self.protocol.handle(inp, now)
             if kind == "finished":  # the protocol lets go of the job; its messages still belong to it
                 current_job.set(event[1])
-            else:
+            else:  # after the input: a `job` message's own lines carry the job it claimed
                 current_job.set(self.protocol.job.uuid if self.protocol.job is not None else None)
-            code = await self._execute(self.protocol.handle(inp, now))
+            code = await self._execute(actions)
             self._publish_status(force=kind == "host")
             if code is not None:
                 return code

@@ -15,6 +15,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bencher_runner.host.health import (
+    HealthCache,
+    HealthReport,
+    health_json,
+    new_problems,
+    pause_reasons,
+    probe_health,
+)
 from bencher_runner.host.maintenance import job_lock_holder, markers
 from bencher_runner.host.maintenance import run_dir as default_run_dir
 from bencher_runner.paths import work_root
@@ -41,9 +49,16 @@ class HostPreflight:
         fetch_kernel: Callable[[Path], object] | None = None,
         min_free_bytes: int = MIN_FREE_BYTES,
         run_dir: Path | None = None,
+        health_probe: Callable[[], HealthReport] | None = None,
     ) -> None:
         self.cache = cache
         self.run_dir = run_dir or default_run_dir()
+        self._health_cache = HealthCache()
+        self.health_probe = health_probe or (
+            lambda: probe_health(now=time.monotonic(), cache=self._health_cache)
+        )
+        self._last_health: HealthReport | None = None
+        self._health_broken = False
         self.options = options
         self.fetch_kernel = fetch_kernel
         self.min_free_bytes = min_free_bytes
@@ -62,20 +77,45 @@ class HostPreflight:
             return self._pause()
 
     def _pause(self) -> HostChecked:
-        """Fit, but should it take a job now? Not while drained or while a local job holds the host."""
+        """Fit, but should it take a job now? Not while drained, while a local job holds the host, or
+        while its health says a measurement would be noise (a RAID sync, CPU throttling)."""
         directory = self.run_dir
         drained = markers(directory)
         holder = job_lock_holder(directory)
         pause: list[str] = []
+        reasons: list[Message] = []
         if drained:
             names = ", ".join(f"maintenance.{n}" if n else "maintenance" for n in drained)
             pause.append(f"drained by {names} in {directory} (`runner undrain` resumes)")
         if holder is not None:
             pause.append(f"a local job ({holder}) holds the host's job lock")
-        reasons: tuple[Message, ...] = ()
         if pause:
-            reasons = ({"kind": "maintenance", "marker": bool(drained), "lock": holder is not None},)
-        return HostChecked(None, tuple(pause), reasons)
+            reasons.append({"kind": "maintenance", "marker": bool(drained), "lock": holder is not None})
+        report = self._health()
+        health: Message | None = None
+        if report is not None:
+            pause += [finding.text for finding in report.pauses]
+            reasons += pause_reasons(report)
+            health = health_json(report)
+        return HostChecked(None, tuple(pause), tuple(reasons), health)
+
+    def _health(self) -> HealthReport | None:
+        """The health probe (host/health.py); its new problems are logged once, a failing disk as an
+        error. A probe that breaks is logged and ignored: it must not keep a fit host from working."""
+        try:
+            report = self.health_probe()
+        except Exception as err:
+            if not self._health_broken:
+                log.error("the host health probe failed: %s: %s", type(err).__name__, err)
+            self._health_broken = True
+            return None
+        self._health_broken = False
+        for finding in new_problems(self._last_health, report):
+            log.log(
+                logging.ERROR if finding.state == "failing" else logging.WARNING, "health: %s", finding.text
+            )
+        self._last_health = report
+        return report
 
     def _check(self) -> None:
         from bencher_runner.sandbox.agent import find_agent

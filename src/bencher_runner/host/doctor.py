@@ -2,7 +2,9 @@
 
 Each check gives a status and, for every problem, the fix. Only missing essentials (QEMU, the kernel
 bundle, the guest agent, mkfs.ext4) are failures; TCG-only, a virtualised host, no isolation boot args,
-irqbalance and cgroup v1 are warnings, because jobs still run, just with noisier timings. Checks are
+irqbalance and cgroup v1 are warnings, because jobs still run, just with noisier timings. The `health:`
+rows show the probe `runner up` runs before each `ready`: a failing disk or RAID array is a failure
+(someone must replace it), a sync in progress or an unsynchronised clock a warning. Checks are
 functions of injectable paths and commands so tests can drive them.
 """
 
@@ -10,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +20,7 @@ from typing import Literal
 
 from bencher_runner.host.cgroup import CGROUP_ROOT, WANTED_CONTROLLERS, cgroup_v2_controllers
 from bencher_runner.host.cpus import format_cpu_list, online_cpus, partition
+from bencher_runner.host.health import HealthReport, Severity, probe_health
 from bencher_runner.host.tuning import HostPaths, TuningOptions, TuningPlan, preview
 from bencher_runner.sandbox.accel import cached_kvm_problem, kvm_device_problem, probe_kvm_boot
 from bencher_runner.sandbox.agent import find_agent
@@ -39,6 +43,13 @@ _VIRT_VENDORS = (
 )
 
 
+_HEALTH_STATUS: dict[Severity, Status] = {"ok": "ok", "warning": "warn", "failing": "fail"}
+
+
+def _probe_this_host() -> HealthReport:
+    return probe_health(Path("/"), now=time.monotonic(), cache=None)
+
+
 @dataclass(frozen=True)
 class Check:
     name: str
@@ -56,6 +67,7 @@ class DoctorEnv:
     cgroup_root: Path = CGROUP_ROOT
     which: Callable[[str], str | None] = shutil.which
     kvm_probe: Callable[[str, Path], str | None] = probe_kvm_boot
+    health: Callable[[], HealthReport] = _probe_this_host
 
 
 def _version(argv: list[str]) -> str:
@@ -220,6 +232,21 @@ def check_tuning(paths: HostPaths) -> list[Check]:
     ]
 
 
+def check_health(env: DoctorEnv) -> list[Check]:
+    """`health: md0`, `health: nvme0`, `health: thermal`, `health: clock`: the probe `runner up` runs
+    before each `ready` (host/health.py). A failing disk fails here even though it does not pause
+    claiming: it needs a person."""
+    return [
+        Check(
+            f"health: {f.device if f.kind in ('raid', 'nvme') else f.kind}",
+            _HEALTH_STATUS[f.state],
+            f.detail,
+            f.fix,
+        )
+        for f in env.health().findings
+    ]
+
+
 def run_checks(env: DoctorEnv) -> list[Check]:
     checks, qemu, kernel = check_essentials(env)
     checks.insert(0, check_kvm(env, qemu, kernel))
@@ -240,6 +267,7 @@ def run_checks(env: DoctorEnv) -> list[Check]:
     checks.append(check_isolation_args(cmdline, cpus))
     checks.append(check_irqbalance(env.paths.proc))
     checks.append(check_virtualised(env.paths, env.which))
+    checks.extend(check_health(env))
     checks.extend(check_tuning(env.paths))
     return checks
 

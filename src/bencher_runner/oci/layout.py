@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -271,24 +271,23 @@ def _platform_name(desc: _Descriptor) -> str:
     return escape(f"{p.os}/{p.architecture}" + (f"/{p.variant}" if p.variant else ""), 100)
 
 
-def _select_tagged(index: _Index, tag: str | None, layout_dir: Path, arch: str) -> _Descriptor:
+def _select_tagged(index: _Index, tag: str | None, source: LayoutSource, arch: str) -> _Descriptor:
     entries = index.manifests
+    where = source.name
     if tag is not None:
         chosen = [d for d in entries if d.ref_name == tag]
         if not chosen:
-            raise ImageError(
-                f"tag {tag!r} not found in image layout {layout_dir}; available tags: {_tags(entries)}"
-            )
+            raise ImageError(f"tag {tag!r} not found in {where}; available tags: {_tags(entries)}")
         return chosen[0]
     if not entries:
-        raise ImageError(f"image layout {layout_dir} holds no image (index.json lists no manifests)")
+        raise ImageError(f"{where} holds no image (index.json lists no manifests)")
     if len(entries) == 1:
         return entries[0]
     # Several untagged per-platform manifests directly in index.json: choose like an image index.
     if all(d.ref_name is None and d.platform is not None for d in entries):
-        return _select_platform(entries, arch, f"image layout {layout_dir}")
+        return _select_platform(entries, arch, where)
     raise ImageError(
-        f"image layout {layout_dir} holds {len(entries)} images; choose one with DIR:TAG "
+        f"{where} holds {len(entries)} images; choose one with {source.tag_form} "
         f"(available tags: {_tags(entries)})"
     )
 
@@ -316,13 +315,76 @@ def _check_media_type(desc: _Descriptor, allowed: frozenset[str], what: str) -> 
         )
 
 
-def _check_layout_marker(layout_dir: Path) -> None:
-    marker = _parse(
-        _LayoutMarker, _read_bounded(layout_dir / "oci-layout", "oci-layout file"), "oci-layout file"
-    )
+class LayoutSource(Protocol):
+    """Where the files of an OCI layout come from: a directory (:class:`DirectorySource`) or the
+    members of a tar archive (:mod:`bencher_runner.oci.archive`). Every method verifies what it
+    returns; :func:`read_layout` does the choosing, the same for both."""
+
+    @property
+    def name(self) -> str:
+        """How errors name it: ``image layout DIR``, ``archive FILE``."""
+        ...
+
+    @property
+    def tag_form(self) -> str:
+        """How a user chooses a tag in it: ``DIR:TAG``."""
+        ...
+
+    @property
+    def root(self) -> Path:
+        """The directory the verified blobs live under (``LocalImage.layout_dir``)."""
+        ...
+
+    def describe(self, name: str) -> str:
+        """How errors name the file ``name`` (``oci-layout``, ``index.json``) of the layout."""
+        ...
+
+    def read_file(self, name: str) -> bytes:
+        """``oci-layout`` or ``index.json``, bounded by :data:`MAX_JSON_BYTES`."""
+        ...
+
+    def read_json_blob(self, desc: _Descriptor, what: str) -> bytes:
+        """A manifest, index or config blob, bounded and checked against size and digest."""
+        ...
+
+    def layer(self, desc: _Descriptor, what: str) -> Path:
+        """The path of the layer blob after its size and digest were checked."""
+        ...
+
+
+@dataclass(frozen=True)
+class DirectorySource:
+    """An OCI layout directory; its blob files are read (never followed, never blocked on) in place."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return f"image layout {self.root}"
+
+    @property
+    def tag_form(self) -> str:
+        return "DIR:TAG"
+
+    def describe(self, name: str) -> str:
+        return "oci-layout file" if name == "oci-layout" else f"{self.root}/{name}"
+
+    def read_file(self, name: str) -> bytes:
+        what = "oci-layout file" if name == "oci-layout" else name
+        return _read_bounded(self.root / name, what)
+
+    def read_json_blob(self, desc: _Descriptor, what: str) -> bytes:
+        return _read_json_blob(self.root, desc, what)
+
+    def layer(self, desc: _Descriptor, what: str) -> Path:
+        return _verify_layer(self.root, desc, what)
+
+
+def _check_layout_marker(source: LayoutSource) -> None:
+    marker = _parse(_LayoutMarker, source.read_file("oci-layout"), source.describe("oci-layout"))
     if marker.image_layout_version != OCI_LAYOUT_VERSION:
         raise ImageError(
-            f"image layout {layout_dir} has imageLayoutVersion {marker.image_layout_version!r}, "
+            f"{source.name} has imageLayoutVersion {marker.image_layout_version!r}, "
             f"only {OCI_LAYOUT_VERSION!r} is supported; write the layout again with a current tool"
         )
 
@@ -332,9 +394,15 @@ def open_layout(ref: str, *, arch: str = HOST_ARCH) -> LocalImage:
     layout_dir, tag = parse_layout_ref(ref)
     if not layout_dir.is_dir():
         raise ImageError(f"image layout {layout_dir} is not a directory; pass an OCI image layout directory")
-    _check_layout_marker(layout_dir)
-    top = _parse(_Index, _read_bounded(layout_dir / "index.json", "index.json"), f"{layout_dir}/index.json")
-    desc = _select_tagged(top, tag, layout_dir, arch)
+    return read_layout(DirectorySource(layout_dir), tag, arch=arch)
+
+
+def read_layout(source: LayoutSource, tag: str | None, *, arch: str = HOST_ARCH) -> LocalImage:
+    """Choose the image tagged ``tag`` (or the only one) for linux/``arch`` from ``source``'s
+    index.json, following nested indexes, and verify its manifest, config and every layer."""
+    _check_layout_marker(source)
+    top = _parse(_Index, source.read_file("index.json"), source.describe("index.json"))
+    desc = _select_tagged(top, tag, source, arch)
 
     depth = 0
     while desc.media_type in INDEX_TYPES:
@@ -344,7 +412,7 @@ def open_layout(ref: str, *, arch: str = HOST_ARCH) -> LocalImage:
                 f"image index {desc.digest} nests more than {MAX_INDEX_DEPTH} indexes; {_REBUILD}"
             )
         what = "image index"
-        child = _parse(_Index, _read_json_blob(layout_dir, desc, what), f"{what} {desc.digest}")
+        child = _parse(_Index, source.read_json_blob(desc, what), f"{what} {desc.digest}")
         if child.media_type is not None and child.media_type != desc.media_type:
             raise ImageError(
                 f"{what} {desc.digest} declares media type {child.media_type!r} but its descriptor says "
@@ -353,7 +421,7 @@ def open_layout(ref: str, *, arch: str = HOST_ARCH) -> LocalImage:
         desc = _select_platform(child.manifests, arch, f"{what} {desc.digest}")
 
     _check_media_type(desc, MANIFEST_TYPES, "manifest")
-    manifest = _parse(_Manifest, _read_json_blob(layout_dir, desc, "manifest"), f"manifest {desc.digest}")
+    manifest = _parse(_Manifest, source.read_json_blob(desc, "manifest"), f"manifest {desc.digest}")
     if manifest.media_type is not None and manifest.media_type != desc.media_type:
         raise ImageError(
             f"manifest {desc.digest} declares media type {manifest.media_type!r} but its descriptor says "
@@ -363,18 +431,18 @@ def open_layout(ref: str, *, arch: str = HOST_ARCH) -> LocalImage:
     _check_media_type(manifest.config, CONFIG_TYPES, "image config")
     for layer in manifest.layers:
         _check_media_type(layer, LAYER_TYPES, "layer")
-    config = parse_image_config(_read_json_blob(layout_dir, manifest.config, "image config"))
+    config = parse_image_config(source.read_json_blob(manifest.config, "image config"))
     layers = tuple(
         LayerRef(
             digest=layer.digest,
             media_type=layer.media_type,
             size=layer.size,
-            path=_verify_layer(layout_dir, layer, "layer"),
+            path=source.layer(layer, "layer"),
         )
         for layer in manifest.layers
     )
     return LocalImage(
-        layout_dir=layout_dir,
+        layout_dir=source.root,
         manifest_digest=desc.digest,
         config_digest=manifest.config.digest,
         config=config,

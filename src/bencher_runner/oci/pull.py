@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import json
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO, Literal
@@ -201,6 +202,7 @@ def pull_image(
     backoff: float = 0.5,
     verify_tls: bool | str = True,
     cancel: threading.Event | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> LocalImage:
     """Pull ``ref`` (choosing linux/``arch`` from an index) into the blob cache at ``cache_dir``.
 
@@ -208,11 +210,12 @@ def pull_image(
     is ``cache_dir``. ``cache_max_bytes``: after the pull, prune least recently used blobs (never
     this image's) until the cache is at most that size. ``cancel``: once set, the pull sends no further
     request and its waits (retry backoff, another process's download of a blob) end with
-    :class:`CanceledError`.
+    :class:`CanceledError`. ``warn`` hears that a loopback registry is used over plain HTTP because
+    it did not speak TLS.
     """
     cache = BlobCache(cache_dir)
     client = RegistryClient(
-        ref, credentials, retries=retries, backoff=backoff, verify=verify_tls, cancel=cancel
+        ref, credentials, retries=retries, backoff=backoff, verify=verify_tls, cancel=cancel, warn=warn
     )
     with client, client.redacting():  # no error text carries a secret, whatever the registry echoed
         puller = _Puller(ref, cache, client, progress, cancel)

@@ -8,6 +8,7 @@ The registry host is always explicit (no implicit Docker Hub), and ``http://`` i
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 
@@ -62,6 +63,40 @@ class ImageReference:
         if self.digest is not None:
             text += f"@{self.digest}"
         return text
+
+
+_PORT_RE = re.compile(r"[0-9]{1,5}")
+
+
+def may_fall_back_to_http(registry: str) -> bool:
+    """Whether ``host[:port]`` names this machine literally, so that a failed TLS handshake may be
+    retried over plain HTTP (as Docker does for loopback registries).
+
+    Strict on purpose, since it decides when TLS is given up: exactly ``localhost``, a dotted-quad
+    IPv4 address in 127.0.0.0/8 (no ``127.1``, hex, octal or integer forms), or ``[::1]`` (bracketed,
+    no zone); an optional port 1-65535. Names that merely resolve to loopback do not count.
+    """
+    if registry.startswith("["):
+        inside, bracket, rest = registry[1:].partition("]")
+        host, port = inside, rest.removeprefix(":") if rest.startswith(":") else None
+        if not bracket or (rest and port is None):
+            return False
+    else:
+        host, colon, port_text = registry.partition(":")
+        port = port_text if colon else None
+    if port is not None and not (_PORT_RE.fullmatch(port) and 0 < int(port) <= 65535):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)  # refuses 127.1, 0x7f.1, leading zeros, spaces
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address):
+        return (
+            registry.startswith("[") and address.scope_id is None and address == ipaddress.IPv6Address("::1")
+        )
+    return not registry.startswith("[") and address.is_loopback
 
 
 def _looks_like_host(part: str) -> bool:

@@ -5,13 +5,17 @@ directly, and used to answer a ``WWW-Authenticate: Bearer`` challenge), a userna
 nothing. Everything a registry returns is untrusted: manifests are read with a size bound, blob bodies
 are hashed while they stream and never allowed past their descriptor's size, and the caller compares
 digests. Transient failures (connection drops, 429, 5xx) are retried with backoff and an interrupted
-blob resumes with a Range request. Secrets never appear in messages or reprs.
+blob resumes with a Range request. Secrets never appear in messages or reprs. A registry on this
+machine (``localhost``, 127.0.0.0/8, ``[::1]``, literally) whose answer to the TLS handshake is plain
+HTTP is used over HTTP from then on, with one warning, as Docker does; no other host ever is.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import logging
 import re
 import socket
 import ssl
@@ -31,7 +35,7 @@ from bencher_runner.oci.blobcache import CANCELED_PULL
 from bencher_runner.oci.credentials import Credentials, check_token
 from bencher_runner.oci.digest import Hasher, parse_digest
 from bencher_runner.oci.layout import INDEX_TYPES, MANIFEST_TYPES
-from bencher_runner.oci.reference import ImageReference
+from bencher_runner.oci.reference import ImageReference, may_fall_back_to_http
 from bencher_runner.oci.untrusted import escape, quote
 from bencher_runner.spec.errors import CanceledError, ImageError, RunnerError
 
@@ -44,6 +48,8 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 CANCEL_POLL_SECONDS = 0.1  # how soon a canceled pull breaks off a read the registry never answers
 MANIFEST_ACCEPT = ", ".join(sorted(MANIFEST_TYPES | INDEX_TYPES))
 USER_AGENT = f"bencher-runner/{__version__}"
+
+log = logging.getLogger("bencher_runner.oci.registry")
 
 _PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^,\s]*)\s*,?')
 
@@ -114,6 +120,19 @@ def _transport_detail(err: BaseException) -> str:
     return f"{type(err).__name__}: {escape(err, 200)}"
 
 
+def _tls_protocol_error(err: BaseException) -> ssl.SSLError | None:
+    """The TLS error (not a certificate refusal) in ``err``'s cause chain: what a handshake with a
+    server that speaks plain HTTP ends with (``WRONG_VERSION_NUMBER``, ``record layer failure``)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return None
+        if isinstance(seen, ssl.SSLError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _tls_problem(err: BaseException) -> str | None:
     """A user-facing reason when ``err`` is a TLS failure (found in its cause chain), else None."""
     seen: BaseException | None = err
@@ -125,8 +144,8 @@ def _tls_problem(err: BaseException) -> str | None:
             )
         if isinstance(seen, ssl.SSLError):
             return (
-                f"TLS failed ({seen.reason or seen}); if the registry serves plain HTTP on loopback, "
-                "use an http:// registry URL (`runner run --insecure-registry`)"
+                f"TLS failed ({getattr(seen, 'reason', None) or seen}); if the registry serves plain HTTP "
+                "(and the network is trusted), use an http:// registry URL (`runner run --insecure-registry`)"
             )
         seen = seen.__cause__ or seen.__context__
     return None
@@ -193,8 +212,13 @@ class RegistryClient:
         verify: bool | str = True,
         transport: httpx.BaseTransport | None = None,
         cancel: threading.Event | None = None,
+        warn: Callable[[str], None] | None = None,
     ) -> None:
         self.ref = ref
+        self._warn = warn
+        # HTTPS first; a loopback registry that answers the handshake in plain HTTP is used over HTTP
+        self._https_prefix = f"{dataclasses.replace(ref, insecure=False).base_url}/"
+        self._may_fall_back = not ref.insecure and may_fall_back_to_http(ref.registry)
         self._cancel = cancel or threading.Event()  # never set when none is given
         self._breaker = _Breaker(cancel) if cancel is not None else None
         self._creds = credentials or Credentials()
@@ -292,8 +316,45 @@ class RegistryClient:
         self._cancel.wait(delay)
         self._check_cancel()
 
+    def _fall_back_to_http(self, url: str, err: httpx.TransportError) -> bool:
+        """Switch this client to plain HTTP if ``err`` is a loopback registry speaking HTTP to our TLS
+        handshake on one of its own URLs (never a token realm or a redirect elsewhere). Warns once."""
+        if not self._may_fall_back or not url.startswith(self._https_prefix):
+            return False
+        try:
+            failed = str(err.request.url)  # a redirect's target when the redirect failed
+        except RuntimeError:  # no request attached
+            failed = url
+        if not failed.startswith(self._https_prefix):
+            return False
+        tls = _tls_protocol_error(err)
+        if tls is None:
+            return False
+        with self._lock:
+            if self._may_fall_back:
+                self._may_fall_back = False
+                self.ref = dataclasses.replace(self.ref, insecure=True)
+                reason = escape(getattr(tls, "reason", None) or tls, 100)
+                text = (
+                    f"registry {self.ref.registry} does not speak TLS ({reason}); it "
+                    "is on this machine, so the pull goes on over plain HTTP, as Docker does for loopback "
+                    "registries (pass --insecure-registry to use HTTP from the start)"
+                )
+                if self._warn is not None:
+                    self._warn(text)
+                else:
+                    log.warning("%s", text)
+        return True
+
+    def _effective_url(self, url: str) -> str:
+        """``url`` with https:// turned into http:// for the registry's own URLs once it fell back."""
+        if self.ref.insecure and url.startswith(self._https_prefix):
+            return "http://" + url.removeprefix("https://")
+        return url
+
     def _send_once(self, method: str, url: str, headers: dict[str, str], auth: str | None) -> httpx.Response:
         self._check_cancel()  # a canceled pull sends nothing more
+        url = self._effective_url(url)
         hdrs = dict(headers)
         if auth is not None:
             hdrs["Authorization"] = auth
@@ -303,6 +364,8 @@ class RegistryClient:
             return self._client.send(request, stream=True)
         except httpx.TransportError as e:
             self._check_cancel()  # a connection broken off by the cancel is no TLS problem
+            if self._fall_back_to_http(url, e):
+                return self._send_once(method, url, headers, auth)
             tls = _tls_problem(e)
             if tls is not None:  # a certificate does not get better by retrying: no caller retries this
                 where = request.url.netloc.decode()

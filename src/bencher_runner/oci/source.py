@@ -1,25 +1,29 @@
-"""One entry point for "get me this image": a local OCI layout or a registry pull.
+"""One entry point for "get me this image": a local OCI layout or archive, or a registry pull.
 
 ``job.py`` calls :func:`open_image` with whatever the user or the job named, and says whether a local
-layout is allowed at all (``RunConfig.allow_local_image``): for ``runner run`` an existing path (or
-``DIR:TAG`` whose DIR exists) is a local layout, so a directory that happens to look like a reference
-still works; anything else must parse as a registry reference and is pulled into the blob cache. A
-server's job never names a host directory: its image is a registry reference, and the filesystem is
-not even looked at for it.
+image is allowed at all (``RunConfig.allow_local_image``): for ``runner run``, ``oci-archive:FILE`` /
+``docker-archive:FILE`` and an existing regular file (``FILE[:TAG]``) are archives
+(:mod:`~bencher_runner.oci.archive`), an existing directory (or ``DIR:TAG`` whose DIR exists) is a
+local layout, so a directory that happens to look like a reference still works; anything else must
+parse as a registry reference and is pulled into the blob cache. A server's job never names a host
+path: its image is a registry reference, and the filesystem is not even looked at for it.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from bencher_runner.oci.archive import PREFIXES as ARCHIVE_PREFIXES
+from bencher_runner.oci.archive import open_archive, parse_archive_ref
 from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.layout import HOST_ARCH, LocalImage, open_layout
 from bencher_runner.oci.progress import ProgressCallback
-from bencher_runner.oci.reference import ImageReference, parse_reference
+from bencher_runner.oci.reference import ImageReference, may_fall_back_to_http, parse_reference
+from bencher_runner.oci.untrusted import quote
 from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.errors import ImageError
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 2**30  # compressed: config + layers as the manifest declares them
 
@@ -35,15 +39,9 @@ def is_local_layout(image: str) -> bool:
 
 
 def is_loopback(registry: str) -> bool:
-    """Whether ``host[:port]`` names this machine: ``localhost``, 127.0.0.0/8 or ``[::1]``."""
-    host = registry[1:].partition("]")[0] if registry.startswith("[") else registry.rpartition(":")[0]
-    host = host or registry
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    """Whether ``host[:port]`` names this machine: ``localhost``, 127.0.0.0/8 or ``[::1]``, literally
+    (the same strict test as the HTTPS -> HTTP fallback's)."""
+    return may_fall_back_to_http(registry)
 
 
 def plain_http_warning(ref: ImageReference) -> str | None:
@@ -84,16 +82,33 @@ def open_image(
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     cache_max_bytes: int | None = None,
 ) -> LocalImage:
-    """Open a local layout (``DIR``/``DIR:TAG``) or pull ``[http://]host[:port]/repo[:tag][@digest]``.
+    """Open a local archive (``oci-archive:FILE[:TAG]``, ``docker-archive:FILE[:NAME:TAG]``,
+    ``FILE[:TAG]``) or layout (``DIR[:TAG]``), or pull ``[http://]host[:port]/repo[:tag][@digest]``.
 
     ``cache_dir`` is the blob cache root (see :func:`~bencher_runner.oci.blobcache.image_cache_dir`);
     ``insecure`` pulls over plain HTTP. ``allow_local=False`` (a server's job): ``image`` must be a
     registry reference, whatever exists on this host under that name. ``cancel``: the pull ends with
     CanceledError soon after it is set, wherever it waits. ``warn`` hears about plain HTTP to another
-    host.
+    host, and about a loopback registry used over plain HTTP because it did not speak TLS.
     """
-    if allow_local and is_local_layout(image):
-        return open_layout(image, arch=arch)
+    if allow_local:
+        archive = parse_archive_ref(image)
+        if archive is not None:
+            return open_archive(
+                archive,
+                cache_dir=cache_dir,
+                arch=arch,
+                max_image_bytes=max_image_bytes,
+                progress=progress,
+                cancel=cancel,
+            )
+        if is_local_layout(image):
+            return open_layout(image, arch=arch)
+    elif image.startswith(ARCHIVE_PREFIXES):
+        raise ImageError(
+            f"image {quote(image, 100)} names an archive on this host; a job's image comes from a "
+            "registry only, never a local file"
+        )
     ref = parse_reference(image, insecure=insecure, layouts=allow_local)
     warning = plain_http_warning(ref)
     if warning is not None and warn is not None:
@@ -109,4 +124,5 @@ def open_image(
         cache_max_bytes=cache_max_bytes,
         progress=progress,
         cancel=cancel,
+        warn=warn,
     )

@@ -1,11 +1,15 @@
 """Apply image layers, in order, into a directory tree that becomes the guest's root disk.
 
 Layers are untrusted tar streams and the runner is root, so extraction is done by hand rather than
-with ``tarfile.extractall``: every path is resolved inside ``dest`` with chroot semantics (symlinks
-planted by earlier entries are followed as if ``dest`` were ``/``, never out of it), the final
+with ``tarfile.extractall``. Every operation is relative to a directory fd reached from ``dest``
+without following any symlink (see :class:`_Tree`), so a symlink planted by an entry, earlier or later
+in the layer, can never redirect a write, a chown, a chmod, an xattr or a deletion outside ``dest``.
+Symlinks in paths are resolved by hand with chroot semantics (``dest`` is ``/``), the final
 component is never followed, names that climb out of the root are refused, whiteouts follow the OCI
-layer rules, device nodes are skipped (the guest's /dev is a devtmpfs) and a byte budget stops
-decompression bombs. Layers are streamed; nothing is loaded into memory whole.
+layer rules, device nodes are skipped (the guest's /dev is a devtmpfs), and a budget of bytes and
+inodes (a job's: its disk, see :class:`ByteBudget`) stops decompression bombs while they extract.
+Numbers that chown cannot take are refused, mtimes are clamped to ext4's range, and every error is
+one printable UTF-8 line (:func:`_safe`). Layers are streamed; nothing is loaded into memory whole.
 """
 
 from __future__ import annotations
@@ -13,15 +17,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
+import math
+import mmap
 import os
 import queue
-import shutil
 import stat
 import tarfile
 import threading
 import zlib
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Protocol, cast
@@ -30,13 +35,21 @@ import zstandard
 from isal import igzip, isal_zlib
 
 from bencher_runner.oci.layout import LayerRef
-from bencher_runner.spec.errors import ImageError, UnsafeImageError
+from bencher_runner.spec.errors import ImageError, RunnerError, UnsafeImageError
 
 DEFAULT_MAX_BYTES = 64 * 2**30
 MAX_SYMLINKS = 40  # as Linux's path walk
 MAX_METADATA_BYTES = 1 << 20  # PAX / GNU long-name headers are read into memory by tarfile: bound them
 CHUNK_SIZE = 1 << 20
 READAHEAD_CHUNKS = 4  # decompressed chunks a layer's reader thread may hold ready (memory bound)
+SCAN_MAX = 4 * 2**30  # what is counted past the disk budget, to say how large a disk an image needs
+PAGE_SIZE = mmap.PAGESIZE  # what tmpfs allocates a file's data in
+FD_CACHE = 64  # directory fds a layer keeps open, most recently used first
+MAX_DEPTH = 512  # directory levels: far beyond real images, within what mkfs -d and os.walk recurse into
+PATH_MAX = 4096  # Linux's, for the host path of every entry (the tools after us use paths)
+MAX_ID = 2**32 - 2  # chown's largest uid/gid: 2**32 - 1 means "leave unchanged"
+EXT4_MIN_TIME, EXT4_MAX_TIME = -(2**31), 2**34 - 2**31 - 1  # what an ext4 inode stores (256-byte inodes)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 WHITEOUT_PREFIX = ".wh."
 OPAQUE_WHITEOUT = ".wh..wh..opq"
@@ -63,20 +76,187 @@ class UnpackStats:
     whiteouts: int = 0
 
 
+class StagingFull(ImageError):
+    """The tree passed its staging allowance (tmpfs): the caller unpacks it on disk instead."""
+
+
+@dataclass
+class StagingAllowance:
+    """What the tree may take of the tmpfs it is staged on: ``bytes`` of file pages (sizes rounded up
+    to whole pages, as tmpfs allocates them; xattrs too) and ``inodes`` (None: unbounded)."""
+
+    bytes: int
+    inodes: int | None = None
+    used_bytes: int = 0
+    used_inodes: int = 0
+
+    def charge(self, size: int, inodes: int, where: str) -> None:
+        pages = -(-size // PAGE_SIZE) * PAGE_SIZE
+        if self.used_bytes + pages > self.bytes or (
+            self.inodes is not None and self.used_inodes + inodes > self.inodes
+        ):
+            raise StagingFull(
+                f"the tree passed its memory allowance of {_human(self.bytes)}"
+                + (f" or {self.inodes} inodes" if self.inodes is not None else "")
+                + f" at {where}"
+            )
+        self.used_bytes += pages
+        self.used_inodes += inodes
+
+    def release(self, size: int, inodes: int) -> None:
+        self.used_bytes = max(0, self.used_bytes - -(-size // PAGE_SIZE) * PAGE_SIZE)
+        self.used_inodes = max(0, self.used_inodes - inodes)
+
+
 @dataclass
 class ByteBudget:
-    """Regular-file bytes allowed across all layers of one image; ``used`` grows as files are written."""
+    """What the unpacked tree may take, across all layers of one image, charged as entries are written
+    (before their data is read) and refunded when a later entry or whiteout removes them.
+
+    ``limit``: regular-file bytes at their apparent size (a sparse member is written dense, zeros and
+    all) plus xattr bytes. ``inode_limit``: files, directories, symlinks and FIFOs (a hard link shares
+    its target's inode). A job sets both from its disk (``disk_mib``), so a bomb stops at the disk
+    size while it extracts; the rest of the image is then only counted, up to a bound, so that the
+    error can say which disk it needs (``disk_for(bytes, inodes)`` -> MiB, given by the job).
+    ``staging``: the tmpfs allowance, checked against the uncompressed sizes as they are reached;
+    passing it raises :class:`StagingFull`.
+    """
 
     limit: int
     used: int = 0
+    inode_limit: int | None = None
+    inodes: int = 0
+    disk_mib: int | None = None
+    staging: StagingAllowance | None = None
+    disk_for: Callable[[int, int], int] | None = None
 
-    def charge(self, size: int, where: str) -> None:
-        if self.used + size > self.limit:
-            raise ImageError(
-                f"image unpacks to more than {self.limit} bytes (limit {_human(self.limit)}, reached at "
-                f"{where}); the image is too large or a decompression bomb; use a smaller image"
-            )
+    def charge(self, size: int, where: str, *, inodes: int = 0) -> None:
+        """Charge ``size`` bytes and ``inodes`` inodes for the entry at ``where``, or raise ImageError."""
+        over_bytes = self.used + size > self.limit
+        if over_bytes or (self.inode_limit is not None and self.inodes + inodes > self.inode_limit):
+            if self.disk_mib is None:
+                raise ImageError(self._too_big(where) if over_bytes else self._too_many(where))
+            raise _OverBudget(self, "bytes" if over_bytes else "inodes", where)
+        if self.staging is not None:
+            self.staging.charge(size, inodes, where)
         self.used += size
+        self.inodes += inodes
+
+    def release(self, st: os.stat_result) -> None:
+        """An entry was removed: refund its inode, and its bytes when it was a file's last link."""
+        last = stat.S_ISDIR(st.st_mode) or st.st_nlink <= 1
+        size = st.st_size if last and stat.S_ISREG(st.st_mode) else 0
+        inodes = 1 if last else 0
+        self.used = max(0, self.used - size)
+        self.inodes = max(0, self.inodes - inodes)
+        if self.staging is not None:
+            self.staging.release(size, inodes)
+
+    def _too_big(self, where: str) -> str:
+        return (
+            f"image unpacks to more than {self.limit} bytes (limit {_human(self.limit)}, reached at "
+            f"{where}); the image is too large or a decompression bomb; use a smaller image"
+        )
+
+    def _too_many(self, where: str) -> str:
+        return (
+            f"image has more than {self.inode_limit} files, directories and links (reached at {where}); "
+            "use an image with fewer files"
+        )
+
+    def over_disk(self, over: _OverBudget) -> str:
+        """The error for an image that does not fit its disk, with what was counted of it."""
+        found = f"found at {over.where}"
+        needed = self.disk_for(over.bytes, over.inodes) if self.disk_for and over.complete else None
+        fix = f"pass --disk {needed} or more" if needed else "pass a larger --disk"
+        fix += " (or give the job a larger disk)"
+        if over.kind == "bytes" and over.complete:
+            need = f" and need a disk of at least {needed} MiB" if needed else ""
+            return (
+                f"the image's files take {-(-over.bytes // 2**20)} MiB{need}, but the disk is "
+                f"{self.disk_mib} MiB ({found}); {fix}"
+            )
+        if over.kind == "bytes":
+            return (
+                f"the image unpacks to more than {_human(over.bytes)}, far more than its {self.disk_mib} "
+                f"MiB disk holds ({found}); if its layers are small, it is a decompression bomb; "
+                f"{fix} or use a smaller image"
+            )
+        count = str(over.inodes) if over.complete else f"more than {over.inodes}"
+        return (
+            f"the image has more files than an ext4 disk of {self.disk_mib} MiB holds: {count} files, "
+            f"directories and links for its {self.inode_limit} inodes ({found}); {fix} or use an image "
+            "with fewer files"
+        )
+
+
+class _OverBudget(ImageError):
+    """The disk budget ran out at ``where``. What follows is counted from the tar headers, not written:
+    up to a bound of decompressed bytes read (as much again as the disk, at most SCAN_MAX) and of
+    entries (twice the inodes), and unpack_layers then says how large the image is.
+    """
+
+    def __init__(self, budget: ByteBudget, kind: str, where: str) -> None:
+        self.kind = kind
+        self.where = where
+        self.bytes = budget.used
+        self.inodes = budget.inodes
+        self.complete = False  # the whole image was counted (the message up to then says "more than")
+        self.scanned = 0  # decompressed bytes read while counting
+        self._cap = budget.limit + min(budget.limit, SCAN_MAX)
+        self._inode_cap = 2 * budget.inode_limit if budget.inode_limit is not None else None
+        super().__init__(budget.over_disk(self))
+        self.complete = True
+
+    def count(self, member: tarfile.TarInfo) -> None:
+        if member.isreg():
+            self.bytes += max(0, member.size)
+        base = member.name.rstrip("/").rpartition("/")[2]
+        if not (member.islnk() or member.ischr() or member.isblk() or base.startswith(WHITEOUT_PREFIX)):
+            self.inodes += 1
+
+    def full(self) -> bool:
+        if self.scanned > self._cap or (self._inode_cap is not None and self.inodes > self._inode_cap):
+            self.complete = False
+            return True
+        return False
+
+    def scan(self, tar: tarfile.TarFile, guarded: _GuardedReader) -> None:
+        """Count the rest of ``tar``, skipping the data, until the stream read passes the bound."""
+        start = guarded.total
+        guarded.stop_at = start + self._cap - self.scanned
+        try:
+            while not self.full():
+                member = tar.next()
+                if member is None:
+                    break
+                getattr(tar, "members").clear()  # noqa: B009 - as in _apply_stream
+                self.count(member)
+                self.scanned += guarded.total - start
+                start = guarded.total
+        except _StopReading:
+            self.complete = False  # a member larger than what is left to read: "more than"
+        except (RunnerError, tarfile.TarError, OSError, EOFError):
+            self.complete = False  # a corrupt rest: what was counted is a lower bound
+        self.scanned += guarded.total - start
+
+    def scan_layer(self, layer: LayerRef) -> None:
+        try:
+            with layer.path.open("rb") as f:
+                stream, fmt = _sniff(f, layer.media_type, "")
+                guarded = _GuardedReader(stream, "", fmt)
+                try:
+                    tar = tarfile.open(  # noqa: SIM115 - closed by the `with` below
+                        fileobj=cast(IO[bytes], guarded), mode="r|", tarinfo=_BoundedTarInfo
+                    )
+                except tarfile.ReadError:
+                    if guarded.total == 0:
+                        return  # an empty layer
+                    raise
+                with tar:
+                    self.scan(tar, guarded)
+        except (RunnerError, tarfile.TarError, OSError, EOFError):
+            self.complete = False
 
 
 def _human(n: int) -> str:
@@ -86,8 +266,41 @@ def _human(n: int) -> str:
     return f"{n} B"
 
 
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _safe(text: str | None) -> str:
+    """``text`` (a tar name, a media type, an OS message) made printable, one line and UTF-8-encodable.
+
+    tarfile hands undecodable bytes over as lone surrogates (surrogateescape); those become ``\\xNN``,
+    as the bytes were. Control and line-breaking characters (and backslashes, quotes) are escaped, so
+    an error text is always one line and always survives ``json.dumps(..., ensure_ascii=False)``.
+    """
+    if text is None:
+        return ""
+    if text.isprintable() and '"' not in text and "\\" not in text:
+        return text  # the usual case, checked in C
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 def _q(name: str) -> str:
-    return json.dumps(name, ensure_ascii=False)
+    """``name`` quoted for an error text (see :func:`_safe`)."""
+    return f'"{_safe(name)}"'
 
 
 # --- reading the stream ------------------------------------------------------------------------------
@@ -186,21 +399,29 @@ _DECODE_ERRORS = (
 )  # fmt: skip
 
 
+class _StopReading(Exception):
+    """A :class:`_GuardedReader` reached its ``stop_at``."""
+
+
 class _GuardedReader:
-    """The decompressed tar stream: turns decoding failures into :class:`ImageError`, counts bytes."""
+    """The decompressed tar stream: turns decoding failures into :class:`ImageError`, counts bytes,
+    and stops (:class:`_StopReading`) once ``total`` passes ``stop_at``."""
 
     def __init__(self, src: _Readable, name: str, fmt: str) -> None:
         self._src = src
         self._name = name
         self._fmt = fmt
         self.total = 0
+        self.stop_at: int | None = None
 
     def read(self, size: int = -1) -> bytes:
+        if self.stop_at is not None and self.total > self.stop_at:
+            raise _StopReading
         try:
             data = self._src.read(size)
         except _DECODE_ERRORS as e:
             raise ImageError(
-                f"{self._name}: cannot decompress ({self._fmt}): {e}; the layer is corrupt, "
+                f"{self._name}: cannot decompress ({self._fmt}): {_safe(str(e))}; the layer is corrupt, "
                 "pull or build the image again"
             ) from None
         self.total += len(data)
@@ -239,8 +460,8 @@ def _sniff(fileobj: _Readable, media_type: str, name: str) -> tuple[_Readable, s
     for magic, fmt in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raise ImageError(
-                f"{name} (media type {media_type}) is compressed with {fmt}, which OCI layers do not use; "
-                "rebuild the image with gzip, zstd or uncompressed layers"
+                f"{name} (media type {_q(media_type)}) is compressed with {fmt}, which OCI layers do not "
+                "use; rebuild the image with gzip, zstd or uncompressed layers"
             )
     return raw, "uncompressed"
 
@@ -249,7 +470,9 @@ def _sniff(fileobj: _Readable, media_type: str, name: str) -> tuple[_Readable, s
 
 
 def _clean_name(name: str, where: str, what: str = "entry") -> tuple[str, ...]:
-    """Lexically normalise a tar path; absolute paths and '..' above the root are refused."""
+    """Lexically normalise a tar path; absolute paths, '..' above the root and NULs are refused."""
+    if "\0" in name:
+        raise UnsafeImageError(f"{where} {what} {_q(name)}: a NUL byte in the name; {_HOSTILE}")
     if name.startswith("/"):
         raise UnsafeImageError(f"{where} {what} {_q(name)}: absolute path; {_HOSTILE}")
     parts: list[str] = []
@@ -269,28 +492,127 @@ class _Missing(Exception):
     """A path component does not exist (or is not a directory) while resolving without creating."""
 
 
-class _Tree:
-    """``dest`` seen as a root filesystem: resolves paths with chroot semantics, never leaves it."""
+def _open_dir(name: str, dir_fd: int) -> int:
+    """``name`` in ``dir_fd`` as a directory fd; never follows a symlink, never blocks on a FIFO."""
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
 
-    def __init__(self, root: Path, max_symlinks: int = MAX_SYMLINKS) -> None:
+
+class _Tree:
+    """``dest`` seen as a root filesystem, reached through directory fds only.
+
+    The root is opened once (O_NOFOLLOW: a swapped-in symlink is refused) and every other directory
+    is opened relative to its parent's fd, one component at a time, with O_NOFOLLOW|O_DIRECTORY, so
+    the kernel never follows a symlink of the tree, wherever and whenever it was planted. Symlinks met
+    on the way are read here and resolved with chroot semantics (``dest`` is ``/``; ``..`` stops
+    there). This component-wise walk was chosen over openat2(RESOLVE_IN_ROOT|RESOLVE_NO_SYMLINKS):
+    Python has no binding for it (a ctypes syscall with a fallback would leave two code paths, one
+    rarely tested), and missing components must be created on the way anyway. The walk costs little:
+    directory fds are cached by their real path (LRU, :data:`FD_CACHE` of them), and an entry whose
+    parent is cached costs no lookup at all. Removing a directory drops the fds of its subtree.
+
+    Fds returned by :meth:`resolve_dir` and :meth:`real_dir` belong to the cache: use them before the
+    next call that may walk (dup them to keep them longer).
+    """
+
+    def __init__(
+        self, root: Path, max_symlinks: int = MAX_SYMLINKS, budget: ByteBudget | None = None
+    ) -> None:
         self.root = os.fspath(root)
         self.max_symlinks = max_symlinks
-        self._dirs: set[str] = set()  # real (non-symlink) directories seen, as relative paths
+        self.budget = budget  # charged for directories created on the way, refunded for removals
+        try:
+            self.fd = os.open(self.root, _DIR_FLAGS)
+        except OSError as e:
+            raise ImageError(
+                f"unpack destination {_q(self.root)} is not a directory (or is a symbolic link): "
+                f"{_safe(e.strerror)}"
+            ) from None
+        self._root_bytes = len(os.fsencode(self.root))
+        self._fds: OrderedDict[str, int] = OrderedDict()
+
+    def __enter__(self) -> _Tree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        os.close(self.fd)
 
     def host(self, rel: str) -> str:
+        """The host path of ``rel``, for messages and for callers outside the unpacker."""
         return os.path.join(self.root, rel) if rel else self.root
 
-    def forget_dirs(self) -> None:
-        """Called whenever a directory is deleted: the cache of known directories may be stale."""
-        self._dirs.clear()
+    # -- the fd cache
 
-    def resolve_dir(self, parts: Sequence[str], *, create: bool, where: str) -> str:
-        """Resolve ``parts`` (all followed, symlinks included) to a real directory; returns it relative.
+    def _cached(self, rel: str) -> int | None:
+        if not rel:
+            return self.fd
+        fd = self._fds.get(rel)
+        if fd is not None:
+            self._fds.move_to_end(rel)
+        return fd
 
-        With ``create``, missing components become directories (0755); without, :class:`_Missing`.
-        """
+    def _keep(self, rel: str, fd: int) -> None:
+        self._fds[rel] = fd
+        if len(self._fds) > FD_CACHE:
+            _, oldest = self._fds.popitem(last=False)  # never the fd just used: it is the newest
+            os.close(oldest)
+
+    def _drop(self, rel: str) -> None:
+        """``rel`` (a directory) is being removed: forget its fd and its subtree's."""
+        prefix = rel + "/"
+        for key in [k for k in self._fds if k == rel or k.startswith(prefix)]:
+            os.close(self._fds.pop(key))
+
+    # -- walking
+
+    def check_new(self, rel: str, where: str) -> None:
+        """Refuse to create ``rel`` deeper or longer than the tools after us (mkfs, the guest) handle."""
+        depth = rel.count("/") + 1
+        if depth > MAX_DEPTH:
+            raise UnsafeImageError(f"{where}: more than {MAX_DEPTH} directory levels deep; {_HOSTILE}")
+        if self._root_bytes + 1 + len(os.fsencode(rel)) >= PATH_MAX:
+            raise ImageError(
+                f"{where}: the path /{_q(rel)[1:-1]} is too long ({len(os.fsencode(rel))} bytes; Linux "
+                f"paths hold {PATH_MAX - 1}); {_MALFORMED}"
+            )
+
+    def real_dir(self, rel: str) -> int | None:
+        """The fd of the real directory at ``rel``, reached without following any symlink; None if a
+        component is missing, not a directory or a symlink."""
+        fd = self._cached(rel)
+        if fd is not None:
+            return fd
+        comps = rel.split("/")
+        known = len(comps) - 1
+        while known > 0 and "/".join(comps[:known]) not in self._fds:
+            known -= 1
+        cur = self._cached("/".join(comps[:known]))
+        assert cur is not None
+        for i in range(known, len(comps)):
+            try:
+                cur = _open_dir(comps[i], cur)
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return None
+                raise
+            self._keep("/".join(comps[: i + 1]), cur)
+        return cur
+
+    def resolve_dir(self, parts: Sequence[str], *, create: bool, where: str) -> tuple[str, int]:
+        """Resolve ``parts`` (all followed, symlinks included) to a real directory: (its path relative
+        to the root, its fd). With ``create``, missing components become directories (0755); without,
+        :class:`_Missing`."""
         pending = list(reversed(parts))
         cur: list[str] = []
+        cur_rel = ""
+        cur_fd = self.fd
         links = 0
         while pending:
             comp = pending.pop()
@@ -299,58 +621,121 @@ class _Tree:
             if comp == "..":
                 if cur:
                     cur.pop()
+                    cur_rel = "/".join(cur)
+                    fd = self.real_dir(cur_rel)
+                    if fd is None:  # we just came through it
+                        raise _Missing(cur_rel)
+                    cur_fd = fd
                 continue
-            rel = "/".join((*cur, comp))
-            if rel in self._dirs:
-                cur.append(comp)
-                continue
-            path = self.host(rel)
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                if not create:
-                    raise _Missing(rel) from None
-                os.mkdir(path, 0o755)
-                os.chmod(path, 0o755)  # not subject to the umask
-                self._dirs.add(rel)
-                cur.append(comp)
-                continue
-            if stat.S_ISLNK(st.st_mode):
-                links += 1
-                if links > self.max_symlinks:
-                    raise UnsafeImageError(
-                        f"{where}: more than {self.max_symlinks} symbolic links while resolving "
-                        f"{_q('/'.join(parts))} (a symlink loop?); {_HOSTILE}"
-                    )
-                target = os.readlink(path)
-                if target.startswith("/"):
-                    cur = []
-                pending.extend(reversed(target.split("/")))
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                self._dirs.add(rel)
-                cur.append(comp)
-                continue
-            if not create:
-                raise _Missing(rel)
-            raise ImageError(
-                f"{where}: cannot create {_q('/'.join(parts))}: /{rel} is not a directory; {_MALFORMED}"
-            )
-        return "/".join(cur)
+            rel = f"{cur_rel}/{comp}" if cur_rel else comp
+            fd = self._cached(rel)
+            if fd is None:
+                try:
+                    fd = _open_dir(comp, cur_fd)
+                except FileNotFoundError:
+                    if not create:
+                        raise _Missing(rel) from None
+                    fd = self._mkdir(cur_fd, comp, rel, where)
+                except OSError as e:
+                    if e.errno == errno.ENAMETOOLONG and not create:
+                        raise _Missing(rel) from None  # no such name can exist
+                    if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    if not stat.S_ISLNK(os.stat(comp, dir_fd=cur_fd, follow_symlinks=False).st_mode):
+                        if not create:
+                            raise _Missing(rel) from None
+                        raise ImageError(
+                            f"{where}: cannot create {_q('/'.join(parts))}: /{_q(rel)[1:-1]} is not a "
+                            f"directory; {_MALFORMED}"
+                        ) from None
+                    links += 1
+                    if links > self.max_symlinks:
+                        raise UnsafeImageError(
+                            f"{where}: more than {self.max_symlinks} symbolic links while resolving "
+                            f"{_q('/'.join(parts))} (a symlink loop?); {_HOSTILE}"
+                        ) from None
+                    target = os.readlink(comp, dir_fd=cur_fd)
+                    if target.startswith("/"):
+                        cur, cur_rel, cur_fd = [], "", self.fd
+                    pending.extend(reversed(target.split("/")))
+                    continue
+                self._keep(rel, fd)
+            cur.append(comp)
+            cur_rel, cur_fd = rel, fd
+        return cur_rel, cur_fd
 
-    def remove(self, rel: str) -> bool:
-        """Delete ``rel`` itself (a directory recursively, symlinks not followed); False if absent."""
-        path = self.host(rel)
+    def _mkdir(self, parent_fd: int, name: str, rel: str, where: str) -> int:
+        self.check_new(rel, where)
+        if self.budget is not None:
+            self.budget.charge(0, where, inodes=1)
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+        fd = _open_dir(name, parent_fd)
+        os.fchmod(fd, 0o755)  # not subject to the umask
+        return fd
+
+    def lookup(self, parts: Sequence[str], where: str) -> tuple[str, int, str] | None:
+        """What ``parts`` names, final symlinks followed too: (parent's relative path, parent's fd,
+        name), name "" for the root itself; None when it does not exist."""
+        parts = list(parts)
+        for _ in range(self.max_symlinks + 1):
+            if not parts:
+                return "", self.fd, ""
+            try:
+                parent, parent_fd = self.resolve_dir(parts[:-1], create=False, where=where)
+            except _Missing:
+                return None
+            base = parts[-1]
+            if base in ("..", "."):
+                up = parent.split("/") if parent else []
+                parts = up[:-1] if base == ".." else up
+                continue
+            try:
+                st = os.stat(base, dir_fd=parent_fd, follow_symlinks=False)
+            except OSError:
+                return None
+            if not stat.S_ISLNK(st.st_mode):
+                return parent, parent_fd, base
+            target = os.readlink(base, dir_fd=parent_fd)
+            start = [] if target.startswith("/") or not parent else parent.split("/")
+            parts = [*start, *(p for p in target.split("/") if p)]
+        raise UnsafeImageError(f"more than {self.max_symlinks} symbolic links while resolving {where}")
+
+    # -- removing
+
+    def remove(self, parent_fd: int, name: str, rel: str) -> bool:
+        """Delete ``name`` in ``parent_fd`` (at ``rel``) itself, a directory with all it holds, symlinks
+        never followed; False if it was absent."""
         try:
-            st = os.lstat(path)
+            st = os.stat(name, dir_fd=parent_fd, follow_symlinks=False)
         except FileNotFoundError:
             return False
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(path)  # never follows symlinks (fd-based on Linux)
-            self.forget_dirs()
+            self._drop(rel)
+            self._rmtree(parent_fd, name)
         else:
-            os.unlink(path)
+            os.unlink(name, dir_fd=parent_fd)
+        self.released(st)
         return True
+
+    def released(self, st: os.stat_result) -> None:
+        if self.budget is not None:
+            self.budget.release(st)
+
+    def _rmtree(self, parent_fd: int, name: str) -> None:
+        fd = _open_dir(name, parent_fd)
+        try:
+            with os.scandir(fd) as it:
+                children = [e.name for e in it]
+            for child in children:
+                st = os.stat(child, dir_fd=fd, follow_symlinks=False)  # now: an earlier link went
+                if stat.S_ISDIR(st.st_mode):
+                    self._rmtree(fd, child)  # depth bounded by MAX_DEPTH
+                else:
+                    os.unlink(child, dir_fd=fd)
+                self.released(st)
+        finally:
+            os.close(fd)
+        os.rmdir(name, dir_fd=parent_fd)
 
 
 def _join(parent: str, name: str) -> str:
@@ -362,7 +747,6 @@ def _join(parent: str, name: str) -> str:
 
 @dataclass
 class _DirMeta:
-    rel: str
     mode: int
     uid: int
     gid: int
@@ -378,28 +762,52 @@ def _xattrs(member: tarfile.TarInfo) -> dict[str, bytes]:
     return out
 
 
-def _set_xattrs(target: str | int, xattrs: dict[str, bytes]) -> None:
+def _set_xattrs(fd: int, xattrs: dict[str, bytes]) -> None:
     for key, value in xattrs.items():
-        try:
-            if isinstance(target, int):
-                os.setxattr(target, key, value)
-            else:
-                os.setxattr(target, key, value, follow_symlinks=False)
-        except OSError:
-            pass  # best effort: ENOTSUP, user.* on symlinks, unknown namespaces, ...
+        with contextlib.suppress(OSError):  # best effort: ENOTSUP, unknown namespaces, ...
+            os.setxattr(fd, key, value)
 
 
-def _set_mtime(target: str | int, mtime: float) -> None:
+def _set_link_xattrs(parent_fd: int, name: str, xattrs: dict[str, bytes]) -> None:
+    """Xattrs of the symlink ``name`` itself. Python's setxattr takes no dir_fd, so the path goes
+    through /proc/self/fd/<parent>, a magic link to that very directory: nothing is re-resolved."""
+    path = f"/proc/self/fd/{parent_fd}/{name}"
+    for key, value in xattrs.items():
+        with contextlib.suppress(OSError):  # user.* on symlinks is refused by Linux; no /proc: none
+            os.setxattr(path, key, value, follow_symlinks=False)
+
+
+def _clamp_time(mtime: float) -> float:
+    """A tar mtime as ext4 (the guest's disk) stores it: the kernel clamps timestamps written to an
+    ext4 inode to 1901-12-13 .. 2446-05-10, and so do we, whatever the staging filesystem; NaN is 0."""
+    if math.isnan(mtime):
+        return 0
+    return min(max(mtime, EXT4_MIN_TIME), EXT4_MAX_TIME)
+
+
+def _set_mtime(fd: int, mtime: float, name: str | None = None) -> None:
+    """The mtime (and atime) of ``fd``, or of ``name`` in ``fd`` itself (a symlink: not followed)."""
+    mtime = _clamp_time(mtime)
     try:
-        if isinstance(target, int):
-            os.utime(target, (mtime, mtime))
+        if name is None:
+            os.utime(fd, (mtime, mtime))
         else:
-            os.utime(target, (mtime, mtime), follow_symlinks=False)
+            os.utime(name, (mtime, mtime), dir_fd=fd, follow_symlinks=False)
     except (OverflowError, ValueError):
         pass
     except OSError as e:
         if e.errno != errno.EINVAL:
             raise
+
+
+def _check_numbers(member: tarfile.TarInfo, where: str) -> None:
+    """Refuse owners chown cannot set and negative sizes (PAX records carry any integer); GNU tar, too,
+    reports an owner out of uid_t's range as an error. Mtimes are clamped instead (:func:`_clamp_time`)."""
+    for what, value in (("uid", member.uid), ("gid", member.gid)):
+        if not 0 <= value <= MAX_ID:
+            raise ImageError(f"{where}: {what} {value} is out of range (0 to {MAX_ID}); {_MALFORMED}")
+    if member.size < 0:
+        raise ImageError(f"{where}: negative size {member.size}; {_MALFORMED}")
 
 
 class _LayerApplier:
@@ -409,7 +817,7 @@ class _LayerApplier:
         self.budget = budget
         self.stats = stats
         self.created: set[str] = set()  # real paths this layer created, and their ancestors
-        self.dir_meta: list[_DirMeta] = []
+        self.dir_meta: dict[str, _DirMeta] = {}  # by real path, in the order last seen
         self.skipped: set[tuple[str, ...]] = set()  # device entries left out (by image name)
 
     def where(self, member_name: str) -> str:
@@ -436,81 +844,111 @@ class _LayerApplier:
         if any(p.startswith(_META_PREFIX) for p in parts):
             return  # AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): not part of the filesystem
         if member.ischr() or member.isblk():
-            self.stats.skipped_devices.append("/" + "/".join(parts))
+            self.stats.skipped_devices.append("/" + _safe("/".join(parts)))
             self.skipped.add(parts)
             return
         if member.islnk() and _clean_name(member.linkname, where, "hard link target") in self.skipped:
-            self.stats.skipped_devices.append("/" + "/".join(parts))  # a hard link to a skipped device
+            self.stats.skipped_devices.append("/" + _safe("/".join(parts)))  # a link to a skipped device
             self.skipped.add(parts)
             return
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk() or member.isfifo()):
             raise ImageError(f"{where}: unsupported tar entry type {member.type!r}; {_MALFORMED}")
+        if member.issym() and ("\0" in member.linkname or not member.linkname):
+            raise UnsafeImageError(f"{where}: an empty symlink target or a NUL byte in it; {_HOSTILE}")
+        _check_numbers(member, where)
 
-        link_src: str | None = None
-        if member.islnk():
-            link_src = self._link_target(member, where)
-        if member.isreg():
-            self.budget.charge(member.size, where)  # before a single byte is read or written
+        link_src: tuple[str, int, str] | None = None
+        try:
+            if member.islnk():
+                link_src = self._link_target(member, where)
+            self._create(member, tar, parts, where, link_src)
+        finally:
+            if link_src is not None:
+                os.close(link_src[1])
 
-        parent = self.tree.resolve_dir(parts[:-1], create=True, where=where)
+    def _create(
+        self,
+        member: tarfile.TarInfo,
+        tar: tarfile.TarFile,
+        parts: tuple[str, ...],
+        where: str,
+        link_src: tuple[str, int, str] | None,
+    ) -> None:
+        base = parts[-1]
+        parent, pfd = self.tree.resolve_dir(parts[:-1], create=True, where=where)
         rel = _join(parent, base)
-        path = self.tree.host(rel)
+        self.tree.check_new(rel, where)
         self._mark(rel)
 
         existing: os.stat_result | None
         try:
-            existing = os.lstat(path)
+            existing = os.stat(base, dir_fd=pfd, follow_symlinks=False)
         except FileNotFoundError:
             existing = None
 
+        xattrs = _xattrs(member)
+        xattr_bytes = sum(len(k) + len(v) for k, v in xattrs.items())
         if member.isdir():
             if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                os.unlink(path)
+                os.unlink(base, dir_fd=pfd)
+                self.tree.released(existing)
                 existing = None
+            self.budget.charge(xattr_bytes, where, inodes=1 if existing is None else 0)
             if existing is None:
-                os.mkdir(path, 0o700)
+                os.mkdir(base, 0o700, dir_fd=pfd)
             self.stats.dirs += 1
-            self.dir_meta.append(
-                _DirMeta(
-                    rel, stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, _xattrs(member)
-                )
+            self.dir_meta.pop(rel, None)
+            self.dir_meta[rel] = _DirMeta(
+                stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, xattrs
             )
             return
 
-        if link_src is not None and link_src == rel:
+        if link_src is not None and link_src[0] == rel:
             return  # a hard link to itself: nothing to do
         if existing is not None:
-            self.tree.remove(rel)
+            self.tree.remove(pfd, base, rel)
 
+        if member.islnk():
+            pass  # a hard link shares its target's inode
+        elif member.isreg():  # before a single byte is read or written
+            self.budget.charge(member.size + xattr_bytes, where, inodes=1)
+        else:
+            self.budget.charge(xattr_bytes, where, inodes=1)
         if member.isreg():
-            self._write_file(member, tar, path, where)
+            self._write_file(member, tar, pfd, base, where)
             self.stats.files += 1
-            return
-        if member.issym():
-            os.symlink(member.linkname, path)
+        elif member.issym():
+            os.symlink(member.linkname, base, dir_fd=pfd)
+            os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
+            _set_link_xattrs(pfd, base, xattrs)
+            _set_mtime(pfd, member.mtime, base)
             self.stats.symlinks += 1
         elif member.islnk():
             assert link_src is not None
+            _, src_fd, src_name = link_src
             try:
-                os.link(self.tree.host(link_src), path, follow_symlinks=False)
+                os.link(src_name, base, src_dir_fd=src_fd, dst_dir_fd=pfd, follow_symlinks=False)
             except FileNotFoundError:  # the target was inside what this entry replaced
                 raise UnsafeImageError(
                     f"{where}: hard link target {_q(member.linkname)} no longer exists; {_HOSTILE}"
                 ) from None
-            self.stats.hardlinks += 1
-            return  # a hard link shares its target's inode and metadata
+            self.stats.hardlinks += 1  # a hard link shares its target's inode and metadata
         else:  # FIFO
-            os.mkfifo(path, 0o600)
-        self._set_meta(path, member, is_link=member.issym())
+            os.mkfifo(base, 0o600, dir_fd=pfd)
+            fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                self._set_meta(fd, member)
+            finally:
+                os.close(fd)
 
-    def _link_target(self, member: tarfile.TarInfo, where: str) -> str:
+    def _link_target(self, member: tarfile.TarInfo, where: str) -> tuple[str, int, str]:
+        """The hard link's source: (its relative path, a dup of its parent's fd, its name)."""
         parts = _clean_name(member.linkname, where, "hard link target")
         if not parts:
             raise UnsafeImageError(f"{where}: hard link to the image root; {_HOSTILE}")
         try:
-            parent = self.tree.resolve_dir(parts[:-1], create=False, where=where)
-            rel = _join(parent, parts[-1])
-            st = os.lstat(self.tree.host(rel))
+            parent, parent_fd = self.tree.resolve_dir(parts[:-1], create=False, where=where)
+            st = os.stat(parts[-1], dir_fd=parent_fd, follow_symlinks=False)
         except (_Missing, FileNotFoundError):
             raise UnsafeImageError(
                 f"{where}: hard link target {_q(member.linkname)} does not exist in the image; {_HOSTILE}"
@@ -519,47 +957,47 @@ class _LayerApplier:
             raise UnsafeImageError(
                 f"{where}: hard link target {_q(member.linkname)} is a directory; {_HOSTILE}"
             )
-        return rel
+        return _join(parent, parts[-1]), os.dup(parent_fd), parts[-1]
 
-    def _write_file(self, member: tarfile.TarInfo, tar: tarfile.TarFile, path: str, where: str) -> None:
+    def _write_file(
+        self, member: tarfile.TarInfo, tar: tarfile.TarFile, parent_fd: int, name: str, where: str
+    ) -> None:
         src = tar.extractfile(member)
         if src is None:
             raise ImageError(f"{where}: cannot read the file data; {_MALFORMED}")
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(name, flags, 0o600, dir_fd=parent_fd)
         try:
-            with os.fdopen(fd, "wb", closefd=False) as out:
-                remaining = member.size
-                while remaining > 0:
-                    chunk = src.read(min(CHUNK_SIZE, remaining))
-                    if not chunk:
-                        raise ImageError(f"{where}: the layer ends inside this file; {_MALFORMED}")
-                    out.write(chunk)
-                    remaining -= len(chunk)
+            remaining = member.size
+            while remaining > 0:
+                chunk = src.read(min(CHUNK_SIZE, remaining))
+                if not chunk:
+                    raise ImageError(f"{where}: the layer ends inside this file; {_MALFORMED}")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                remaining -= len(chunk)
             self.stats.bytes += member.size
-            os.fchown(fd, member.uid, member.gid)
-            os.fchmod(fd, stat.S_IMODE(member.mode))  # after chown, which clears setuid/setgid
-            _set_xattrs(fd, _xattrs(member))
-            _set_mtime(fd, member.mtime)
+            self._set_meta(fd, member)
         finally:
             os.close(fd)
 
-    def _set_meta(self, path: str, member: tarfile.TarInfo, *, is_link: bool) -> None:
-        os.chown(path, member.uid, member.gid, follow_symlinks=False)
-        if not is_link:
-            os.chmod(path, stat.S_IMODE(member.mode))  # path is a FIFO this function just created
-        _set_xattrs(path, _xattrs(member))
-        _set_mtime(path, member.mtime)
+    @staticmethod
+    def _set_meta(fd: int, member: tarfile.TarInfo) -> None:
+        os.fchown(fd, member.uid, member.gid)
+        os.fchmod(fd, stat.S_IMODE(member.mode))  # after chown, which clears setuid/setgid
+        _set_xattrs(fd, _xattrs(member))
+        _set_mtime(fd, member.mtime)
 
     def _whiteout(self, parts: tuple[str, ...], where: str) -> None:
         self.stats.whiteouts += 1
         base = parts[-1]
         try:
-            parent = self.tree.resolve_dir(parts[:-1], create=False, where=where)
+            parent, parent_fd = self.tree.resolve_dir(parts[:-1], create=False, where=where)
         except _Missing:
             return  # nothing below to hide
         if base == OPAQUE_WHITEOUT:
-            self._prune(parent)
+            self._prune(parent, parent_fd)
             return
         victim = base[len(WHITEOUT_PREFIX) :]
         if victim in ("", ".", ".."):
@@ -567,38 +1005,37 @@ class _LayerApplier:
         rel = _join(parent, victim)
         if rel in self.created:
             return  # whiteouts only hide lower layers; this layer's own entry stays
-        self.tree.remove(rel)
+        self.tree.remove(parent_fd, victim, rel)
 
-    def _prune(self, rel_dir: str) -> None:
+    def _prune(self, rel_dir: str, dir_fd: int) -> None:
         """Opaque whiteout: delete everything under ``rel_dir`` that this layer did not create."""
-        with os.scandir(self.tree.host(rel_dir)) as it:
+        with os.scandir(dir_fd) as it:
             children = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
         for child, is_dir in children:
             rel = _join(rel_dir, child)
             if rel not in self.created:
-                self.tree.remove(rel)
+                self.tree.remove(dir_fd, child, rel)
             elif is_dir:
-                self._prune(rel)
+                fd = _open_dir(child, dir_fd)
+                try:
+                    self._prune(rel, fd)
+                finally:
+                    os.close(fd)
 
     def finish(self) -> None:
-        """Apply directory metadata once the layer's contents are in place (0555 dirs get filled)."""
-        for meta in reversed(self.dir_meta):
-            path = self.tree.host(meta.rel)
-            try:
-                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            except (FileNotFoundError, NotADirectoryError):
-                continue  # replaced or whited out later in the same layer
-            except OSError as e:
-                if e.errno == errno.ELOOP:  # replaced by a symlink later in the layer
-                    continue
-                raise
-            try:
-                os.fchown(fd, meta.uid, meta.gid)
-                os.fchmod(fd, meta.mode)
-                _set_xattrs(fd, meta.xattrs)
-                _set_mtime(fd, meta.mtime)
-            finally:
-                os.close(fd)
+        """Apply directory metadata once the layer's contents are in place (0555 dirs get filled).
+
+        Each directory is reached again from the root without following any symlink: one that a later
+        entry replaced, whited out or put behind a symlink is skipped, never reached through it.
+        """
+        for rel, meta in reversed(self.dir_meta.items()):
+            fd = self.tree.real_dir(rel)
+            if fd is None:
+                continue
+            os.fchown(fd, meta.uid, meta.gid)
+            os.fchmod(fd, meta.mode)
+            _set_xattrs(fd, meta.xattrs)
+            _set_mtime(fd, meta.mtime)
         self.dir_meta.clear()
 
 
@@ -619,7 +1056,8 @@ def unpack_layer_stream(
     decompressed, fmt = _sniff(fileobj, media_type, name)
     ahead = _ReadAhead(decompressed)
     try:
-        _apply_stream(_GuardedReader(ahead, name, fmt), media_type, dest, name, fmt, budget, stats)
+        with _Tree(dest) as tree:
+            _apply_stream(_GuardedReader(ahead, name, fmt), media_type, tree, name, fmt, budget, stats)
     finally:
         ahead.close()
     return stats
@@ -628,13 +1066,15 @@ def unpack_layer_stream(
 def _apply_stream(
     guarded: _GuardedReader,
     media_type: str,
-    dest: Path,
+    tree: _Tree,
     name: str,
     fmt: str,
     budget: ByteBudget,
     stats: UnpackStats,
 ) -> None:
-    applier = _LayerApplier(_Tree(dest), name, budget, stats)
+    tree.budget = budget
+    applier = _LayerApplier(tree, name, budget, stats)
+    where = name
     try:
         try:
             tar = tarfile.open(  # noqa: SIM115 - closed by the `with` below
@@ -647,39 +1087,59 @@ def _apply_stream(
         with tar:
             while (member := tar.next()) is not None:
                 getattr(tar, "members").clear()  # noqa: B009 - stream mode keeps every header otherwise
+                where = applier.where(member.name)
                 try:
                     applier.apply(member, tar)
-                except OSError as e:
-                    raise ImageError(
-                        f"{applier.where(member.name)}: cannot write {e.filename or dest}: {e.strerror}; "
-                        "check free space and permissions of the work directory"
-                    ) from e
+                except _OverBudget as over:
+                    over.count(member)
+                    over.scan(tar, guarded)
+                    raise
+        where = f"{name} (its directories' metadata)"
+        applier.finish()
     except tarfile.TarError as e:
         raise ImageError(
-            f"{name} (media type {media_type}, {fmt}) is not a readable tar archive: {e}; "
+            f"{name} (media type {_q(media_type)}, {fmt}) is not a readable tar archive: {_safe(str(e))}; "
             "the layer is corrupt, pull or build the image again"
         ) from None
-    applier.finish()
+    except OSError as e:
+        raise ImageError(
+            f"{where}: cannot create it in {_q(tree.root)}: {_safe(e.strerror or str(e))}; "
+            "check free space and permissions of the work directory"
+        ) from e
 
 
 def unpack_layers(
-    layers: Sequence[LayerRef], dest: Path, *, max_bytes: int = DEFAULT_MAX_BYTES
+    layers: Sequence[LayerRef],
+    dest: Path,
+    *,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    budget: ByteBudget | None = None,
 ) -> UnpackStats:
-    """Apply ``layers`` (lowest first) into the existing directory ``dest``; nothing outside it changes."""
-    if not dest.is_dir():
-        raise ImageError(f"unpack destination {dest} is not a directory")
+    """Apply ``layers`` (lowest first) into the existing directory ``dest``; nothing outside it changes.
+
+    ``budget`` (a job's: its disk, perhaps a tmpfs allowance) or else ``max_bytes`` bounds the tree.
+    """
     stats = UnpackStats()
-    budget = ByteBudget(max_bytes)
+    budget = budget if budget is not None else ByteBudget(max_bytes)
+    with _Tree(dest):
+        pass  # dest must be a directory, not a symlink: say so before opening any layer
     for i, layer in enumerate(layers, 1):
         name = f"layer {i}/{len(layers)} {layer.digest[:19]}…"
         try:
             f = layer.path.open("rb")
         except OSError as e:
             raise ImageError(
-                f"{name}: cannot open {layer.path}: {e.strerror}; check the image layout"
+                f"{name}: cannot open {_q(str(layer.path))}: {_safe(e.strerror)}; check the image layout"
             ) from None
-        with f:
-            unpack_layer_stream(f, layer.media_type, dest, name=name, budget=budget, stats=stats)
+        try:
+            with f:
+                unpack_layer_stream(f, layer.media_type, dest, name=name, budget=budget, stats=stats)
+        except _OverBudget as over:
+            for later in layers[i:]:
+                if over.full():
+                    break
+                over.scan_layer(later)
+            raise ImageError(budget.over_disk(over)) from None
     return stats
 
 
@@ -688,8 +1148,16 @@ def ensure_directory(dest: Path, path: str) -> None:
 
     Resolved with the same chroot semantics as unpacking, so a planted symlink cannot lead outside.
     """
-    tree = _Tree(dest)
-    tree.resolve_dir([p for p in path.split("/") if p], create=True, where=f"working directory {_q(path)}")
+    where = f"working directory {_q(path)}"
+    if "\0" in path:
+        raise ImageError(f"{where}: contains a NUL byte, which no path can; fix the image's WorkingDir")
+    with _Tree(dest) as tree:
+        try:
+            tree.resolve_dir([p for p in path.split("/") if p], create=True, where=where)
+        except OSError as e:
+            raise ImageError(
+                f"{where}: cannot create it in the image: {_safe(e.strerror or str(e))}"
+            ) from None
 
 
 def resolve_in_tree(dest: Path, path: str, *, max_symlinks: int = MAX_SYMLINKS) -> Path | None:
@@ -697,44 +1165,33 @@ def resolve_in_tree(dest: Path, path: str, *, max_symlinks: int = MAX_SYMLINKS) 
 
     None when it does not exist; UnsafeImageError past ``max_symlinks`` links. Never outside ``dest``.
     """
-    tree = _Tree(dest, max_symlinks)
-    parts = [p for p in path.split("/") if p]
-    for _ in range(max_symlinks + 1):
-        if not parts:
-            return Path(tree.root)
-        try:
-            parent = tree.resolve_dir(parts[:-1], create=False, where=_q(path))
-        except _Missing:
+    if "\0" in path:
+        return None  # no file has such a name
+    with _Tree(dest, max_symlinks) as tree:
+        found = tree.lookup([p for p in path.split("/") if p], where=_q(path))
+        if found is None:
             return None
-        if parts[-1] == "..":
-            parts = [*(parent.split("/")[:-1] if parent else [])]
-            continue
-        full = tree.host(_join(parent, parts[-1]))
-        try:
-            st = os.lstat(full)
-        except OSError:
-            return None
-        if not stat.S_ISLNK(st.st_mode):
-            return Path(full)
-        target = os.readlink(full)
-        base = [] if target.startswith("/") else parent.split("/") if parent else []
-        parts = [*base, *(p for p in target.split("/") if p)]
-    raise UnsafeImageError(f"more than {max_symlinks} symbolic links while resolving {_q(path)}")
+        parent, _, name = found
+        return Path(tree.host(_join(parent, name) if name else parent))
 
 
 def read_image_file(dest: Path, path: str, limit: int = 1 << 20) -> str | None:
-    """A small regular file of the unpacked image (/etc/passwd), resolved inside ``dest``; None if absent."""
-    try:
-        full = resolve_in_tree(dest, path)
-    except ImageError:
+    """A small regular file of the unpacked image (/etc/passwd), resolved inside ``dest``; None if absent
+    or not a regular file (a FIFO there is never opened for blocking). At most ``limit`` bytes are read.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC
+    if "\0" in path:
         return None
-    if full is None:
-        return None
     try:
-        fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
+        with _Tree(dest) as tree:
+            found = tree.lookup([p for p in path.split("/") if p], where=_q(path))
+            if found is None or not found[2]:
+                return None
+            fd = os.open(found[2], flags, dir_fd=found[1])
+    except (ImageError, OSError):
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # before fdopen, which refuses a directory
+        os.close(fd)
         return None
     with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            return None
         return f.read(limit).decode("utf-8", errors="replace")

@@ -567,6 +567,7 @@ class RunnerProtocol:
             self.pause_reasons = event.reasons
             if (
                 self.settings.announce_pause
+                and event.reasons  # `paused` needs reasons upstream knows (throttling has none)
                 and self.state is State.IDLE
                 and self.job is None
                 and not self.pending
