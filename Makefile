@@ -4,8 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 AGENT := src/bencher_runner/_agent/bencher-agent
-# What a runner host needs (gcc and libc6-dev build the guest agent); the rest is for tests only.
-RUNTIME_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs cpio gcc libc6-dev iproute2 nftables \
+# What a runner host needs (gcc and libc6-dev build the guest agent, bubblewrap jails every VMM); the rest is for tests only.
+RUNTIME_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs cpio gcc libc6-dev iproute2 nftables bubblewrap \
 	liblz4-1 zstd
 APT_PACKAGES := $(RUNTIME_APT_PACKAGES) busybox-static docker-registry skopeo umoci
 EXAMPLE := examples/hello/oci

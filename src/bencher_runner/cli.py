@@ -237,6 +237,9 @@ def run(
     firecracker_bin: Path | None,
     jailer: Path | None,
     sandbox_log_level: str,
+    jail_uid: int,
+    jail_gid: int,
+    danger_no_jail: bool,
     **tuning_flags: Any,
 ) -> None:
     """Run an OCI image's entrypoint/cmd inside a microVM and print its output.
@@ -298,6 +301,9 @@ def run(
             max_symlinks=max_symlinks,
             firecracker=firecracker_bin,
             jailer=jailer,
+            jail_uid=jail_uid,
+            jail_gid=jail_gid,
+            danger_no_jail=danger_no_jail,
             sandbox_log_level=sandbox_log_level.capitalize(),
             accel=accel,
             kernel=kernel,

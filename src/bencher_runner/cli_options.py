@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 import click
 
 from bencher_runner.sandbox.outputdisk import MAX_OUTPUT_LIMIT
-from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, MIN_DISK_MIB
+from bencher_runner.spec.config import DEFAULT_JAIL_UID, DEFAULT_MAX_OUTPUT, MAX_ID, MIN_DISK_MIB
 from bencher_runner.spec.jobspec import DEFAULT_MAX_DISK_MIB
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -62,6 +62,26 @@ SHARED_JOB_OPTIONS = (
         type=click.Path(path_type=Path),
         envvar="BENCHER_RUNNER_FIRECRACKER",
         help="With --sandbox firecracker: the firecracker binary (default: from PATH).",
+    ),
+    click.option(
+        "--jail-uid",
+        type=click.IntRange(1, MAX_ID),
+        default=DEFAULT_JAIL_UID,
+        show_default=True,
+        help="The unprivileged uid every VMM runs as in its jail (no login account; 0 is refused).",
+    ),
+    click.option(
+        "--jail-gid",
+        type=click.IntRange(1, MAX_ID),
+        default=DEFAULT_JAIL_UID,
+        show_default=True,
+        help="The gid every VMM runs as in its jail (0 is refused).",
+    ),
+    click.option(
+        "--danger-no-jail",
+        is_flag=True,
+        help="Development hosts only: run the VMM without its jail (as this user, in the host's "
+        "namespaces, seeing its files); a warning on every job.",
     ),
 )
 

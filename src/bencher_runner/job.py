@@ -71,8 +71,9 @@ if TYPE_CHECKING:
     from bencher_runner.sandbox.firecracker import FirecrackerVm
 from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
+from bencher_runner.sandbox.jail import jail_vm, write_resolv_conf
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
-from bencher_runner.sandbox.netns import JobNetwork, job_network
+from bencher_runner.sandbox.netns import JobNetwork, empty_netns, host_nameserver, job_network
 from bencher_runner.sandbox.network import NetworkPlan, user_nat
 from bencher_runner.sandbox.outputdisk import (
     ExitWatcher,
@@ -616,7 +617,7 @@ class Job:
         with contextlib.ExitStack() as stack:
             if cfg.network and cfg.network_mode == "tap":
                 self.reporter.phase("creating the job's network namespace and TAP device")
-                self.network = stack.enter_context(job_network(work))
+                self.network = stack.enter_context(job_network(work, tap_owner=self._jail_ids()))
             job_config = encode_agent_config(self._agent_config(launch))  # holds the guest's addresses
             return self._iterations(work, template.disk, base, bundle, job_config, accel)
 
@@ -701,8 +702,9 @@ class Job:
         grace_deadline: float | None = None
         with (
             self._cgroup(it_dir) as group,
+            self._vmm_netns(it_dir, spec) as netns,
             bounded_serial_log(spec.serial_log),  # a guest spamming its console cannot fill the disk
-            self._make_vm(spec, it_dir) as vm,
+            self._make_vm(spec, it_dir, netns) as vm,
         ):
             if group is not None and vm.pid is not None:
                 group.add(vm.pid)  # cpuset = benchmark cores, memory.max a little above the VM, no swap
@@ -822,24 +824,70 @@ class Job:
             self.reporter.warn(f"booting the compressed kernel: {err}")
             return bundle.kernel
 
-    def _make_vm(self, spec: VmSpec, it_dir: Path) -> "QemuVm | FirecrackerVm":
+    def _jail_ids(self) -> tuple[int, int] | None:
+        """The jail's uid and gid (the owner of a TAP device), None without a jail."""
         cfg = self.config
+        return None if cfg.danger_no_jail else (cfg.jail_uid, cfg.jail_gid)
+
+    @contextlib.contextmanager
+    def _vmm_netns(self, it_dir: Path, spec: VmSpec) -> Iterator[str | None]:
+        """The network namespace a jailed VMM joins, when the job's TAP network is not it: a NATed one
+        without a TAP for QEMU's user-mode NAT, an empty one for Firecracker's jailer without network.
+        None: a jailed QEMU without network gets a fresh empty one from bwrap."""
+        cfg = self.config
+        if cfg.danger_no_jail or self.network is not None:
+            yield self.network.name if self.network is not None else None
+        elif spec.network is not None and cfg.backend == "qemu":
+            with job_network(it_dir, tap=False) as network:
+                yield network.name
+        elif cfg.backend == "firecracker" and cfg.jailer is not None:
+            with empty_netns(it_dir) as name:
+                yield name
+        else:
+            yield None
+
+    def _make_vm(self, spec: VmSpec, it_dir: Path, netns: str | None = None) -> "QemuVm | FirecrackerVm":
+        cfg = self.config
+        if cfg.danger_no_jail and it_dir.name == "iter-1":
+            self.reporter.warn(
+                "--danger-no-jail: the VMM runs unconfined (as the runner's user, in the host's "
+                "namespaces, seeing its files); a VMM escape owns this host"
+            )
         prefix = self.network.command_prefix() if self.network is not None else None
         if cfg.backend != "firecracker":
             layout = self.layout
             cpus = tuple(layout.benchmark) if layout is not None and layout.has_isolation else None
-            return QemuVm(spec, it_dir / "qemu.log", prefix, cpus)
-        from bencher_runner.sandbox.firecracker import FirecrackerVm, JailerConfig, find_jailer
+            if cfg.danger_no_jail:
+                return QemuVm(spec, it_dir / "qemu.log", prefix, cpus)
+            resolv = None
+            if spec.network is not None and self.network is None:  # user-mode NAT: slirp's resolver
+                try:
+                    resolv_conf = Path("/etc/resolv.conf").read_text()
+                except OSError:
+                    resolv_conf = ""
+                resolv = write_resolv_conf(it_dir / "resolv.conf", host_nameserver(resolv_conf))
+            plan, inside = jail_vm(
+                spec,
+                find_qemu(),
+                uid=cfg.jail_uid,
+                gid=cfg.jail_gid,
+                netns=netns,
+                resolv_conf=resolv,
+            )
+            return QemuVm(inside, it_dir / "qemu.log", cpus=cpus, jail=plan)
+        from bencher_runner.sandbox.firecracker import FirecrackerVm, find_jailer, jailer_config
 
         jailer = None
-        if cfg.jailer is not None:
-            jailer = JailerConfig(
-                jailer=find_jailer(cfg.jailer),
-                uid=cfg.jailer_uid,
-                gid=cfg.jailer_gid,
-                chroot_base=cfg.jailer_chroot_base,
-                netns=self.network.name if self.network is not None else None,
+        if not cfg.danger_no_jail:
+            if cfg.jailer is None:
+                raise SandboxError(
+                    "--sandbox firecracker runs Firecracker under its jailer: pass --jailer PATH (it ships "
+                    "in the release archive with firecracker), or --danger-no-jail on a development host"
+                )
+            plan, _ = jail_vm(
+                spec, self.firecracker or "firecracker", uid=cfg.jail_uid, gid=cfg.jail_gid, netns=netns
             )
+            jailer = jailer_config(plan, find_jailer(cfg.jailer), cfg.jailer_chroot_base)
             prefix = None  # the jailer joins the namespace itself
         return FirecrackerVm(
             spec,

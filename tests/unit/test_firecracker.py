@@ -165,7 +165,7 @@ def test_vcpu_limit(vcpus: int) -> None:
 
 def test_vcpu_limit_before_any_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     binary = fake_binary(tmp_path)
-    monkeypatch.setenv("FAKE_FC_RECORD", str(tmp_path / "requests.jsonl"))
+    fake_setting(tmp_path, "FAKE_FC_RECORD", str(tmp_path / "requests.jsonl"))
     with pytest.raises(SandboxError, match="33 requested"):
         FirecrackerVm(spec(vcpus=33), tmp_path / "vmlinux", tmp_path, firecracker=binary)
     assert not (tmp_path / "requests.jsonl").exists()
@@ -299,9 +299,11 @@ FAKE_FIRECRACKER = r"""
 import http.server, json, os, socketserver, sys, threading, time
 args = sys.argv[1:]
 sock = args[args.index("--api-sock") + 1]
-record = os.environ["FAKE_FC_RECORD"]
+with open(os.path.join(os.path.dirname(sys.argv[0]), "fake.json")) as f:
+    conf = json.load(f)  # not the environment: a VMM gets an empty one
+record = conf["FAKE_FC_RECORD"]
 with open(record, "a") as f:
-    f.write(json.dumps({"argv": args}) + "\n")
+    f.write(json.dumps({"argv": args, "env": dict(os.environ)}) + "\n")
 sys.stderr.write("fake firecracker starting\n"); sys.stderr.flush()
 time.sleep(0.2)  # the client must wait for the socket
 def leave(delay):
@@ -319,7 +321,7 @@ class H(http.server.BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with open(record, "a") as f:
             f.write(json.dumps({"path": self.path, "body": body}) + "\n")
-        if self.path == os.environ.get("FAKE_FC_FAIL"):
+        if self.path == conf.get("FAKE_FC_FAIL"):
             return self.reply(400, b'{"fault_message": "fake fault"}')
         self.reply(204)
         if self.path == "/logger":
@@ -328,14 +330,21 @@ class H(http.server.BaseHTTPRequestHandler):
         action = body.get("action_type")
         if action == "InstanceStart":
             print("Linux version fake (serial)", flush=True)
-            if os.environ.get("FAKE_FC_GUEST_EXITS"):
+            if conf.get("FAKE_FC_GUEST_EXITS"):
                 threading.Thread(target=leave, args=(0.3,)).start()
-        elif action == "SendCtrlAltDel" and not os.environ.get("FAKE_FC_IGNORE_CAD"):
+        elif action == "SendCtrlAltDel" and not conf.get("FAKE_FC_IGNORE_CAD"):
             threading.Thread(target=leave, args=(0.1,)).start()
 class S(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 S(sock, H).serve_forever()
 """
+
+
+def fake_setting(directory: Path, name: str, value: str) -> None:
+    """What the fake firecracker in ``directory`` reads (its environment is empty)."""
+    conf_path = directory / "fake.json"
+    conf = json.loads(conf_path.read_text()) if conf_path.exists() else {}
+    conf_path.write_text(json.dumps({**conf, name: value}))
 
 
 def fake_binary(directory: Path) -> Path:
@@ -350,9 +359,7 @@ def fake_binary(directory: Path) -> Path:
 def fake_fc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
     monkeypatch.setattr(fc, "require_kvm", lambda device=None: None)
     record = tmp_path / "requests.jsonl"
-    monkeypatch.setenv("FAKE_FC_RECORD", str(record))
-    for name in ("FAKE_FC_FAIL", "FAKE_FC_GUEST_EXITS", "FAKE_FC_IGNORE_CAD"):
-        monkeypatch.delenv(name, raising=False)
+    fake_setting(tmp_path, "FAKE_FC_RECORD", str(record))
     work = tmp_path / "work"
     work.mkdir()
     return fake_binary(tmp_path), record
@@ -366,7 +373,7 @@ def test_vm_boots_and_guest_exit_ends_it(
     fake_fc: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     binary, record = fake_fc
-    monkeypatch.setenv("FAKE_FC_GUEST_EXITS", "1")
+    fake_setting(tmp_path, "FAKE_FC_GUEST_EXITS", "1")
     vm_spec = spec(serial_log=tmp_path / "serial.log")
     with FirecrackerVm(
         vm_spec, tmp_path / "vmlinux", tmp_path / "work", firecracker=binary, vm_id="t1"
@@ -400,7 +407,7 @@ def test_kill_falls_back_to_sigkill(
     fake_fc: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     binary, _ = fake_fc
-    monkeypatch.setenv("FAKE_FC_IGNORE_CAD", "1")
+    fake_setting(tmp_path, "FAKE_FC_IGNORE_CAD", "1")
     with FirecrackerVm(
         spec(serial_log=tmp_path / "s.log"), tmp_path / "k", tmp_path / "work", firecracker=binary
     ) as vm:
@@ -417,7 +424,7 @@ def test_refused_request_stops_the_vm(
     fake_fc: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     binary, record = fake_fc
-    monkeypatch.setenv("FAKE_FC_FAIL", "/drives/output")
+    fake_setting(tmp_path, "FAKE_FC_FAIL", "/drives/output")
     vm = FirecrackerVm(
         spec(serial_log=tmp_path / "s.log"), tmp_path / "k", tmp_path / "work", firecracker=binary
     )

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from bencher_runner.paths import cache_dir, work_root
-from bencher_runner.recovery import LOCK_NAME
+from bencher_runner.recovery import LOCK_NAME, jail_uid_processes
+from bencher_runner.spec.config import DEFAULT_JAIL_UID
 from tests.support.busybox import busybox_tree
 from tests.support.oci_builder import Entry, build_layout, layer_from_dir
 
@@ -88,3 +89,5 @@ def no_leftovers() -> Iterator[None]:
     assert not left, f"work dirs left: {left}"
     procs = subprocess.run(["pgrep", "-f", f"qemu-system.*{work}"], capture_output=True, text=True)
     assert procs.stdout.strip() == "", f"QEMU still running: {procs.stdout}"
+    # A jailed QEMU's argv names only jail paths: find it by the jail uid instead.
+    assert jail_uid_processes(DEFAULT_JAIL_UID) == {}, "a process of the jail uid is still running"

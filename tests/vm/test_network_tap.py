@@ -90,3 +90,27 @@ def test_tap_network_reaches_the_test_namespace(plain_image: str, server_namespa
     assert out[2] == "hello from the test's namespace"
     assert job_leftovers() == []
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text() == forward_before
+
+
+def test_jailed_user_nat_reaches_the_world_but_not_the_hosts_loopback(
+    plain_image: str, server_namespace: str
+) -> None:
+    """A jailed QEMU's slirp stack runs in the job's netns: 10.0.2.2 is that namespace's own lo."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    script = (
+        f"wget -qO- http://{SERVER_IP}:{PORT}/hello.txt; "
+        f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 10.0.2.2 {port}; echo rc=$?"
+    )
+    try:
+        run = runner("--image", plain_image, "--json", "--network", "--", "/bin/sh", "-c", script)
+        assert run.returncode == 0, run.stderr
+        assert run.doc["results"][0]["stdout"] == "hello from the test's namespace\nrc=1\n"
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nothing reached the host's loopback
+    finally:
+        listener.close()
+    assert job_leftovers() == []

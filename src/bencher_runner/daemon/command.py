@@ -1,6 +1,7 @@
 """The `runner daemon` click command (registered as `runner daemon` and `runner up` by cli.py)."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from bencher_runner.metrics import serve_metrics
 from bencher_runner.paths import cache_dir as default_cache_dir
 from bencher_runner.paths import state_dir as default_state_dir
 from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT
+from bencher_runner.spec.config import DEFAULT_JAIL_UID, DEFAULT_MAX_OUTPUT
 from bencher_runner.spec.errors import RunnerError
 from bencher_runner.spec.jobspec import DEFAULT_MAX_DISK_MIB, JobOptions
 
@@ -135,9 +136,13 @@ def daemon_command(
     announce_pause: bool = False,
     network_mode: str = "user",
     firecracker_bin: Path | None = None,
+    jail_uid: int = DEFAULT_JAIL_UID,
+    jail_gid: int = DEFAULT_JAIL_UID,
+    danger_no_jail: bool = False,
     **tuning_flags: Any,
 ) -> None:
     """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
+    os.environ.pop("BENCHER_RUNNER_KEY", None)  # read once (into `key`): no child process inherits it
     cache = default_cache_dir(cache_dir)
     state_dir = default_state_dir(state_dir)
     tuning = tuning_options_from(tuning_flags)
@@ -164,6 +169,9 @@ def daemon_command(
             backend="firecracker" if sandbox == "firecracker" else "qemu",
             network_mode="tap" if network_mode == "tap" or sandbox == "firecracker" else "user",
             firecracker=firecracker_bin,
+            jail_uid=jail_uid,
+            jail_gid=jail_gid,
+            danger_no_jail=danger_no_jail,
         ),
     )
     from bencher_runner.recovery import recover_from_crash
@@ -188,7 +196,8 @@ def daemon_command(
             click.echo(f"runner: error: {err}", err=True)
             sys.exit(2)
         log.info("metrics at http://%s:%d/metrics", *bound)
-    recover_from_crash(cache, warn=log.warning, info=log.info)  # a crashed daemon's VMs died with it
+    # a crashed daemon's VMs died with it; its jails' leftovers are removed, cache and state kept 0700
+    recover_from_crash(cache, warn=log.warning, info=log.info, jail_uid=jail_uid, state=state_dir)
     from bencher_runner.daemon.preflight import HostPreflight, fetch_default_kernel
 
     preflight = HostPreflight(cache, settings.job_options, fetch_kernel=fetch_default_kernel)

@@ -12,8 +12,11 @@ matter here:
 - virtio-mmio devices are described to the guest by ACPI (Firecracker >= 1.8) and on the kernel
   command line (``virtio_mmio.device=``); Debian's kernel reads the ACPI tables only;
 - networking is a TAP device only (no user-mode NAT), in the job's network namespace;
-- optionally it runs under the jailer (chroot, uid/gid drop, netns, cgroup): `jailer_argv`,
-  `prepare_jail`, `JailLayout.cleanup`.
+- it runs under the jailer (chroot, uid/gid drop, netns, cgroup, rlimits), given the jail policy every
+  VMM gets (jail.py's JailPlan: `jailer_config`): the jail uid/gid, the job's or an empty network
+  namespace, the files at the jail's fixed paths, an empty environment, no core dumps and bounded open
+  files and processes (`prlimit` in front for the limits the jailer does not set): `jailer_argv`,
+  `prepare_jail`, `JailLayout.cleanup`. Without the jailer only with --danger-no-jail.
 """
 
 import contextlib
@@ -31,6 +34,16 @@ from typing import Any, Literal
 import httpx
 
 from bencher_runner.sandbox.accel import KVM_DEVICE, kvm_device_problem
+from bencher_runner.sandbox.jail import (
+    JAIL_INITRD,
+    JAIL_KERNEL,
+    JAIL_OUTPUT,
+    JAIL_ROOTFS,
+    NOFILE_LIMIT,
+    NPROC_LIMIT,
+    VMM_ENV,
+    JailPlan,
+)
 from bencher_runner.sandbox.network import NetworkPlan
 from bencher_runner.sandbox.vm import VmSpec
 from bencher_runner.sandbox.vmprocess import RunsAsVmProcess, VmProcess
@@ -303,6 +316,36 @@ class JailerConfig:
     netns: str | None = None  # name of the job's network namespace (`ip netns` name)
     cpuset: str | None = None  # e.g. "2-7": the VM's cgroup gets cpuset.cpus (and cpuset.mems=0)
     parent_cgroup: str | None = None
+    nofile: int = NOFILE_LIMIT  # the jailer's --resource-limit no-file
+    nproc: int = NPROC_LIMIT  # set by prlimit in front of the jailer (it has no such limit)
+    prlimit: str | None = None  # the prlimit binary; None: no prlimit in front (tests, old configs)
+    env: tuple[tuple[str, str], ...] = tuple(VMM_ENV.items())
+
+
+def jailer_config(
+    plan: JailPlan,
+    jailer: str,
+    chroot_base: Path,
+    *,
+    cpuset: str | None = None,
+    parent_cgroup: str | None = None,
+) -> JailerConfig:
+    """The jail policy of every VMM, as the jailer takes it: one uid/gid, network namespace and bounds."""
+    if plan.netns is None:
+        raise SandboxError("a jailed Firecracker needs a network namespace (the job's, or an empty one)")
+    return JailerConfig(
+        jailer=jailer,
+        uid=plan.uid,
+        gid=plan.gid,
+        chroot_base=chroot_base,
+        netns=plan.netns,
+        cpuset=cpuset,
+        parent_cgroup=parent_cgroup,
+        nofile=plan.nofile,
+        nproc=plan.nproc,
+        prlimit=shutil.which("prlimit") or "prlimit",
+        env=plan.env,
+    )
 
 
 JAIL_API_SOCK = "/run/firecracker.socket"
@@ -311,10 +354,10 @@ JAIL_API_SOCK = "/run/firecracker.socket"
 def jail_files(metrics: bool) -> GuestFiles:
     """Where `prepare_jail` puts each file, as Firecracker sees it inside the chroot."""
     return GuestFiles(
-        kernel="/vmlinux",
-        initrd="/initrd.cpio",
-        rootfs="/rootfs.ext4",
-        output_disk="/output.img",
+        kernel=JAIL_KERNEL,
+        initrd=JAIL_INITRD,
+        rootfs=JAIL_ROOTFS,
+        output_disk=JAIL_OUTPUT,
         log="/firecracker.log",
         metrics="/metrics.json" if metrics else None,
     )
@@ -343,7 +386,9 @@ def jailer_argv(
             f"the jailer only runs an executable whose name contains 'firecracker', not {firecracker!r}; "
             "rename it or pass the release's firecracker binary with --firecracker"
         )
+    limits = [config.prlimit, "--core=0", f"--nproc={config.nproc}", "--"] if config.prlimit else []
     argv = [
+        *limits,
         config.jailer,
         "--id", vm_id,
         "--exec-file", firecracker,
@@ -353,7 +398,7 @@ def jailer_argv(
     ]  # fmt: skip
     if config.netns:
         argv += ["--netns", f"/var/run/netns/{config.netns}"]
-    argv += ["--cgroup-version", "2"]
+    argv += ["--resource-limit", f"no-file={config.nofile}", "--cgroup-version", "2"]
     if config.parent_cgroup:
         argv += ["--parent-cgroup", config.parent_cgroup]
     if config.cpuset:
@@ -537,7 +582,8 @@ class FirecrackerVm(RunsAsVmProcess):
                     path.touch(mode=0o600)  # Firecracker opens these without O_CREAT
         self.socket.unlink(missing_ok=True)
         with self.spec.serial_log.open("wb") as serial, self.stderr_path.open("wb") as stderr:
-            self._proc = VmProcess(self.argv, stdout=serial, stderr=stderr)
+            env = dict(self.jailer.env) if self.jailer is not None else VMM_ENV
+            self._proc = VmProcess(self.argv, stdout=serial, stderr=stderr, env=env)
         self._api = FirecrackerApi(self.socket)
         self._wait_for_api()
         for request in self.requests:

@@ -10,6 +10,11 @@ Host state: IPv4 forwarding must be on for the host side to route. If it is off,
 while any job network exists (counted under a lock in /run) and switched back off after the last one.
 iproute2 (`ip`) and nftables (`nft`) do the work: both are the standard tools, and their commands in
 the error messages are what an operator would type to debug.
+
+The jailed VMM (jail.py) joins the namespace unprivileged: the TAP belongs to the jail uid/gid
+(``tap_owner``). A jailed QEMU on user-mode NAT gets the same namespace without a TAP (``tap=False``),
+so its slirp stack reaches the world through the namespace's NAT and never the host's loopback; a
+jailed Firecracker without network gets an empty namespace (`empty_netns`: only lo).
 """
 
 import contextlib
@@ -18,6 +23,7 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -145,6 +151,8 @@ class JobNetwork:
     name: str
     link: ipaddress.IPv4Network
     nameserver: str
+    tap: bool = True  # False: no TAP (a jailed QEMU's user-mode NAT runs in the namespace)
+    tap_owner: tuple[int, int] | None = None  # uid, gid of the jailed VMM that opens the TAP
 
     @property
     def host_veth(self) -> str:
@@ -160,7 +168,7 @@ class JobNetwork:
 
     def command_prefix(self) -> list[str]:
         """Run the VM process inside the namespace, where its TAP device is."""
-        return ["ip", "netns", "exec", self.name]
+        return [shutil.which("ip") or "ip", "netns", "exec", self.name]
 
     def create(self) -> None:
         hosts = list(self.link.hosts())
@@ -188,9 +196,13 @@ class JobNetwork:
         run(["ip", "addr", "add", ns_ip, "dev", VETH_NS_NAME], netns=ns)
         run(["ip", "link", "set", VETH_NS_NAME, "up"], netns=ns)
         run(["ip", "route", "add", "default", "via", str(hosts[0])], netns=ns)
-        run(["ip", "tuntap", "add", "dev", TAP_NAME, "mode", "tap"], netns=ns)
-        run(["ip", "addr", "add", TAP_GATEWAY, "dev", TAP_NAME], netns=ns)
-        run(["ip", "link", "set", TAP_NAME, "up"], netns=ns)
+        if self.tap:
+            owner = (
+                ["user", str(self.tap_owner[0]), "group", str(self.tap_owner[1])] if self.tap_owner else []
+            )
+            run(["ip", "tuntap", "add", "dev", TAP_NAME, "mode", "tap", *owner], netns=ns)
+            run(["ip", "addr", "add", TAP_GATEWAY, "dev", TAP_NAME], netns=ns)
+            run(["ip", "link", "set", TAP_NAME, "up"], netns=ns)
         run(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"], netns=ns)  # per namespace: not the host's
         guest_net = ipaddress.IPv4Interface(GUEST.address).network
         run(["nft", "-f", "-"], netns=ns, stdin=NS_RULES.format(guest=guest_net, veth=VETH_NS_NAME))
@@ -215,11 +227,16 @@ RECORD = "network.json"
 
 
 @contextlib.contextmanager
-def job_network(work: Path) -> Iterator[JobNetwork]:
+def job_network(
+    work: Path, *, tap: bool = True, tap_owner: tuple[int, int] | None = None
+) -> Iterator[JobNetwork]:
     """The job's network, recorded in its (locked) work dir so a crashed job's can be removed later."""
     if os.geteuid() != 0:
         raise SandboxError(
             "TAP networking needs root (network namespaces, TAP, nftables); use --network-mode user"
+            if tap
+            else "a jailed VM's network needs root (a network namespace and NAT); run the runner as root "
+            "or pass --danger-no-jail on a development host"
         )
     token = secrets.randbits(32)
     try:
@@ -230,6 +247,8 @@ def job_network(work: Path) -> Iterator[JobNetwork]:
         name=f"{NAME_PREFIX}{token:08x}",
         link=pick_link_subnet(used_subnets(), token),
         nameserver=host_nameserver(resolv) or "192.168.241.1",
+        tap=tap,
+        tap_owner=tap_owner,
     )
     (work / RECORD).write_text(json.dumps({"name": network.name}))
     with forwarding_enabled():
@@ -241,15 +260,31 @@ def job_network(work: Path) -> Iterator[JobNetwork]:
     (work / RECORD).unlink()
 
 
+@contextlib.contextmanager
+def empty_netns(work: Path) -> Iterator[str]:
+    """A network namespace holding only lo (up), recorded like a job network; removed after."""
+    name = f"{NAME_PREFIX}{secrets.randbits(32):08x}"
+    (work / RECORD).write_text(json.dumps({"name": name, "empty": True}))
+    try:
+        run(["ip", "netns", "add", name])
+        run(["ip", "link", "set", "lo", "up"], netns=name)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True, check=False)
+        (work / RECORD).unlink(missing_ok=True)
+
+
 def release_stale_network(work: Path) -> str | None:
     """Remove the network a killed job left (its work dir is stale), and release its forwarding use."""
     try:
-        name = json.loads((work / RECORD).read_text())["name"]
-    except (OSError, ValueError, KeyError):
+        record = json.loads((work / RECORD).read_text())
+        name = record["name"]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
     if not str(name).startswith(NAME_PREFIX):
         return None
     JobNetwork(name=name, link=LINK_POOL, nameserver="").remove()
-    with contextlib.suppress(OSError):
-        forwarding_release()
+    if not record.get("empty"):  # an empty namespace never switched forwarding on
+        with contextlib.suppress(OSError):
+            forwarding_release()
     return str(name)

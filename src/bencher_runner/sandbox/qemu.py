@@ -1,7 +1,8 @@
 """The QEMU backend: `qemu-system-x86_64 -M microvm` with the shared kernel, initramfs and disks.
 
 `qemu_argv` is pure (tested without a VM); `QemuVm` owns the process: started in its own session so a
-kill takes everything, stopped on every exit path.
+kill takes everything, stopped on every exit path, and (unless --danger-no-jail) inside the jail of
+jail.py, as an unprivileged uid that sees only the VM's files at the jail's fixed paths.
 """
 
 import os
@@ -9,6 +10,7 @@ import shutil
 from pathlib import Path
 from types import TracebackType
 
+from bencher_runner.sandbox.jail import JailPlan, start_jailed
 from bencher_runner.sandbox.vm import VmSpec
 from bencher_runner.sandbox.vmprocess import RunsAsVmProcess, VmProcess
 from bencher_runner.spec.errors import SandboxError
@@ -63,7 +65,8 @@ class QemuVm(RunsAsVmProcess):
     """One running VM. Use as a context manager: the process is gone when the block exits.
 
     QEMU runs as a VmProcess: its own session, dead with the thread that started it, so a runner that
-    is killed never leaves a VM behind. Start and wait from the same thread.
+    is killed never leaves a VM behind. Start and wait from the same thread. With ``jail``, ``spec``
+    names the files as QEMU sees them in the jail (jail.jail_vm) and ``pid`` is QEMU's own.
     """
 
     def __init__(
@@ -72,17 +75,37 @@ class QemuVm(RunsAsVmProcess):
         log_path: Path,
         prefix: list[str] | None = None,
         cpus: tuple[int, ...] | None = None,
+        jail: JailPlan | None = None,
     ) -> None:
         self.spec = spec
         self.cpus = cpus
         self.log_path = log_path
-        self.argv = [*(prefix or []), *qemu_argv(find_qemu(), spec)]  # prefix: e.g. `ip netns exec NS`
+        self.jail = jail
+        qemu = str(jail.binary) if jail is not None else find_qemu()
+        self.argv = [*(prefix or []), *qemu_argv(qemu, spec)]  # prefix: e.g. `ip netns exec NS`
         self._proc: VmProcess | None = None
+        self._vmm_pid: int | None = None
 
     def __enter__(self) -> "QemuVm":
         with self.log_path.open("wb") as log:
-            self._proc = VmProcess(self.argv, stdout=log, stderr=log, cpus=self.cpus)
+            if self.jail is None:
+                self._proc = VmProcess(self.argv, stdout=log, stderr=log, cpus=self.cpus)
+                return self
+            self._proc, self._vmm_pid = start_jailed(
+                self.jail, self.argv, stdout=log, stderr=log, cpus=self.cpus
+            )
+        if self._vmm_pid is None:
+            raise SandboxError(
+                f"the VM jail could not be started: {self.log() or 'bwrap gave no reason'}; this host must "
+                "allow mount and PID namespaces to root (in a container: run it privileged), or pass "
+                "--danger-no-jail on a development host"
+            )
         return self
+
+    @property
+    def pid(self) -> int | None:
+        """QEMU's PID (in the jail: not bwrap's)."""
+        return self._vmm_pid if self._vmm_pid is not None else super().pid
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None

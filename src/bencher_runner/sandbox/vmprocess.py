@@ -2,7 +2,9 @@
 
 It runs in its own session, so one killpg takes it and anything it started, and with PR_SET_PDEATHSIG,
 so it dies with the runner thread that started it (start and wait from the same thread). The kernel
-clears PR_SET_PDEATHSIG when a process changes credentials, so a jailed Firecracker loses it.
+clears PR_SET_PDEATHSIG when a process changes credentials, so a jailed Firecracker loses it; a jailed
+QEMU runs as the child of bwrap's init, which keeps it (jail.py). Its environment is only what it is
+given (the jail's is empty): never the runner's, which may hold the runner key.
 """
 
 import contextlib
@@ -11,10 +13,11 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import IO
 
 PR_SET_PDEATHSIG = 1
+KILL_WAIT_S = 5.0
 
 
 def _child_setup(cpus: tuple[int, ...] | None) -> Callable[[], None]:
@@ -37,15 +40,20 @@ class VmProcess:
         stdout: IO[bytes],
         stderr: IO[bytes],
         cpus: tuple[int, ...] | None = None,
+        env: Mapping[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.proc = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
+            env=dict(env or {}),  # the runner's environment (BENCHER_RUNNER_KEY...) never reaches a VMM
+            pass_fds=tuple(pass_fds),
             start_new_session=True,
             preexec_fn=_child_setup(cpus),  # prctl and affinity only: no locks taken
         )
+        self.also_kill: list[int] = []  # processes outside its session: a jailed VMM (setsid in the jail)
 
     @property
     def pid(self) -> int:
@@ -62,12 +70,26 @@ class VmProcess:
             return None
 
     def kill(self) -> None:
-        """SIGKILL the whole session and reap the process."""
-        if self.proc.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        """SIGKILL the whole session (and ``also_kill``), reap the process, wait for the others to go."""
+        for pid in self.also_kill:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        deadline = time.monotonic() + KILL_WAIT_S
+        while any(_alive(pid) for pid in self.also_kill) and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+
+def _alive(pid: int) -> bool:
+    """Still there and not a zombie (a zombie holds no file open)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 class RunsAsVmProcess:

@@ -21,6 +21,8 @@ from bencher_runner.spec.units import MIB
 MIN_DISK_MIB = 64
 MIN_MEMORY_MIB = 64
 DEFAULT_MAX_OUTPUT = 25 * MIB
+DEFAULT_JAIL_UID = 64434  # every VMM's uid and gid (sandbox/jail.py): no login account, not root
+MAX_ID = 2**32 - 2  # (uid_t)-1 means "unchanged"
 
 Accel = Literal["auto", "kvm", "tcg"]
 Backend = Literal["qemu", "firecracker", "none"]  # "none": on the host, no sandbox
@@ -61,8 +63,10 @@ class RunConfig(BaseModel):
     backend: Backend = "qemu"
     firecracker: Path | None = None  # the binary (else BENCHER_RUNNER_FIRECRACKER, else PATH)
     jailer: Path | None = None  # with it, Firecracker runs under the jailer (chroot, uid/gid drop)
-    jailer_uid: int = Field(default=65534, ge=0)
-    jailer_gid: int = Field(default=65534, ge=0)
+    # The jail of every VMM (sandbox/jail.py); the jailer's uid/gid for Firecracker too.
+    jail_uid: int = Field(default=DEFAULT_JAIL_UID, ge=1, le=MAX_ID)
+    jail_gid: int = Field(default=DEFAULT_JAIL_UID, ge=1, le=MAX_ID)
+    danger_no_jail: bool = False  # development hosts: the VMM runs unconfined (warned on every job)
     jailer_chroot_base: Path = Path("/srv/jailer")
     sandbox_log_level: Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"] = "Warning"
     accel: Accel = "auto"

@@ -15,7 +15,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationError
 
 from bencher_runner.spec.bmf import benchmark_name
-from bencher_runner.spec.config import DEFAULT_MAX_OUTPUT, Accel, RunConfig, make_run_config
+from bencher_runner.spec.config import (
+    DEFAULT_JAIL_UID,
+    DEFAULT_MAX_OUTPUT,
+    Accel,
+    RunConfig,
+    make_run_config,
+)
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.registry import parse_registry_url
 from bencher_runner.spec.units import MIB, bytes_to_mib
@@ -115,6 +121,9 @@ class JobOptions:
     network_mode: Literal["user", "tap"] = "user"
     firecracker: Path | None = None
     max_disk_mib: int = DEFAULT_MAX_DISK_MIB  # --max-disk
+    jail_uid: int = DEFAULT_JAIL_UID  # --jail-uid
+    jail_gid: int = DEFAULT_JAIL_UID  # --jail-gid
+    danger_no_jail: bool = False  # --danger-no-jail
 
 
 def parse_job(message: dict[str, Any]) -> ClaimedJob:
@@ -216,4 +225,7 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
         backend="none" if spec.sandbox is None else options.backend,
         network_mode=options.network_mode,
         firecracker=options.firecracker,
+        jail_uid=options.jail_uid,
+        jail_gid=options.jail_gid,
+        danger_no_jail=options.danger_no_jail,
     )
