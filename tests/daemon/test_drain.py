@@ -13,20 +13,23 @@ from pathlib import Path
 
 import pytest
 
-from bencher_runner.daemon import Daemon, DaemonSettings
+from bencher_runner.daemon import Daemon, DaemonSettings, Executor
 from bencher_runner.daemon.preflight import HostPreflight
 from bencher_runner.fakeserver import FakeBencher
 from bencher_runner.host.maintenance import drain, take_daemon_lock, undrain
 from bencher_runner.spec.jobspec import JobOptions
+from tests.support.kernel import fake_bundle
 
 from .conftest import KEY, sleeper
 
 
-def fake_bundle(cache: Path) -> None:
-    kernel = cache / "kernel"
-    kernel.mkdir(parents=True, exist_ok=True)
-    (kernel / "vmlinuz").write_bytes(b"not really a kernel")
-    (kernel / "bundle.json").write_text(json.dumps({"release": "x", "kernel": "vmlinuz", "modules": []}))
+def drained_daemon(server: FakeBencher, tmp_path: Path, executor: Executor) -> Daemon:
+    """A daemon whose preflight is the real one (a stand-in kernel, TCG) over tmp_path/run."""
+    cache, run = tmp_path / "cache", tmp_path / "run"
+    fake_bundle(cache)
+    settings = DaemonSettings(host=server.url, runner=server.runner, key=KEY, state_dir=tmp_path / "state",
+                              poll_timeout=1, auto_update=False, run_dir=run)  # fmt: skip
+    return Daemon(settings, executor, host_check=HostPreflight(cache, JobOptions(accel="tcg"), run_dir=run))
 
 
 @pytest.fixture
@@ -43,13 +46,8 @@ async def test_a_marker_during_a_job_lets_it_finish_then_pauses_until_removed(
 ) -> None:
     server = patient_server
     caplog.set_level(logging.INFO, logger="bencher_runner")
-    cache, run = tmp_path / "cache", tmp_path / "run"
-    fake_bundle(cache)
-    settings = DaemonSettings(host=server.url, runner=server.runner, key=KEY, state_dir=tmp_path / "state",
-                              poll_timeout=1, auto_update=False, run_dir=run)  # fmt: skip
-    daemon = Daemon(
-        settings, sleeper(2.0), host_check=HostPreflight(cache, JobOptions(accel="tcg"), run_dir=run)
-    )
+    run = tmp_path / "run"
+    daemon = drained_daemon(server, tmp_path, sleeper(2.0))
     task = asyncio.create_task(daemon.run())
     try:
         first = server.add_job()
@@ -77,14 +75,9 @@ async def test_a_marker_during_a_job_lets_it_finish_then_pauses_until_removed(
 
 
 async def test_runner_drain_wait_returns_after_the_job(server: FakeBencher, tmp_path: Path) -> None:
-    cache, run = tmp_path / "cache", tmp_path / "run"
-    fake_bundle(cache)
+    run = tmp_path / "run"
     lock = take_daemon_lock(run)  # as `runner up` does
-    settings = DaemonSettings(host=server.url, runner=server.runner, key=KEY, state_dir=tmp_path / "state",
-                              poll_timeout=1, auto_update=False, run_dir=run)  # fmt: skip
-    daemon = Daemon(
-        settings, sleeper(3.0), host_check=HostPreflight(cache, JobOptions(accel="tcg"), run_dir=run)
-    )
+    daemon = drained_daemon(server, tmp_path, sleeper(3.0))
     task = asyncio.create_task(daemon.run())
     try:
         job = server.add_job()

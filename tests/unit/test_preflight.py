@@ -1,6 +1,5 @@
 """HostPreflight: the check before every `ready` that keeps a host from claiming jobs it cannot run."""
 
-import json
 import os
 from pathlib import Path
 
@@ -9,15 +8,9 @@ import pytest
 from bencher_runner.daemon.preflight import HostPreflight
 from bencher_runner.host.maintenance import drain, job_lock
 from bencher_runner.spec.jobspec import JobOptions
+from tests.support.kernel import fake_bundle
 
 TCG = JobOptions(accel="tcg")  # no KVM probe in unit tests
-
-
-def fake_bundle(cache: Path) -> None:
-    kernel = cache / "kernel"
-    kernel.mkdir(parents=True, exist_ok=True)
-    (kernel / "vmlinuz").write_bytes(b"not really a kernel")
-    (kernel / "bundle.json").write_text(json.dumps({"release": "x", "kernel": "vmlinuz", "modules": []}))
 
 
 @pytest.fixture(autouse=True)
