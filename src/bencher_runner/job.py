@@ -258,6 +258,11 @@ class Job:
         cfg = self.config
         self._check_deadline("before it started")
         check_host_capacity(cfg, self.cache)  # before any work: memory, disk space, paths QEMU takes
+        if cfg.backend == "qemu" and not cfg.danger_no_jail:  # the VMM's jail: refuse before any work
+            from bencher_runner.sandbox.jail import jail_problem
+
+            if problem := jail_problem():
+                raise SandboxError(problem)
         t0 = time.monotonic()
         image = open_image(
             cfg.image,

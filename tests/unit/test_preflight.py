@@ -144,3 +144,15 @@ def test_a_broken_health_probe_does_not_stop_a_fit_host(tmp_path: Path) -> None:
     check = HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run", health_probe=broken)  # type: ignore[arg-type]
     verdict = check()
     assert verdict.problem is None and verdict.pause == ()
+
+
+def test_a_host_that_cannot_jail_the_vmm_claims_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bencher_runner.sandbox import jail
+
+    fake_bundle(tmp_path)
+    monkeypatch.setattr(jail, "jail_problem", lambda euid=None: "the VM jail needs bwrap: install it")
+    assert "needs bwrap" in (HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run")().problem or "")
+    unjailed = JobOptions(accel="tcg", danger_no_jail=True)
+    assert HostPreflight(tmp_path, unjailed, run_dir=tmp_path / "run")().problem is None

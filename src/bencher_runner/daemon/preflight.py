@@ -142,9 +142,12 @@ class HostPreflight:
             require_kvm()
             return
         from bencher_runner.sandbox.accel import cached_kvm_problem, choose_accel, probe_kvm_boot
+        from bencher_runner.sandbox.jail import jail_problem
         from bencher_runner.sandbox.qemu import find_qemu
 
         qemu = find_qemu()
+        if not self.options.danger_no_jail and (problem := jail_problem()):
+            raise RunnerError(problem)  # every VMM runs jailed: a host that cannot jail claims nothing
         if not self._accel_done:  # the probe boots a test guest once; its answer is cached on disk
             choose_accel(
                 self.options.accel,
