@@ -1,9 +1,10 @@
 """Every benchmark in one command: `make bench` (= `.venv/bin/python -m bench [--repeat N] [--out DIR]`).
 
 Runs bench/job.py (job overhead, boot to command, job phases), bench/prep.py (image prep against
-skopeo + umoci + mkfs, warm against cold, RSS of a 512 MiB pull) and bench/daemon.py (heartbeats under
-load, cancel latency, RSS, throughput). Each prints its figures with the reference measured in the same
-run; this prints the goals table at the end and writes DIR/results.json and DIR/phases.png.
+skopeo + umoci + mkfs, warm and incremental against cold, RSS of a 512 MiB pull), bench/daemon.py
+(heartbeats under load, cancel latency, RSS, throughput) and bench/jail.py (what the VMM jail costs).
+Each prints its figures with the reference measured in the same run; this prints the goals table at
+the end and writes DIR/results.json and DIR/phases.png.
 """
 
 import argparse
@@ -13,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import daemon, job, prep
+from bench import daemon, jail, job, prep
 from bench.plot import plot_phases
 
 # (figure, goal: at most this, what it is)
@@ -21,11 +22,13 @@ GOALS = (
     ("warm_job_ratio", 1.05, "warm-image job: runner run / hand-written QEMU"),
     ("prep_cold_over_reference", 0.8, "cold image prep / skopeo + umoci + mkfs"),
     ("prep_warm_over_cold", 0.05, "warm image prep / cold image prep"),
+    ("prep_incremental_over_cold", 0.15, "new image, +1 MiB layer on a cached base / its cold prep"),
     ("heartbeat_p99_s", 1.2, "heartbeat interval p99 during a cold 512 MiB-image job (s)"),
     ("cancel_vm_s", 1.0, "cancel -> canceled, VM running the benchmark (s)"),
     ("idle_rss_mib", 50, "daemon idle RSS (MiB)"),
     ("rss_pull_peak_mib", 120, "peak RSS pulling a 512 MiB layer (MiB)"),
     ("pull_hwm_mib", 120, "daemon peak RSS (VmHWM) after a cold 512 MiB job (MiB)"),
+    ("jail_ratio", 1.02, "job wall time: jailed VMM / --danger-no-jail"),
 )
 
 
@@ -54,6 +57,7 @@ def main() -> None:
         ("job", job_section),
         ("prep", lambda: prep.run(args.repeat)),
         ("daemon", lambda: daemon.run(args.repeat)),
+        ("jail", lambda: jail.run(args.repeat)),
     )
     for name, section in sections_run:
         print(f"\n== {name} ==", flush=True)
