@@ -151,20 +151,28 @@ def take_daemon_lock(directory: Path) -> HeldLock:
     return HeldLock(path, fd)
 
 
-def daemon_pid(directory: Path) -> int | None:
-    """The pid of the daemon holding the host, or None when no daemon runs."""
-    path = directory / DAEMON_LOCK
+def _is_held(path: Path) -> bool:
+    """Whether another process holds the flock on ``path`` (a missing file is not held)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except OSError:
-        return None
+        return False
     try:
-        if _try_lock(fd):
-            return None
-        text = path.read_text().strip()
-        return int(text) if text.isdigit() else -1
+        return not _try_lock(fd)  # our probe lock, if it took, is released with the fd
     finally:
         os.close(fd)
+
+
+def daemon_pid(directory: Path) -> int | None:
+    """The pid of the daemon holding the host (-1 if unreadable), or None when no daemon runs."""
+    path = directory / DAEMON_LOCK
+    if not _is_held(path):
+        return None
+    with contextlib.suppress(OSError):
+        text = path.read_text().strip()
+        if text.isdigit():
+            return int(text)
+    return -1
 
 
 @contextlib.contextmanager
@@ -223,14 +231,7 @@ def host_job_lock(
 def job_lock_holder(directory: Path) -> str | None:
     """Who holds the job lock (e.g. "pid 1234"), or None when it is free."""
     path = directory / JOB_LOCK
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return None
-    try:
-        return None if _try_lock(fd) else _holder(path)
-    finally:
-        os.close(fd)
+    return _holder(path) if _is_held(path) else None
 
 
 # -- the daemon's status ---------------------------------------------------------------------------
