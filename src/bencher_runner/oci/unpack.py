@@ -245,14 +245,9 @@ class _OverBudget(ImageError):
             with layer.path.open("rb") as f:
                 stream, fmt = _sniff(f, layer.media_type, "")
                 guarded = _GuardedReader(stream, "", fmt)
-                try:
-                    tar = tarfile.open(  # noqa: SIM115 - closed by the `with` below
-                        fileobj=cast(IO[bytes], guarded), mode="r|", tarinfo=_BoundedTarInfo
-                    )
-                except tarfile.ReadError:
-                    if guarded.total == 0:
-                        return  # an empty layer
-                    raise
+                tar = _open_stream(guarded)
+                if tar is None:
+                    return  # an empty layer
                 with tar:
                     self.scan(tar, guarded)
         except (RunnerError, tarfile.TarError, OSError, EOFError):
@@ -426,6 +421,16 @@ class _GuardedReader:
             ) from None
         self.total += len(data)
         return data
+
+
+def _open_stream(guarded: _GuardedReader) -> tarfile.TarFile | None:
+    """The layer's tar stream, or None for an empty layer (no bytes at all); the caller closes it."""
+    try:
+        return tarfile.open(fileobj=cast(IO[bytes], guarded), mode="r|", tarinfo=_BoundedTarInfo)
+    except tarfile.ReadError:
+        if guarded.total == 0:
+            return None
+        raise
 
 
 class _BoundedTarInfo(tarfile.TarInfo):
@@ -1078,14 +1083,9 @@ def _apply_stream(
     applier = _LayerApplier(tree, name, budget, stats)
     where = name
     try:
-        try:
-            tar = tarfile.open(  # noqa: SIM115 - closed by the `with` below
-                fileobj=cast(IO[bytes], guarded), mode="r|", tarinfo=_BoundedTarInfo
-            )
-        except tarfile.ReadError:
-            if guarded.total == 0:
-                return  # an empty layer
-            raise
+        tar = _open_stream(guarded)
+        if tar is None:
+            return  # an empty layer
         with tar:
             while (member := tar.next()) is not None:
                 getattr(tar, "members").clear()  # noqa: B009 - stream mode keeps every header otherwise
