@@ -8,7 +8,6 @@ loop keeps sending heartbeats whatever the job does; a cancel sets the job's thr
 import asyncio
 import contextlib
 import contextvars
-import json
 import logging
 import platform
 import random
@@ -217,7 +216,6 @@ class Daemon:
         self._got_message = False
         self._last_heartbeat: float | None = None
         self._status: dict[str, Any] | None = None
-        self.sent: list[tuple[float, dict[str, Any]]] = []  # for tests and debugging (small messages)
 
     # -- public --------------------------------------------------------------------------------------
     def request_shutdown(self) -> None:
@@ -478,10 +476,6 @@ class Daemon:
             return
         now = time.monotonic()
         text = message.wire()
-        if not isinstance(message, Terminal):
-            self.sent.append((now, json.loads(text)))
-        else:
-            self.sent.append((now, {"event": message.event, "job": message.job}))
         if isinstance(message, Heartbeat):
             if self._last_heartbeat is not None:
                 interval = now - self._last_heartbeat
