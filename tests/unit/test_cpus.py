@@ -6,6 +6,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 from bencher_runner.host.cgroup import memory_max_bytes
 from bencher_runner.host.cpus import (
     format_cpu_list,
@@ -16,7 +17,6 @@ from bencher_runner.host.cpus import (
     partition,
     vcpu_assignment,
 )
-from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.host.tuning import KNOB_ORDER, TuningOptions, TuningPlan
 
 

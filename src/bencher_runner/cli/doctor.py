@@ -172,9 +172,9 @@ def _fix(root: Path, *, yes: bool, dry_run: bool) -> int:
 def _preflight_check(cache: Path) -> Check:
     """The verdict `runner up` reaches before each `ready` (daemon/preflight.py), for this cache."""
     from bencher_runner.daemon.preflight import HostPreflight
-    from bencher_runner.spec.jobspec import JobOptions
+    from bencher_runner.spec.config import HostSettings
 
-    verdict = HostPreflight(cache, JobOptions())()
+    verdict = HostPreflight(cache, HostSettings())()
     if verdict.problem is not None:
         return Check("runner up preflight", "fail", "runner up would not ask for jobs", verdict.problem)
     if verdict.pause:
