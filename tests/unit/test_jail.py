@@ -262,7 +262,8 @@ def test_jail_ids_default_and_refuse_root() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [["run", "--image", "x"], ["up", "--host", "h", "--runner", "r", "--key", "k"]]
+    "command",
+    [["run", "--image", "x"], ["up", "--host", "http://127.0.0.1:1", "--runner", "r", "--key", "k"]],
 )
 def test_the_cli_refuses_uid_0(command: list[str]) -> None:
     result = CliRunner().invoke(main, [*command, "--jail-uid", "0"])

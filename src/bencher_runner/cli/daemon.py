@@ -11,6 +11,7 @@ import click
 
 from bencher_runner.cli.host_options import host_options, host_settings_from
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
+from bencher_runner.cli.types import HttpUrl, SafePath, Text
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
 from bencher_runner.daemon.update import auto_update_allowed
 from bencher_runner.host.maintenance import HostBusyError, run_dir, take_daemon_lock
@@ -27,16 +28,22 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.command(context_settings=CONTEXT)
 @click.option(
     "--host",
+    type=HttpUrl(),
     envvar="BENCHER_HOST",
     default="https://api.bencher.dev",
     show_default=True,
     help="Bencher API URL (env BENCHER_HOST).",
 )
 @click.option(
-    "--runner", envvar="BENCHER_RUNNER", required=True, help="Runner UUID or slug (env BENCHER_RUNNER)."
+    "--runner",
+    type=Text(empty=False, spaces=False, controls=False),
+    envvar="BENCHER_RUNNER",
+    required=True,
+    help="Runner UUID or slug (env BENCHER_RUNNER).",
 )
 @click.option(
     "--key",
+    type=Text(empty=False, spaces=False, controls=False, secret=True),
     envvar="BENCHER_RUNNER_KEY",
     required=True,
     show_envvar=False,
@@ -51,16 +58,16 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @click.option("--danger-allow-no-sandbox", is_flag=True, help="Accept jobs whose spec has no sandbox.")
 @click.option("--no-auto-update", is_flag=True, help="Do not send version metadata or exit for updates.")
-@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="Cache directory.")
+@click.option("--cache-dir", type=SafePath(path_type=Path, file_okay=False), help="Cache directory.")
 @click.option(
     "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=SafePath(path_type=Path, file_okay=False),
     help="State directory: the outbox of unacknowledged results, the update record (default: env "
     "BENCHER_RUNNER_STATE_DIR, else the user state dir).",
 )
 @click.option(
     "--max-message-size",
-    type=click.IntRange(64 * 1024),
+    type=click.IntRange(64 * 1024, 2**30),
     default=DEFAULT_MAX_MESSAGE_BYTES,
     show_default=True,
     help="Byte cap for one result message (outputs are truncated to fit).",
@@ -139,7 +146,6 @@ def daemon_command(
             flags,
             backend=sandbox,
             allow_no_sandbox=danger_allow_no_sandbox,
-            no_sandbox_flag="--danger-allow-no-sandbox",
         ).model_copy(update={"image_layout": "legacy" if image_layout == "legacy" else "bencher"})
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)

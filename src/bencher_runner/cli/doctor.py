@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from bencher_runner.cli.types import SafePath
 from bencher_runner.host import fixes
 from bencher_runner.host.doctor import Check, DoctorEnv, can_run_jobs, run_checks, to_json
 from bencher_runner.paths import cache_dir
@@ -20,7 +21,7 @@ _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
 @click.option(
     "--cache-dir",
     "cache_opt",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SafePath(file_okay=False, path_type=Path),
     default=None,
     help="Runner cache (kernel bundle, KVM probe answer); default: BENCHER_RUNNER_CACHE_DIR or user cache.",
 )
@@ -37,7 +38,7 @@ _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
 )
 @click.option(
     "--root",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SafePath(file_okay=False, path_type=Path),
     default=Path("/"),
     hidden=True,
     help="Host root for --fix (tests use a fake tree).",

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
+from bencher_runner.cli.types import SafePath
 from bencher_runner.sandbox.outputdisk import MAX_OUTPUT_LIMIT
 from bencher_runner.spec.config import (
     DEFAULT_GRACE_PERIOD_S,
@@ -21,6 +22,8 @@ from bencher_runner.spec.config import (
     DEFAULT_MAX_FILE_COUNT,
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_SYMLINKS,
+    MAX_DISK_MIB,
+    MAX_FILE_COUNT,
     MAX_ID,
     MIN_DISK_MIB,
     HostSettings,
@@ -47,13 +50,13 @@ HOST_OPTIONS = (
     ),
     click.option(
         "--kernel",
-        type=click.Path(path_type=Path, dir_okay=False),
+        type=SafePath(path_type=Path, dir_okay=False),
         envvar="BENCHER_RUNNER_KERNEL",
         help="Guest kernel image (default: the kernel bundle in the cache, `runner kernel show`).",
     ),
     click.option(
         "--kernel-modules",
-        type=click.Path(path_type=Path, file_okay=False),
+        type=SafePath(path_type=Path, file_okay=False),
         envvar="BENCHER_RUNNER_KERNEL_MODULES",
         help="Directory with the kernel's modules (.ko), with --kernel.",
     ),
@@ -74,14 +77,14 @@ HOST_OPTIONS = (
     ),
     click.option(
         "--max-disk",
-        type=click.IntRange(MIN_DISK_MIB),
+        type=click.IntRange(MIN_DISK_MIB, MAX_DISK_MIB),
         default=DEFAULT_MAX_DISK_MIB,
         show_default=True,
         help="Largest root disk in MiB a job may ask for (--disk, spec.disk); free space is checked too.",
     ),
     click.option(
         "--max-file-count",
-        type=click.IntRange(0),
+        type=click.IntRange(0, MAX_FILE_COUNT),
         default=DEFAULT_MAX_FILE_COUNT,
         show_default=True,
         help="Most output files a job may request.",
@@ -103,18 +106,18 @@ HOST_OPTIONS = (
     click.option(
         "--firecracker",
         "firecracker_bin",
-        type=click.Path(path_type=Path, dir_okay=False),
+        type=SafePath(path_type=Path, dir_okay=False),
         envvar="BENCHER_RUNNER_FIRECRACKER",
         help="With --sandbox firecracker: the firecracker binary (default: from PATH).",
     ),
     click.option(
         "--jailer",
-        type=click.Path(path_type=Path, dir_okay=False),
+        type=SafePath(path_type=Path, dir_okay=False),
         help="With --sandbox firecracker: run it under this jailer (required unless --danger-no-jail).",
     ),
     click.option(
         "--jailer-chroot-base",
-        type=click.Path(path_type=Path, file_okay=False),
+        type=SafePath(path_type=Path, file_okay=False),
         default=DEFAULT_JAILER_CHROOT_BASE,
         show_default=True,
         help="With --sandbox firecracker: where the jailer builds each VM's chroot.",
@@ -179,11 +182,9 @@ def given_on_command_line(names: tuple[str, ...]) -> set[str]:
     return {name for name in names if source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
-def host_settings_from(
-    kwargs: dict[str, Any], *, backend: str, allow_no_sandbox: bool, no_sandbox_flag: str
-) -> HostSettings:
+def host_settings_from(kwargs: dict[str, Any], *, backend: str, allow_no_sandbox: bool) -> HostSettings:
     """Pop the host options from a command's kwargs; the settings, or click.UsageError / SpecError
-    naming the option. ``no_sandbox_flag``: how this command allows jobs without a sandbox."""
+    naming the option."""
     values = {name: kwargs.pop(name) for name in HOST_PARAMS}
     given = given_on_command_line(HOST_PARAMS)
     if backend != "firecracker" and (
@@ -191,7 +192,10 @@ def host_settings_from(
     ):
         raise click.UsageError(f"{', '.join(wrong)} need --sandbox firecracker")
     if "max_symlinks" in given and not allow_no_sandbox:
-        raise click.UsageError(f"--max-symlinks applies to jobs without a sandbox only ({no_sandbox_flag})")
+        raise click.UsageError(
+            "--max-symlinks applies to jobs without a sandbox only (runner run --sandbox none, "
+            "runner daemon --danger-allow-no-sandbox)"
+        )
     return make_host_settings(
         backend=backend,
         allow_no_sandbox=allow_no_sandbox,

@@ -11,6 +11,7 @@ from typing import ClassVar
 import click
 
 from bencher_runner import __version__
+from bencher_runner.cli.types import SafePath
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.errors import RunnerError
 
@@ -60,7 +61,7 @@ def kernel() -> None:
 @click.option(
     "--package", default="linux-image-cloud-amd64", show_default=True, help="Debian kernel package."
 )
-@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+@click.option("--cache-dir", type=SafePath(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 def kernel_fetch(package: str, cache_dir: Path | None) -> None:
     """Download the distribution's kernel package and unpack kernel + guest modules into the cache."""
     from bencher_runner.sandbox.kernel import fetch_debian_bundle
@@ -78,7 +79,7 @@ def kernel_fetch(package: str, cache_dir: Path | None) -> None:
 
 
 @kernel.command("show", context_settings=CONTEXT)
-@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+@click.option("--cache-dir", type=SafePath(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 def kernel_show(cache_dir: Path | None) -> None:
     """Print the kernel bundle `runner run` would use."""
     from bencher_runner.sandbox.kernel import resolve_bundle
@@ -99,7 +100,7 @@ def cache() -> None:
 
 
 @cache.command("ls", context_settings=CONTEXT)
-@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+@click.option("--cache-dir", type=SafePath(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
     """List cached blobs, then cached root disks of layer chains, least recently used first."""
@@ -142,7 +143,7 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
 
 
 @cache.command("prune", context_settings=CONTEXT)
-@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+@click.option("--cache-dir", type=SafePath(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 @click.option(
     "--max-size", type=click.IntRange(0), help="Keep at most this many MiB (least recently used go)."
 )

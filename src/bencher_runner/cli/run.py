@@ -9,12 +9,22 @@ import click
 
 from bencher_runner.cli.host_options import given_on_command_line, host_options, host_settings_from
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
+from bencher_runner.cli.types import SafePath, Text
 from bencher_runner.paths import cache_dir as cache_dir_for
-from bencher_runner.spec.config import RunConfig, make_job_request
+from bencher_runner.spec.config import (
+    MAX_DISK_MIB,
+    MAX_ITERATIONS,
+    MAX_TIMEOUT_S,
+    MIN_DISK_MIB,
+    MIN_MEMORY_MIB,
+    RunConfig,
+    make_job_request,
+)
 from bencher_runner.spec.errors import RunnerError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 EXIT_USAGE = 2
+SECRET = Text(empty=False, spaces=False, controls=False, secret=True)
 
 
 def fail(err: RunnerError) -> NoReturn:
@@ -27,8 +37,10 @@ def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
     env: dict[str, str] = {}
     for item in values:
         name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE with a non-empty KEY", param_hint="--env")
+        if not sep or not name or "\0" in item:
+            raise click.BadParameter(
+                f"{item!r}: expected KEY=VALUE with a non-empty KEY and no NUL byte", param_hint="--env"
+            )
         env[name] = value
     return env
 
@@ -47,22 +59,40 @@ def _check_outputs(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option(
     "--image",
     required=True,
+    type=Text(empty=False, controls=False),
     help="OCI layout directory (DIR[:TAG]), archive (oci-archive:FILE[:TAG], docker-archive:FILE[:NAME:TAG], "
     "FILE.tar[:TAG]), or registry reference host[:port]/repo[:tag][@digest].",
 )
-@click.option("--token", envvar="BENCHER_RUNNER_TOKEN", help="Bearer token for the registry (never logged).")
-@click.option("--registry-username", help="Registry user, for registries that want a password login.")
-@click.option("--registry-password", envvar="BENCHER_RUNNER_REGISTRY_PASSWORD", help="Registry password.")
+@click.option(
+    "--token",
+    type=SECRET,
+    envvar="BENCHER_RUNNER_TOKEN",
+    help="Bearer token for the registry (never logged).",
+)
+@click.option(
+    "--registry-username",
+    type=Text(empty=False, spaces=False, controls=False),
+    help="Registry user, for registries that want a password login.",
+)
+@click.option(
+    "--registry-password",
+    type=Text(empty=False, controls=False, secret=True),
+    envvar="BENCHER_RUNNER_REGISTRY_PASSWORD",
+    help="Registry password.",
+)
 @click.option(
     "--insecure-registry", is_flag=True, help="Pull over plain HTTP (for loopback test registries)."
 )
 @click.option(
     "--entrypoint",
     multiple=True,
+    type=Text(),
     help="Override the image ENTRYPOINT (repeat for each argument; drops the image CMD).",
 )
-@click.option("--cmd", "cmd_opts", multiple=True, help="Override the image CMD (repeat for each argument).")
-@click.argument("cmd_args", nargs=-1)
+@click.option(
+    "--cmd", "cmd_opts", multiple=True, type=Text(), help="Override the image CMD (repeat for each argument)."
+)
+@click.argument("cmd_args", nargs=-1, type=Text())
 @click.option(
     "--env",
     "env_opts",
@@ -72,14 +102,22 @@ def _check_outputs(values: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option("--vcpus", type=click.IntRange(1, 255), default=1, show_default=True, help="Guest vCPUs.")
 @click.option(
-    "--memory", type=click.IntRange(64), default=512, show_default=True, help="Guest memory in MiB."
+    "--memory",
+    type=click.IntRange(MIN_MEMORY_MIB),
+    default=512,
+    show_default=True,
+    help="Guest memory in MiB.",
 )
 @click.option(
-    "--disk", type=click.IntRange(64), default=1024, show_default=True, help="Root disk size in MiB."
+    "--disk",
+    type=click.IntRange(MIN_DISK_MIB, MAX_DISK_MIB),
+    default=1024,
+    show_default=True,
+    help="Root disk size in MiB.",
 )
 @click.option(
     "--timeout",
-    type=click.IntRange(1),
+    type=click.IntRange(1, MAX_TIMEOUT_S),
     default=300,
     show_default=True,
     help="Seconds for the whole job: the image pull, every boot and every iteration together.",
@@ -87,7 +125,7 @@ def _check_outputs(values: tuple[str, ...]) -> tuple[str, ...]:
 @click.option(
     "--iter",
     "iterations",
-    type=click.IntRange(0),
+    type=click.IntRange(0, MAX_ITERATIONS),
     default=1,
     show_default=True,
     help="Run the benchmark N times, each in a fresh VM.",
@@ -115,7 +153,7 @@ def _check_outputs(values: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option(
     "--output-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=SafePath(path_type=Path, file_okay=False),
     help="Also save stdout, stderr and output files byte-exact under DIR/iter-N/.",
 )
 @click.option(
@@ -130,7 +168,7 @@ def _check_outputs(values: tuple[str, ...]) -> tuple[str, ...]:
 )
 @click.option(
     "--cache-dir",
-    type=click.Path(path_type=Path),
+    type=SafePath(path_type=Path),
     envvar="BENCHER_RUNNER_CACHE_DIR",
     help="Cache and work directory root.",
 )
@@ -193,7 +231,6 @@ def run(
             flags,
             backend="qemu" if sandbox == "none" else sandbox,
             allow_no_sandbox=sandbox == "none",
-            no_sandbox_flag="--sandbox none",
         )
     except RunnerError as err:
         fail(err)

@@ -34,6 +34,10 @@ from bencher_runner.spec.units import MIB
 
 MIN_DISK_MIB = 64
 MIN_MEMORY_MIB = 64
+MAX_DISK_MIB = 2**43 - 1  # a disk's size in bytes must fit in off_t
+MAX_TIMEOUT_S = 2**31 - 1  # flags only: a job message's values are bounded by the host checks
+MAX_ITERATIONS = 1_000_000
+MAX_FILE_COUNT = 65_535
 DEFAULT_MAX_OUTPUT = 25 * MIB
 DEFAULT_MAX_FILE_COUNT = 255
 DEFAULT_GRACE_PERIOD_S = 1
@@ -67,8 +71,8 @@ class JobRequest(BaseModel):
     cmd: tuple[str, ...] | None = None
     env: dict[str, str] = Field(default_factory=dict)
     vcpus: int = Field(default=1, ge=1, le=255)
-    memory_mib: int = Field(default=512, ge=MIN_MEMORY_MIB)
-    disk_mib: int = Field(default=1024, ge=MIN_DISK_MIB)
+    memory_mib: int = Field(default=512, ge=MIN_MEMORY_MIB)  # the host's MemTotal bounds it
+    disk_mib: int = Field(default=1024, ge=MIN_DISK_MIB)  # --max-disk and free space bound it
     timeout_s: int = Field(default=300, ge=1)  # the whole job, from started_at
     started_at: float | None = None  # time.monotonic() when the job's clock started; None: at run_job
     iterations: int = Field(default=1, ge=0)
@@ -128,8 +132,8 @@ class HostSettings(BaseModel):
     kernel_modules: Path | None = None
     network_mode: NetworkMode | None = None  # None: user-mode NAT for QEMU, TAP for Firecracker
     max_output_bytes: int = Field(default=DEFAULT_MAX_OUTPUT, ge=0)
-    max_file_count: int = Field(default=DEFAULT_MAX_FILE_COUNT, ge=0)
-    max_disk_mib: int = Field(default=DEFAULT_MAX_DISK_MIB, ge=MIN_DISK_MIB)
+    max_file_count: int = Field(default=DEFAULT_MAX_FILE_COUNT, ge=0, le=MAX_FILE_COUNT)
+    max_disk_mib: int = Field(default=DEFAULT_MAX_DISK_MIB, ge=MIN_DISK_MIB, le=MAX_DISK_MIB)
     grace_period_s: int = Field(default=DEFAULT_GRACE_PERIOD_S, ge=1, le=900)
     max_symlinks: int = Field(default=DEFAULT_MAX_SYMLINKS, ge=0)
     image_layout: ImageLayout = "bencher"  # how a job's image reference is spelled (daemon)
