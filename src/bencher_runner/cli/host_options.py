@@ -182,9 +182,11 @@ def given_on_command_line(names: tuple[str, ...]) -> set[str]:
     return {name for name in names if source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
-def host_settings_from(kwargs: dict[str, Any], *, backend: str, allow_no_sandbox: bool) -> HostSettings:
+def host_settings_from(
+    kwargs: dict[str, Any], *, backend: str, allow_no_sandbox: bool, **only_daemon: Any
+) -> HostSettings:
     """Pop the host options from a command's kwargs; the settings, or click.UsageError / SpecError
-    naming the option."""
+    naming the option. ``only_daemon``: settings one command alone has (the daemon's image_layout)."""
     values = {name: kwargs.pop(name) for name in HOST_PARAMS}
     given = given_on_command_line(HOST_PARAMS)
     if backend != "firecracker" and (
@@ -215,4 +217,5 @@ def host_settings_from(kwargs: dict[str, Any], *, backend: str, allow_no_sandbox
         jail_uid=values["jail_uid"],
         jail_gid=values["jail_gid"],
         danger_no_jail=values["danger_no_jail"],
+        **only_daemon,
     )
