@@ -19,7 +19,7 @@ from bencher_runner.logs import setup_logging
 from bencher_runner.metrics import serve_metrics
 from bencher_runner.paths import cache_dir as default_cache_dir
 from bencher_runner.paths import state_dir as default_state_dir
-from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_TIMEOUT
 from bencher_runner.spec.errors import RunnerError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -52,7 +52,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option(
     "--poll-timeout",
     type=click.IntRange(1, 900),
-    default=55,
+    default=DEFAULT_POLL_TIMEOUT,
     show_default=True,
     help="Seconds the server may hold a `ready` before answering `no_job`.",
 )

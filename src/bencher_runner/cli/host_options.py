@@ -18,10 +18,12 @@ from bencher_runner.spec.config import (
     DEFAULT_GRACE_PERIOD_S,
     DEFAULT_JAIL_UID,
     DEFAULT_JAILER_CHROOT_BASE,
+    DEFAULT_LOG_LEVEL,
     DEFAULT_MAX_DISK_MIB,
     DEFAULT_MAX_FILE_COUNT,
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_SYMLINKS,
+    LOG_LEVELS,
     MAX_DISK_MIB,
     MAX_FILE_COUNT,
     MAX_ID,
@@ -38,7 +40,6 @@ FIRECRACKER_ONLY = {
     "jailer_chroot_base": "--jailer-chroot-base",
     "sandbox_log_level": "--sandbox-log-level",
 }
-LOG_LEVELS = ["Error", "Warning", "Info", "Debug", "Trace", "Off"]
 
 HOST_OPTIONS = (
     click.option(
@@ -125,7 +126,7 @@ HOST_OPTIONS = (
     click.option(
         "--sandbox-log-level",
         type=click.Choice(LOG_LEVELS, case_sensitive=False),
-        default="Warning",
+        default=DEFAULT_LOG_LEVEL,
         show_default=True,
         help="With --sandbox firecracker: Firecracker's log level.",
     ),
