@@ -22,12 +22,14 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bencher_runner import metrics
 from bencher_runner.host.capacity import check_host_capacity
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
+from bencher_runner.host.fingerprint import host_fingerprint
+from bencher_runner.host.sampler import sampler_for
 from bencher_runner.host.tuning import TuningOptions, tuned_host
 from bencher_runner.layercache import (
     ChainBase,
@@ -153,6 +155,8 @@ class JobState:
     sandbox: SandboxInfo | None = None
     timings: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, object] = field(default_factory=dict)
+    interference: list[dict[str, Any] | None] = field(default_factory=list)  # one per booted iteration
+    fingerprint: dict[str, Any] | None = None
 
 
 class Job:
@@ -202,6 +206,8 @@ class Job:
             timings=self.state.timings,
             metadata=self.state.metadata,
             failure=error,
+            interference=self.state.interference,
+            fingerprint=self.state.fingerprint,
         )
 
     @contextlib.contextmanager
@@ -285,6 +291,7 @@ class Job:
             )
         if cfg.backend == "none":
             self.state.sandbox = SandboxInfo("none", "none", cfg.vcpus, cfg.memory_mib, cfg.disk_mib, True)
+            self.state.fingerprint = host_fingerprint(accel="none", tuning=self.state.metadata.get("tuning"))
             self.reporter.warn("--sandbox none: the benchmark runs directly on this host, unisolated")
             return self._in_work_dir(lambda work: self._run_on_host(work, image))
         bundle = resolve_bundle(self.cache, cfg.kernel, cfg.kernel_modules)
@@ -314,6 +321,10 @@ class Job:
         self.state.sandbox = SandboxInfo(
             cfg.backend, accel.accel, cfg.vcpus, cfg.memory_mib, cfg.disk_mib, cfg.network
         )
+        self.state.fingerprint = host_fingerprint(
+            accel=accel.accel, guest_kernel=bundle.kernel, guest_release=bundle.release,
+            tuning=self.state.metadata.get("tuning"),
+        )  # fmt: skip
 
         return self._in_work_dir(lambda work: self._run_in(work, image, bundle, agent, accel))
 
@@ -710,6 +721,7 @@ class Job:
             self._vmm_netns(it_dir, spec) as netns,
             bounded_serial_log(spec.serial_log),  # a guest spamming its console cannot fill the disk
             self._make_vm(spec, it_dir, netns) as vm,
+            sampler_for(vm.pid, self.layout, accel.accel) as sampler,
         ):
             if group is not None and vm.pid is not None:
                 group.add(vm.pid)  # cpuset = benchmark cores, memory.max a little above the VM, no swap
@@ -723,6 +735,7 @@ class Job:
                 if self.cancel.is_set():
                     canceled = True
                 elif grace_deadline is None and watcher.poll():
+                    sampler.command_ended()  # the interference window ends now
                     # The command has exited in time: the guest gets the grace period to write its
                     # results, even past the deadline, up to RESULT_OVERRUN_S.
                     grace_deadline = min(
@@ -740,6 +753,7 @@ class Job:
         t1 = time.monotonic()
         self._add_time("vm_s", t1 - t0)
         report = read_output_disk(out_disk, max_output=cfg.max_output_bytes, requested=cfg.output_paths)
+        self.state.interference.append(sampler.report(report.exit))
         self._add_time("collect_s", time.monotonic() - t1)
         self._record_guest_timings(report)
         for warning in report.warnings:
