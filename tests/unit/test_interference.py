@@ -5,11 +5,14 @@ disturbance written into CPU 1's counters (after); tests/data/interference/make_
 The VMM is pid 500 (its vCPU thread "CPU 0/TCG" is 502) and ran 1.96 s of the 2 s on CPU 1.
 """
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bencher_runner.host.fingerprint import host_fingerprint, save_host_json
 from bencher_runner.host.interference import (
     Attribution,
     Snapshot,
@@ -22,6 +25,7 @@ from bencher_runner.host.interference import (
     verdict_line,
 )
 from bencher_runner.host.sampler import InterferenceSampler
+from bencher_runner.spec.errors import RunnerError
 
 DATA = Path(__file__).parent.parent / "data" / "interference"
 CPUS = (1,)
@@ -168,3 +172,44 @@ def test_sampler_window_excludes_boot_and_thins_losslessly(tmp_path: Path) -> No
     vm = sampler.report(command_s=None)
     assert vm is not None and vm["window"]["source"] == "vm"
     assert vm["window"]["measured_s"] == pytest.approx(times[-1] - times[0], abs=1e-3)
+
+
+def test_fingerprint_from_a_recorded_host(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    (tmp_path / "config").write_text("CONFIG_X=y\n")
+    doc = host_fingerprint(
+        accel="tcg",
+        guest_kernel=kernel,
+        guest_release="6.1.0-g",
+        tuning={"status": "off"},
+        root=DATA / "fingerprint",
+    )
+    assert doc["cpu_model"] == "AMD EPYC" and doc["microcode"] == "0x1000065"  # the first processor's
+    assert doc["kernel_release"] == "6.1.0-test"
+    assert doc["isolation_args"] == ["isolcpus=2-3", "nohz_full=2-3", "mitigations=off"]
+    assert doc["guest_kernel"] == {
+        "release": "6.1.0-g",
+        "path": str(kernel),
+        "config_sha256": hashlib.sha256(b"CONFIG_X=y\n").hexdigest(),
+    }
+    assert doc["accel"] == "tcg" and doc["tuning"] == {"status": "off"} and doc["runner_version"]
+    bare = host_fingerprint(accel="none", root=tmp_path)  # nothing readable: empty, not a crash
+    assert bare["cpu_model"] is None and bare["guest_kernel"] is None and bare["isolation_args"] == []
+    (tmp_path / "k2").mkdir()
+    assert (
+        host_fingerprint(accel="kvm", guest_kernel=tmp_path / "k2" / "bzImage")["guest_kernel"][
+            "config_sha256"
+        ]
+        is None
+    )
+
+
+def test_host_json_holds_fingerprint_and_reports(tmp_path: Path) -> None:
+    save_host_json(tmp_path / "out", {"accel": "tcg"}, [report("idle"), None])
+    doc = json.loads((tmp_path / "out" / "host.json").read_text())
+    assert doc["fingerprint"] == {"accel": "tcg"}
+    assert doc["interference"][0]["verdict"] == "clean" and doc["interference"][1] is None
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunnerError, match=r"cannot write .*host\.json"):
+        save_host_json(tmp_path / "file", {}, [])
