@@ -329,6 +329,24 @@ def _cache(override: Path | None) -> Path:
     return cache_dir(override)
 
 
+@main.command(context_settings=CONTEXT)
+@click.option(
+    "--runs", type=click.IntRange(2, 100), default=5, show_default=True, help="Runs of each workload."
+)
+@click.option(
+    "--cpu", type=click.IntRange(0), help="The CPU of the host runs (default: the last benchmark CPU)."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+@tuning_options
+def noise(runs: int, cpu: int | None, as_json: bool, cache_dir: Path | None, **tuning_flags: Any) -> None:
+    """Measure this host: reference workloads on a bare CPU and in the sandbox, spread and overhead."""
+    from bencher_runner.host.noise import noise_command
+
+    tuning = tuning_options_from(tuning_flags)
+    sys.exit(noise_command(runs=runs, as_json=as_json, cpu=cpu, cache=_cache(cache_dir), tuning=tuning))
+
+
 @main.group(context_settings=CONTEXT)
 def kernel() -> None:
     """Manage the guest kernel bundle."""
