@@ -67,13 +67,14 @@ def test_top_sources_name_what_disturbed_how_often() -> None:
         }
     }
     quiet = {"checks": {"other_tasks": {"verdict": "clean", "top": []}, "pressure": {}}}
-    assert top_sources([busy, busy, quiet]) == [
-        "other tasks: busyneighbour, cc1 (2/3 runs)",
+    assert top_sources([busy, busy, quiet], limit=4) == [
+        "task busyneighbour (2/3 runs)",
+        "task cc1 (2/3 runs)",
         "steal (2/3 runs)",
         "pressure (2/3 runs)",
     ]
     doc = summarize(_measured([100, 100, 100], [100, 100, 100], "kvm", (busy,)), cpu=1, runs=3)
-    assert doc["interference_sources"][0].startswith("other tasks: busyneighbour")
+    assert doc["interference_sources"][0] == "task busyneighbour (1/1 runs)"
     lines = plain_lines(doc)
     assert lines[0] == "runner noise: CPU 1, 3 runs each, sandbox accel kvm"
-    assert lines[-1].startswith("verdict: this host is fit (interference: other tasks: busyneighbour")
+    assert lines[-1].startswith("verdict: this host is fit (interference: task busyneighbour (1/1 runs)")

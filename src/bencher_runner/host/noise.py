@@ -187,22 +187,25 @@ def _stats(values: Sequence[int]) -> dict[str, Any]:
 
 
 def top_sources(reports: Sequence[dict[str, Any]], limit: int = 3) -> list[str]:
-    """The interference reasons seen most often over the runs, with how many runs had each."""
+    """The interference sources seen most often over the runs (a task or interrupt by name, else the
+    check), with how many runs had each."""
     seen: Counter[str] = Counter()
     for report in reports:
+        found: dict[str, None] = {}  # in report order: ties keep it
         for check, doc in report["checks"].items():
             docs = doc.values() if check == "pressure" else [doc]
             if any(d.get("verdict") == "disturbed" for d in docs):
-                seen[_source(check, doc)] += 1
+                found.update(dict.fromkeys(_sources(check, doc)))
+        seen.update(list(found))
     return [f"{name} ({n}/{len(reports)} runs)" for name, n in seen.most_common(limit)]
 
 
-def _source(check: str, doc: dict[str, Any]) -> str:
-    if check == "other_tasks" and doc.get("top"):
-        return "other tasks: " + ", ".join(t["name"] for t in doc["top"][:2])
-    if check in ("irqs", "softirqs") and doc.get("top"):
-        return f"{check}: " + ", ".join(t["name"] for t in doc["top"][:2])
-    return check.replace("_", " ")
+def _sources(check: str, doc: dict[str, Any]) -> list[str]:
+    names = (
+        [t["name"] for t in doc.get("top", [])[:2]] if check in ("other_tasks", "irqs", "softirqs") else []
+    )
+    what = {"other_tasks": "task", "irqs": "interrupt", "softirqs": "softirq"}.get(check)
+    return [f"{what} {name}" for name in names] if names else [check.replace("_", " ")]
 
 
 def summarize(m: Measurements, *, cpu: int, runs: int) -> dict[str, Any]:
