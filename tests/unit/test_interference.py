@@ -213,3 +213,16 @@ def test_host_json_holds_fingerprint_and_reports(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(RunnerError, match=r"cannot write .*host\.json"):
         save_host_json(tmp_path / "file", {}, [])
+
+
+def test_a_garbled_host_never_fails_the_job(tmp_path: Path) -> None:
+    """The sampler is an observer: unreadable or malformed counters give no report, never an error."""
+    (tmp_path / "proc" / "500" / "task" / "500").mkdir(parents=True)
+    (tmp_path / "proc" / "stat").write_text("cpu1 12 x 4\n")
+    (tmp_path / "proc" / "500" / "task" / "500" / "schedstat").write_text("garbage\n")
+    (tmp_path / "proc" / "500" / "task" / "500" / "comm").write_text("qemu\n")
+    (tmp_path / "proc" / "500" / "task" / "500" / "status").write_text("nonvoluntary_ctxt_switches:\tlots\n")
+    sampler = InterferenceSampler(500, CPUS, "vmm-affinity", root=tmp_path, interval=0.01).start()
+    sampler.command_ended()
+    sampler.stop()
+    assert sampler.report(1.0) is None

@@ -105,7 +105,7 @@ def parse_stat(text: str) -> dict[int, tuple[int, ...]]:
     for line in text.splitlines():
         name, _, rest = line.partition(" ")
         if name.startswith("cpu") and name[3:].isdigit():
-            values = tuple(int(v) for v in rest.split()[:8])
+            values = tuple(int(v) if v.isdigit() else 0 for v in rest.split()[:8])
             out[int(name[3:])] = values + (0,) * (8 - len(values))
     return out
 
@@ -164,7 +164,8 @@ def parse_task_stat(text: str) -> tuple[str, int, int, int] | None:
 def _status_field(text: str, key: str) -> int:
     for line in text.splitlines():
         if line.startswith(key + ":"):
-            return int(line.split()[1])
+            value = line.split()[1:2]
+            return int(value[0]) if value and value[0].isdigit() else 0
     return 0
 
 
@@ -180,8 +181,11 @@ def read_vmm(root: Path, pid: int) -> tuple[dict[int, ThreadSample], int | None]
         comm, schedstat, status = _read(task / "comm"), _read(task / "schedstat"), _read(task / "status")
         if comm is None or schedstat is None or status is None:
             continue
+        ran = schedstat.split()[:1]
+        if not ran or not ran[0].isdigit():
+            continue
         threads[tid] = ThreadSample(
-            comm.strip(), int(schedstat.split()[0]), _status_field(status, "nonvoluntary_ctxt_switches")
+            comm.strip(), int(ran[0]), _status_field(status, "nonvoluntary_ctxt_switches")
         )
     stat = _read(base / "stat")
     parsed = parse_task_stat(stat) if stat else None
