@@ -10,6 +10,7 @@ run cannot be asserted clean; it is asserted to name neither the neighbour nor t
 The loaded run is asserted disturbed with the neighbour named at a share floor.
 """
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -25,10 +26,15 @@ COMMAND_S = 6
 NAME = "busyneighbour"
 
 
-def _interference(image: str) -> dict[str, Any]:
-    run = runner("--image", image, "--json", "--timeout", "200", "--", "/bin/sh", "-c", f"sleep {COMMAND_S}")
+def _interference(image: str, output_dir: Path) -> dict[str, Any]:
+    run = runner(
+        "--image", image, "--json", "--timeout", "200", "--output-dir", str(output_dir),
+        "--", "/bin/sh", "-c", f"sleep {COMMAND_S}",
+    )  # fmt: skip
     assert run.returncode == 0, run.stderr
     doc = run.doc
+    host = json.loads((output_dir / "host.json").read_text())
+    assert host == {"fingerprint": doc["fingerprint"], "interference": doc["interference"]}
     assert doc["fingerprint"]["accel"] in ("kvm", "tcg") and doc["fingerprint"]["kernel_release"]
     [report] = doc["interference"]
     assert report["window"]["source"] == "command"
@@ -51,8 +57,8 @@ def neighbour(tmp_path: Path) -> Iterator[int]:
         proc.wait()
 
 
-def test_unloaded_run_names_neither_the_neighbour_nor_the_vmm(plain_image: str) -> None:
-    report = _interference(plain_image)
+def test_unloaded_run_names_neither_the_neighbour_nor_the_vmm(plain_image: str, tmp_path: Path) -> None:
+    report = _interference(plain_image, tmp_path / "out")
     other = report["checks"]["other_tasks"]
     names = [t["name"] for t in other["top"]]
     assert NAME not in names
@@ -62,8 +68,8 @@ def test_unloaded_run_names_neither_the_neighbour_nor_the_vmm(plain_image: str) 
         assert report["reasons"]
 
 
-def test_busy_neighbour_is_reported_as_disturbing(plain_image: str, neighbour: int) -> None:
-    report = _interference(plain_image)
+def test_busy_neighbour_is_reported_as_disturbing(plain_image: str, neighbour: int, tmp_path: Path) -> None:
+    report = _interference(plain_image, tmp_path / "out")
     other = report["checks"]["other_tasks"]
     assert report["verdict"] == "disturbed" and other["verdict"] == "disturbed"
     # The loop wants the whole CPU and the sleeping guest leaves it; it may share it with another
