@@ -44,8 +44,7 @@ EMULATED_NOTE = (
 
 
 def find_noise_binary() -> Path:
-    env = os.environ.get("BENCHER_RUNNER_NOISE")
-    path = Path(env) if env else Path(str(resources.files("bencher_runner") / "_agent" / NOISE_NAME))
+    path = Path(str(resources.files("bencher_runner") / "_agent" / NOISE_NAME))
     if not path.is_file():
         raise SandboxError(
             f"the reference workloads are not built ({path} is missing); run `make noise` "
