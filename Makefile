@@ -4,13 +4,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 AGENT := src/bencher_runner/_agent/bencher-agent
+NOISE := src/bencher_runner/_agent/bencher-noise
 # What a runner host needs (gcc and libc6-dev build the guest agent, bubblewrap jails every VMM); the rest is for tests only.
 RUNTIME_APT_PACKAGES := qemu-system-x86 qemu-utils e2fsprogs cpio gcc libc6-dev iproute2 nftables bubblewrap \
 	liblz4-1 zstd
 APT_PACKAGES := $(RUNTIME_APT_PACKAGES) busybox-static docker-registry skopeo umoci
 EXAMPLE := examples/hello/oci
 
-.PHONY: setup deps venv agent kernel example run-example test bench lint clean install-service
+.PHONY: setup deps venv agent noise kernel example run-example test bench lint clean install-service
 
 setup: deps venv agent kernel
 
@@ -34,7 +35,15 @@ $(AGENT): guest/agent.c
 	gcc -static -Os -Wall -Wextra -Werror -o $@ guest/agent.c
 	strip $@
 
-agent: $(AGENT)
+$(NOISE): guest/noise.c
+	@mkdir -p $(dir $@)
+	gcc -static -O2 -Wall -Wextra -Werror -o $@ guest/noise.c
+	strip $@
+
+# The reference workloads of `runner noise`, shipped next to the agent.
+noise: $(NOISE)
+
+agent: $(AGENT) $(NOISE)
 
 kernel: venv
 	@$(BIN)/runner kernel show >/dev/null 2>&1 || $(BIN)/runner kernel fetch

@@ -123,6 +123,8 @@ class Job:
             timings=self.ctx.timings,
             metadata=self.ctx.metadata,
             failure=error,
+            interference=self.ctx.interference,
+            fingerprint=self.ctx.fingerprint,
         )
 
     @contextlib.contextmanager

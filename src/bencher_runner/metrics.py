@@ -9,7 +9,7 @@ memory. Cache sizes are measured at scrape time.
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class _Metrics:
         )
         Gauge(f"{PREFIX}_info", "The runner's version.", ["version"]).labels(__version__).set(1)
         REGISTRY.register(_CacheSize(cache))
+        self.interference = _InterferenceMetrics()
 
 
 _metrics: _Metrics | None = None
@@ -88,6 +89,42 @@ def job_phases(timings: dict[str, float]) -> None:
     for key, phase in PHASES.items():
         if key in timings:
             _metrics.phase_seconds.labels(phase).observe(timings[key])
+
+
+class _InterferenceMetrics:
+    """bencher_runner_interference_*: what disturbed the benchmark CPUs (host/interference.py)."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge
+
+        name = f"{PREFIX}_interference"
+        self.iterations = Counter(f"{name}_iterations", "Iterations by interference verdict.", ["verdict"])
+        self.checks = Counter(
+            f"{name}_disturbed_checks", "Disturbed interference checks, by check.", ["check"]
+        )
+        self.share = Gauge(
+            f"{name}_share",
+            "Last iteration: share of the benchmark CPUs' time taken by other tasks or stolen.",
+            ["source"],
+        )
+
+
+def interference(reports: Sequence[dict[str, Any] | None]) -> None:
+    """A job's per-iteration interference reports."""
+    if _metrics is None:
+        return
+    for report in reports:
+        if report is None:
+            continue
+        m = _metrics.interference
+        m.iterations.labels(report["verdict"]).inc()
+        for check, doc in report["checks"].items():
+            subs = doc.items() if check == "pressure" else [(None, doc)]
+            for sub, body in subs:
+                if body.get("verdict") == "disturbed":
+                    m.checks.labels(f"{check}.{sub}" if sub else check).inc()
+        m.share.labels("other_tasks").set(report["checks"]["other_tasks"].get("share", 0.0))
+        m.share.labels("steal").set(report["checks"]["steal"].get("share", 0.0))
 
 
 def heartbeat(interval: float, expected: float) -> None:

@@ -26,6 +26,8 @@ from rich.progress import (
 )
 from rich.status import Status
 
+from bencher_runner.host.fingerprint import save_host_json
+from bencher_runner.host.interference import verdict_line
 from bencher_runner.host.maintenance import HostBusyError, host_job_lock
 from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.job import Reporter, run_job
@@ -241,6 +243,7 @@ def run_command(
     if output_dir is not None:
         try:
             save_outputs(result, output_dir)
+            save_host_json(output_dir, result.fingerprint, result.interference)
         except RunnerError as err:
             save_error = err  # the result is still printed
     for index, output in enumerate(result.results, start=1):
@@ -265,4 +268,6 @@ def run_command(
         reporter.say(
             f"runner: completed {len(result.results)} iteration(s) in {total:.1f} s ({accel})", "dim"
         )
+    if not quiet and not as_json and (line := verdict_line(result.interference)):
+        reporter.say(f"runner: {line}", "dim")
     return EXIT_USAGE if save_error is not None else exit_status(result)

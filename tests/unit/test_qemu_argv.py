@@ -80,3 +80,13 @@ def test_network_adds_one_virtio_nic() -> None:
     assert "-nic" not in argv
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert devices.count("virtio-net-device,netdev=net0") == 1
+
+
+def test_qemu_names_its_vcpu_threads_so_that_pinning_finds_them() -> None:
+    """Without debug-threads every QEMU thread is "qemu-system-x86" and no vCPU is pinned on its own."""
+    from bencher_runner.host.cpus import vcpu_assignment
+
+    argv = qemu_argv("qemu-system-x86_64", spec())
+    assert argv[argv.index("-name") + 1].split(",")[1] == "debug-threads=on"
+    comms = {10: "qemu-system-x86", 11: "CPU 0/KVM", 12: "CPU 1/KVM", 13: "worker"}
+    assert vcpu_assignment(comms, (2, 3)) == {10: 3, 11: 2, 12: 3, 13: 3}

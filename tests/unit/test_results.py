@@ -7,7 +7,7 @@ import pytest
 from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
 
 ITERATION_KEYS = {"exit_code", "stdout", "stderr", "output", "missing", "truncated"}
-RUN_KEYS = {"status", "results", "error", "sandbox", "timings", "host"}
+RUN_KEYS = {"status", "results", "error", "sandbox", "timings", "host", "interference", "fingerprint"}
 
 
 @pytest.mark.parametrize(

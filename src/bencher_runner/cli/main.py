@@ -27,6 +27,7 @@ class LazyGroup(click.Group):
         "daemon": "bencher_runner.cli.daemon:daemon_command",
         "up": "bencher_runner.cli.daemon:daemon_command",
         "doctor": "bencher_runner.cli.doctor:doctor_command",
+        "noise": "bencher_runner.cli.noise:noise",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

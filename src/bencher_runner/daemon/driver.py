@@ -27,6 +27,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from bencher_runner import __version__, metrics
 from bencher_runner.daemon.outbox import Outbox
 from bencher_runner.daemon.update import record_offer
+from bencher_runner.host.interference import verdict_line
 from bencher_runner.host.maintenance import HostBusyError, host_job_lock, write_status
 from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.logs import current_job
@@ -522,6 +523,9 @@ class Daemon:
         phases = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in result.timings.items())
         log.info("job %s%s%s", result.status, f": {result.error}" if result.error else "",
                  f" ({phases})" if phases else "")  # fmt: skip
+        if line := verdict_line(result.interference):  # the host's noise: logs and metrics, not the wire
+            log.info("job %s", line)
+        metrics.interference(result.interference)
         message = terminal_message(job, result, self.settings.max_message_bytes)
         loop = self._loop
         if loop is not None and not loop.is_closed():

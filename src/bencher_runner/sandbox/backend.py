@@ -17,7 +17,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from bencher_runner.host.cpus import CpuLayout
 from bencher_runner.spec.config import RunConfig
@@ -40,6 +40,8 @@ class JobContext:
     layout: CpuLayout | None = None  # benchmark and housekeeping CPUs (None: no isolation)
     timings: dict[str, float] = field(default_factory=dict)  # the job's, shared
     metadata: dict[str, object] = field(default_factory=dict)  # the result's "host": tuning, CPUs, root disk
+    interference: list[dict[str, Any] | None] = field(default_factory=list)  # host/interference.py, per run
+    fingerprint: dict[str, Any] | None = None  # host/fingerprint.py, once per job
 
     def add_time(self, name: str, seconds: float) -> None:
         """Sum a phase over iterations."""

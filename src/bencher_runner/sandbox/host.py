@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from bencher_runner.host.fingerprint import host_fingerprint
 from bencher_runner.oci.unpack import resolve_in_tree
 from bencher_runner.sandbox.backend import Iteration, IterationRun, IterationStopped, JobContext, RootKind
 from bencher_runner.spec.errors import CanceledError, ImageError
@@ -162,6 +163,7 @@ class HostSandbox:
 
     def prepare(self) -> SandboxInfo:
         self.ctx.warn("--sandbox none: the benchmark runs directly on this host, unisolated")
+        self.ctx.fingerprint = host_fingerprint(accel="none", tuning=self.ctx.metadata.get("tuning"))
         job = self.ctx.config.job
         return SandboxInfo("none", "none", job.vcpus, job.memory_mib, job.disk_mib, True)
 

@@ -51,6 +51,7 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
         "-no-reboot",
+        "-name", "bencher-vm,debug-threads=on",  # vCPU threads named "CPU N/KVM": pinning finds them
     ]  # fmt: skip
     argv += list(spec.network.qemu_args) if spec.network else ["-nic", "none"]
     for drive_id, disk in (("root", spec.rootfs), ("output", spec.output_disk)):

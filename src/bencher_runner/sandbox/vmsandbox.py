@@ -16,6 +16,8 @@ from types import TracebackType
 from typing import Protocol
 
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
+from bencher_runner.host.fingerprint import host_fingerprint
+from bencher_runner.host.sampler import SamplerScope, sampler_for
 from bencher_runner.sandbox.accel import AccelChoice
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
@@ -127,6 +129,12 @@ class VmSandbox:
                 "--danger-no-jail: the VMM runs unconfined (as the runner's user, in the host's "
                 "namespaces, seeing its files); a VMM escape owns this host"
             )
+        self.ctx.fingerprint = host_fingerprint(
+            accel=self.accel.accel,
+            guest_kernel=self.bundle.kernel,
+            guest_release=self.bundle.release,
+            tuning=self.ctx.metadata.get("tuning"),
+        )
         backend = self.ctx.config.backend
         return SandboxInfo(backend, self.accel.accel, job.vcpus, job.memory_mib, job.disk_mib, job.network)
 
@@ -208,11 +216,12 @@ class VmSession:
             self._vmm_netns(it.dir, spec) as netns,
             bounded_serial_log(spec.serial_log),  # a guest spamming its console cannot fill the disk
             self.sandbox.backend.start(spec, it.dir, netns, self.network) as vm,
+            sampler_for(vm.pid, self.ctx.layout, spec.accel) as sampler,  # what else ran on its CPUs
         ):
             if group is not None and vm.pid is not None:
                 group.add(vm.pid)  # cpuset = benchmark cores, memory.max a little above the VM, no swap
             self._pin(vm.pid)
-            ending = self._wait(vm, spec, it.deadline)
+            ending = self._wait(vm, spec, it.deadline, sampler)
             vm.kill()
             vm_log = vm.log()
         t1 = time.monotonic()
@@ -220,10 +229,14 @@ class VmSession:
         report = read_output_disk(
             spec.output_disk, max_output=self.ctx.config.host.max_output_bytes, requested=job.output_paths
         )
+        exit = report.exit
+        self.ctx.interference.append(sampler.report((exit.end_ns - exit.start_ns) / 1e9 if exit else None))
         self.ctx.add_time("collect_s", time.monotonic() - t1)
         return self._result(it, spec, report, ending, vm_log, t1 - t0)
 
-    def _wait(self, vm: RunningVm, spec: VmSpec, deadline: float) -> tuple[str, int | None]:
+    def _wait(
+        self, vm: RunningVm, spec: VmSpec, deadline: float, sampler: SamplerScope
+    ) -> tuple[str, int | None]:
         """Until the VM exits ("exited"), the job is canceled ("canceled"), the deadline passes
         ("timed_out"), or the grace period after the command's end runs out ("grace_expired")."""
         host = self.ctx.config.host
@@ -239,6 +252,7 @@ class VmSession:
             if self.ctx.cancel.is_set():
                 return "canceled", None
             if grace_deadline is None and watcher.poll():
+                sampler.command_ended()  # the interference window ends now
                 # The command has exited in time: the guest gets the grace period to write its
                 # results, even past the deadline, up to RESULT_OVERRUN_S.
                 grace_deadline = min(

@@ -87,6 +87,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     metadata: dict[str, object] = field(default_factory=dict)  # host tuning state, CPU layout
     failure: RunnerError | None = field(default=None, compare=False)  # the error behind `error`
+    interference: list[dict[str, Any] | None] = field(default_factory=list)  # host/interference.py
+    fingerprint: dict[str, Any] | None = None  # host/fingerprint.py; neither goes on the wire
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,4 +98,6 @@ class RunResult:
             "sandbox": self.sandbox.to_json() if self.sandbox else None,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "host": dict(self.metadata),
+            "interference": list(self.interference),
+            "fingerprint": self.fingerprint,
         }
