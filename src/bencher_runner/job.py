@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from bencher_runner import metrics
-from bencher_runner.host.capacity import check_host_capacity
+from bencher_runner.capacity import check_host_capacity
 from bencher_runner.host.cgroup import JobCgroup, job_cgroup
 from bencher_runner.host.cpus import CpuLayout, online_cpus, partition, pin_process, pin_qemu_threads
 from bencher_runner.host.tuning import TuningOptions, tuned_host
@@ -49,6 +49,7 @@ from bencher_runner.oci.unpack import (
     UnpackStats,
     ensure_directory,
     read_image_file,
+    resolve_in_tree,
     unpack_layers,
 )
 from bencher_runner.paths import work_root
@@ -575,6 +576,7 @@ class Job:
                 outputs=cfg.output_paths,
                 max_symlinks=cfg.max_symlinks,
                 cancel=self.cancel,
+                resolve=resolve_in_tree,
             )
             self.state.timings["command_s"] = run.elapsed_s
             output = IterationOutput(

@@ -7,6 +7,10 @@ times, never out of it), the image's user is taken when the runner is root, stdo
 capped like the guest agent caps them (read and dropped, so the command never blocks), and the
 job's deadline (a time.monotonic() instant: the timeout covers the whole job, not one iteration)
 kills the whole process group.
+
+Paths are resolved by a ``Resolver`` the caller hands in (the job passes ``oci.unpack.resolve_in_tree``,
+the walker that unpacked the tree): a sandbox does not import the image layer, so the dependency is
+inverted here rather than the walker moved out of the unpacker it shares its fd cache with.
 """
 
 import contextlib
@@ -17,13 +21,18 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
-from bencher_runner.oci.unpack import resolve_in_tree
 from bencher_runner.spec.errors import ImageError
 from bencher_runner.spec.launch import Launch
 
 READ_CHUNK = 64 * 1024
+
+
+class Resolver(Protocol):
+    """Where ``path`` (absolute in the image, symlinks followed inside ``tree``) lies; None if absent."""
+
+    def __call__(self, tree: Path, path: str, *, max_symlinks: int) -> Path | None: ...
 
 
 @dataclass
@@ -52,7 +61,7 @@ class HostRun:
     elapsed_s: float
 
 
-def find_program(tree: Path, launch: Launch, max_symlinks: int) -> Path | None:
+def find_program(tree: Path, launch: Launch, max_symlinks: int, resolve: Resolver) -> Path | None:
     """argv[0] inside the tree: a path as given (relative to the working dir), else a PATH search."""
     program = launch.argv[0]
     if "/" in program:
@@ -61,7 +70,7 @@ def find_program(tree: Path, launch: Launch, max_symlinks: int) -> Path | None:
         search = dict(launch.env).get("PATH", "")
         candidates = [f"{d.rstrip('/') or ''}/{program}" for d in search.split(":") if d.startswith("/")]
     for candidate in candidates:
-        found = resolve_in_tree(tree, candidate, max_symlinks=max_symlinks)
+        found = resolve(tree, candidate, max_symlinks=max_symlinks)
         if found is not None and found.is_file():
             return found
     return None
@@ -76,11 +85,12 @@ def run_on_host(
     outputs: tuple[str, ...],
     max_symlinks: int,
     cancel: threading.Event,
+    resolve: Resolver,
 ) -> HostRun:
     started = time.monotonic()
     stdout, stderr = CappedStream(max_output), CappedStream(max_output)
-    program = find_program(tree, launch, max_symlinks)
-    cwd = resolve_in_tree(tree, launch.cwd, max_symlinks=max_symlinks)
+    program = find_program(tree, launch, max_symlinks, resolve)
+    cwd = resolve(tree, launch.cwd, max_symlinks=max_symlinks)
     if program is None or cwd is None or not cwd.is_dir():
         what = f'exec "{launch.argv[0]}"' if program is None else f'chdir "{launch.cwd}"'
         stderr.data += f"bencher-runner: {what}: No such file or directory\n".encode()
@@ -119,12 +129,12 @@ def run_on_host(
         reader.join(timeout=2)
     elapsed = time.monotonic() - started
     exit_code = 128 - code if code < 0 else code
-    files, sizes, missing = collect_files(tree, launch.cwd, outputs, max_output, max_symlinks)
+    files, sizes, missing = collect_files(tree, launch.cwd, outputs, max_output, max_symlinks, resolve)
     return HostRun(exit_code, stdout, stderr, files, sizes, missing, timed_out, elapsed)
 
 
 def collect_files(
-    tree: Path, cwd: str, outputs: tuple[str, ...], max_output: int, max_symlinks: int
+    tree: Path, cwd: str, outputs: tuple[str, ...], max_output: int, max_symlinks: int, resolve: Resolver
 ) -> tuple[dict[str, bytes], dict[str, int], dict[str, str]]:
     files: dict[str, bytes] = {}
     sizes: dict[str, int] = {}
@@ -132,7 +142,7 @@ def collect_files(
     for path in outputs:
         absolute = path if path.startswith("/") else f"{cwd.rstrip('/')}/{path}"
         try:
-            found = resolve_in_tree(tree, absolute, max_symlinks=max_symlinks)
+            found = resolve(tree, absolute, max_symlinks=max_symlinks)
         except ImageError as err:  # too many symlinks: report it, do not fail the job
             missing[path] = str(err)
             continue
