@@ -32,7 +32,7 @@ READ_CHUNK = 64 * 1024
 class Resolver(Protocol):
     """Where ``path`` (absolute in the image, symlinks followed inside ``tree``) lies; None if absent."""
 
-    def __call__(self, tree: Path, path: str, *, max_symlinks: int) -> Path | None: ...
+    def __call__(self, tree: Path, path: str, /, *, max_symlinks: int) -> Path | None: ...
 
 
 @dataclass
