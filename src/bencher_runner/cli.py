@@ -199,7 +199,7 @@ def main() -> None:
 )
 @shared_job_options
 @tuning_options
-def run(
+def run(  # long: reshaped in #14
     image: str,
     no_wait: bool,
     token: str | None,

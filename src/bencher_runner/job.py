@@ -255,7 +255,7 @@ class Job:
         fn()
         self.state.timings[f"{name}_s"] = time.monotonic() - t0
 
-    def _run(self) -> RunnerError | None:
+    def _run(self) -> RunnerError | None:  # long: reshaped in #14
         cfg = self.config
         self._check_deadline("before it started")
         check_host_capacity(cfg, self.cache)  # before any work: memory, disk space, paths QEMU takes
@@ -409,7 +409,9 @@ class Job:
         ensure_directory(tree, image.config.config.working_dir or "/")
         return read_image_file(tree, "etc/passwd"), read_image_file(tree, "etc/group")
 
-    def _build_template(self, work: Path, image: LocalImage, templates: TemplateCache, key: str) -> Template:
+    def _build_template(
+        self, work: Path, image: LocalImage, templates: TemplateCache, key: str
+    ) -> Template:  # long: reshaped in #14
         """The image's root disk template: from the cached base of its longest known chain of lower
         layers plus its new layers (layercache.py), else in full (unpack + mkfs), leaving a base of
         its lower layers for the next image that shares them."""
@@ -674,7 +676,7 @@ class Job:
     def _network_plan(self) -> NetworkPlan:
         return self.network.plan if self.network is not None else user_nat()
 
-    def _boot(
+    def _boot(  # long: reshaped in #14
         self,
         it_dir: Path,
         rootfs: Path,

@@ -112,7 +112,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @shared_job_options
 @tuning_options
-def daemon_command(
+def daemon_command(  # long: reshaped in #14
     host: str,
     runner: str,
     key: str,

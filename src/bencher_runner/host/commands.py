@@ -42,7 +42,7 @@ _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
     hidden=True,
     help="Host root for --fix (tests use a fake tree).",
 )
-def doctor_command(
+def doctor_command(  # long: reshaped in #14
     cache_opt: Path | None, as_json: bool, fix: bool, yes: bool, dry_run: bool, root: Path
 ) -> None:
     """Check whether this host can run jobs, and what makes its timings noisy (with fixes).
