@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 
 from bencher_runner.oci.digest import is_digest
-from bencher_runner.spec.errors import ImageError, SpecError
-from bencher_runner.spec.registry import is_registry_host, parse_registry_url
+from bencher_runner.spec.errors import ImageError
+from bencher_runner.spec.registry import is_registry_host
 
 _COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -165,20 +165,3 @@ def parse_reference(text: str, *, insecure: bool = False, layouts: bool = True) 
         )
     return ImageReference(registry=host, repository=rest, tag=tag, digest=digest, insecure=insecure)
 
-
-def reference_for_job(registry_url: str, project: str, digest: str) -> ImageReference:
-    """The image of a Bencher job: ``{registry host[:port]}/{project}@{digest}``.
-
-    ``registry_url`` is the job's ``config.registry``: ``http://`` means plain HTTP, ``https://`` or no
-    scheme means TLS.
-    """
-    try:
-        host, insecure = parse_registry_url(registry_url)
-    except SpecError as e:
-        raise ImageError(str(e)) from None
-    if not is_digest(digest):
-        raise ImageError(
-            f"the job's image digest {digest!r} is not a valid digest (expected sha256: followed by 64 "
-            "lowercase hex digits); the server sent a malformed job"
-        )
-    return parse_reference(f"{host}/{project.lower()}@{digest}", insecure=insecure)
