@@ -164,4 +164,3 @@ def parse_reference(text: str, *, insecure: bool = False, layouts: bool = True) 
             f"{MAX_REPOSITORY_LENGTH} characters; {_FORMS}"
         )
     return ImageReference(registry=host, repository=rest, tag=tag, digest=digest, insecure=insecure)
-
