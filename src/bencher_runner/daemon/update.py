@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bencher_runner import __version__
+from bencher_runner.atomicfile import write_atomic
 from bencher_runner.paths import state_dir as default_state_dir
 
 log = logging.getLogger("bencher_runner.daemon.update")
@@ -76,14 +77,7 @@ def save_record(state_dir: Path, record: UpdateRecord) -> Path:
     """Write atomically (temp file, fsync, rename), like the outbox."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = record_path(state_dir)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(asdict(record), indent=2).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(asdict(record), indent=2), mode=0o600)
     return path
 
 
