@@ -31,13 +31,13 @@ from bencher_runner.oci.layout import (
     MAX_INDEX_DEPTH,
     OCI_INDEX,
     OCI_MANIFEST,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
     LayerRef,
     LocalImage,
-    _Descriptor,
-    _Index,
-    _Manifest,
-    _parse,
-    _select_platform,
+    parse_model,
+    select_platform,
 )
 from bencher_runner.oci.progress import ProgressCallback, PullProgress
 from bencher_runner.oci.reference import ImageReference
@@ -81,7 +81,7 @@ class _Puller:
 
     # --- manifests ------------------------------------------------------------------------------------
 
-    def manifest(self, reference: str, desc: _Descriptor | None) -> tuple[bytes, str, str]:
+    def manifest(self, reference: str, desc: Descriptor | None) -> tuple[bytes, str, str]:
         """(body, media type, digest) of the manifest/index named by ``reference`` (tag or digest)."""
         limit = MAX_MANIFEST_BYTES
         if desc is not None and desc.size > limit:
@@ -122,7 +122,7 @@ class _Puller:
         self._report(PullProgress(str(self.ref), "manifest", digest, len(data), len(data), complete=True))
         return data, self._media_type(data, header_type, desc, digest), digest
 
-    def _media_type(self, data: bytes, header_type: str, desc: _Descriptor | None, digest: str) -> str:
+    def _media_type(self, data: bytes, header_type: str, desc: Descriptor | None, digest: str) -> str:
         try:
             raw: Any = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,7 +147,7 @@ class _Puller:
 
     # --- blobs ----------------------------------------------------------------------------------------
 
-    def blob(self, desc: _Descriptor, kind: Literal["config", "layer"]) -> Path:
+    def blob(self, desc: Descriptor, kind: Literal["config", "layer"]) -> Path:
         what = "image config" if kind == "config" else "layer"
         image = str(self.ref)
 
@@ -179,7 +179,7 @@ def _read_cached(path: Path, limit: int) -> bytes | None:
     return data if len(data) <= limit else None
 
 
-def _check_media_type(desc: _Descriptor, allowed: frozenset[str], what: str, ref: ImageReference) -> None:
+def _check_media_type(desc: Descriptor, allowed: frozenset[str], what: str, ref: ImageReference) -> None:
     if desc.media_type not in allowed:
         raise ImageError(
             f"{what} {desc.digest} of {ref} has unsupported media type {desc.media_type!r} (supported: "
@@ -227,12 +227,12 @@ def pull_image(
                 raise ImageError(
                     f"image index {digest} of {ref} nests more than {MAX_INDEX_DEPTH} indexes; {_HOSTILE}"
                 )
-            index = _parse(_Index, data, f"image index {digest} of {ref}")
-            desc = _select_platform(index.manifests, arch, f"image index {digest} of {ref}")
+            index = parse_model(ImageIndex, data, f"image index {digest} of {ref}")
+            desc = select_platform(index.manifests, arch, f"image index {digest} of {ref}")
             parse_digest(desc.digest, what=f"manifest digest in image index {digest} of {ref}")
             data, media_type, digest = puller.manifest(desc.digest, desc)
 
-        manifest = _parse(_Manifest, data, f"manifest {digest} of {ref}")
+        manifest = parse_model(ImageManifest, data, f"manifest {digest} of {ref}")
         _check_media_type(manifest.config, CONFIG_TYPES, "image config", ref)
         if len(manifest.layers) > max_layers:
             raise ImageError(
