@@ -187,6 +187,76 @@ def _check_media_type(desc: Descriptor, allowed: frozenset[str], what: str, ref:
         )
 
 
+def _resolve_manifest(puller: _Puller, ref: ImageReference, arch: str) -> tuple[ImageManifest, str]:
+    """The image manifest of ``ref`` for linux/``arch`` (through at most MAX_INDEX_DEPTH indexes)."""
+    data, media_type, digest = puller.manifest(ref.reference, None)
+    depth = 0
+    while media_type in INDEX_TYPES:
+        depth += 1
+        if depth > MAX_INDEX_DEPTH:
+            raise ImageError(
+                f"image index {digest} of {ref} nests more than {MAX_INDEX_DEPTH} indexes; {_HOSTILE}"
+            )
+        index = parse_model(ImageIndex, data, f"image index {digest} of {ref}")
+        desc = select_platform(index.manifests, arch, f"image index {digest} of {ref}")
+        parse_digest(desc.digest, what=f"manifest digest in image index {digest} of {ref}")
+        data, media_type, digest = puller.manifest(desc.digest, desc)
+    return parse_model(ImageManifest, data, f"manifest {digest} of {ref}"), digest
+
+
+def _check_manifest(
+    manifest: ImageManifest, digest: str, ref: ImageReference, max_layers: int, max_image_bytes: int
+) -> None:
+    """Media types, digests, layer count and sizes, before any blob is fetched."""
+    _check_media_type(manifest.config, CONFIG_TYPES, "image config", ref)
+    if len(manifest.layers) > max_layers:
+        raise ImageError(
+            f"manifest {digest} of {ref} has {len(manifest.layers)} layers, more than the limit of "
+            f"{max_layers}; {_HOSTILE} (or squash it)"
+        )
+    for layer in manifest.layers:
+        _check_media_type(layer, LAYER_TYPES, "layer", ref)
+        parse_digest(layer.digest, what=f"layer digest in manifest {digest} of {ref}")
+    if manifest.config.size > MAX_MANIFEST_BYTES:
+        raise ImageError(
+            f"image config {manifest.config.digest} of {ref} is {manifest.config.size} bytes, more than "
+            f"the {_human(MAX_MANIFEST_BYTES)} limit; {_HOSTILE}"
+        )
+    total = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    if total > max_image_bytes:
+        raise ImageError(
+            f"image {ref} is {total} bytes compressed ({_human(total)}), more than the limit of "
+            f"{_human(max_image_bytes)}; use a smaller image or raise the image size limit"
+        )
+
+
+def _fetch_config(puller: _Puller, manifest: ImageManifest, ref: ImageReference) -> bytes:
+    config_path = puller.blob(manifest.config, "config")
+    config_data = _read_cached(config_path, MAX_MANIFEST_BYTES)
+    if config_data is None:
+        raise ImageError(
+            f"the cached image config {manifest.config.digest} of {ref} vanished or was replaced while "
+            "the pull ran; retry the pull"
+        )
+    return config_data
+
+
+def _fetch_layers(puller: _Puller, manifest: ImageManifest, parallel: int) -> list[Path]:
+    """Every layer into the cache, ``parallel`` at a time; the first failure cancels the rest."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="oci-pull") as pool:
+        # each in a copy of this context: log lines from the download threads keep the job's uuid
+        futures = [
+            pool.submit(contextvars.copy_context().run, puller.blob, layer, "layer")
+            for layer in manifest.layers
+        ]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def pull_image(
     ref: ImageReference,
     *,
@@ -219,61 +289,10 @@ def pull_image(
     )
     with client, client.redacting():  # no error text carries a secret, whatever the registry echoed
         puller = _Puller(ref, cache, client, progress, cancel)
-        data, media_type, digest = puller.manifest(ref.reference, None)
-        depth = 0
-        while media_type in INDEX_TYPES:
-            depth += 1
-            if depth > MAX_INDEX_DEPTH:
-                raise ImageError(
-                    f"image index {digest} of {ref} nests more than {MAX_INDEX_DEPTH} indexes; {_HOSTILE}"
-                )
-            index = parse_model(ImageIndex, data, f"image index {digest} of {ref}")
-            desc = select_platform(index.manifests, arch, f"image index {digest} of {ref}")
-            parse_digest(desc.digest, what=f"manifest digest in image index {digest} of {ref}")
-            data, media_type, digest = puller.manifest(desc.digest, desc)
-
-        manifest = parse_model(ImageManifest, data, f"manifest {digest} of {ref}")
-        _check_media_type(manifest.config, CONFIG_TYPES, "image config", ref)
-        if len(manifest.layers) > max_layers:
-            raise ImageError(
-                f"manifest {digest} of {ref} has {len(manifest.layers)} layers, more than the limit of "
-                f"{max_layers}; {_HOSTILE} (or squash it)"
-            )
-        for layer in manifest.layers:
-            _check_media_type(layer, LAYER_TYPES, "layer", ref)
-            parse_digest(layer.digest, what=f"layer digest in manifest {digest} of {ref}")
-        if manifest.config.size > MAX_MANIFEST_BYTES:
-            raise ImageError(
-                f"image config {manifest.config.digest} of {ref} is {manifest.config.size} bytes, more than "
-                f"the {_human(MAX_MANIFEST_BYTES)} limit; {_HOSTILE}"
-            )
-        total = manifest.config.size + sum(layer.size for layer in manifest.layers)
-        if total > max_image_bytes:
-            raise ImageError(
-                f"image {ref} is {total} bytes compressed ({_human(total)}), more than the limit of "
-                f"{_human(max_image_bytes)}; use a smaller image or raise the image size limit"
-            )
-
-        config_path = puller.blob(manifest.config, "config")
-        config_data = _read_cached(config_path, MAX_MANIFEST_BYTES)
-        if config_data is None:
-            raise ImageError(
-                f"the cached image config {manifest.config.digest} of {ref} vanished or was replaced while "
-                "the pull ran; retry the pull"
-            )
-        config = parse_image_config(config_data)
-        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="oci-pull") as pool:
-            # each in a copy of this context: log lines from the download threads keep the job's uuid
-            futures = [
-                pool.submit(contextvars.copy_context().run, puller.blob, layer, "layer")
-                for layer in manifest.layers
-            ]
-            try:
-                paths = [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        manifest, digest = _resolve_manifest(puller, ref, arch)
+        _check_manifest(manifest, digest, ref, max_layers, max_image_bytes)
+        config = parse_image_config(_fetch_config(puller, manifest, ref))
+        paths = _fetch_layers(puller, manifest, parallel)
 
     if cache_max_bytes is not None:
         cache.prune(cache_max_bytes, keep=puller.touched)
