@@ -439,6 +439,28 @@ class RegistryClient:
         )
 
     def _fetch_token(self, challenge: Challenge) -> str:
+        url = self._token_url(challenge)
+        realm = quote(challenge.params["realm"])  # shown in messages from here on
+        body = self._token_body(url, realm)
+        try:
+            parsed: Any = json.loads(body)
+            token = parsed.get("token") or parsed.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            raise ImageError(
+                f"the token service {realm} of {self._where} returned no token; "
+                "contact the registry's operator"
+            )
+        check_token(
+            token,
+            f"the token that the token service {realm} of {self._where} returned",
+            fix="the token service is misconfigured, contact the registry's operator",
+        )
+        return token
+
+    def _token_url(self, challenge: Challenge) -> str:
+        """The realm's URL with the service and scope (this repository's pull when none is named)."""
         realm = challenge.params["realm"]
         query: dict[str, str] = {}
         if "service" in challenge.params:
@@ -453,7 +475,10 @@ class RegistryClient:
                 f"{self._where} named an invalid token realm {quote(realm)} in its challenge; the registry "
                 "is misconfigured, contact its operator"
             )
-        realm = quote(realm)  # shown in messages from here on
+        return url
+
+    def _token_body(self, url: str, realm: str) -> bytes:
+        """The token service's answer, fetched with this client's credentials, with retries."""
         auth: str | None = None
         if self._creds.has_basic:
             auth = self._basic_auth()
@@ -484,29 +509,12 @@ class RegistryClient:
                         "later or contact the registry's operator"
                     )
                 try:
-                    body = self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
+                    return self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
                 except httpx.TransportError as e:
                     self._check_cancel()
                     raise ImageError(
                         f"reading the token from {realm} failed ({_transport_detail(e)}); retry the pull"
                     ) from None
-            break
-        try:
-            parsed: Any = json.loads(body)
-            token = parsed.get("token") or parsed.get("access_token")
-        except (ValueError, AttributeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            raise ImageError(
-                f"the token service {realm} of {self._where} returned no token; "
-                "contact the registry's operator"
-            )
-        check_token(
-            token,
-            f"the token that the token service {realm} of {self._where} returned",
-            fix="the token service is misconfigured, contact the registry's operator",
-        )
-        return token
 
     def _read_bounded(self, resp: httpx.Response, limit: int, what: str) -> bytes:
         """Read a whole (JSON) body of at most ``limit`` bytes; transport errors propagate (retryable)."""
