@@ -164,9 +164,8 @@ def _check_len(name: str, items: Sized | None, limit: int) -> None:
         raise SpecError(f"config.{name} has {len(items)} items; at most {limit} are allowed")
 
 
-def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
-    """The RunConfig of a claimed job; SpecError (with a user-facing text) when it cannot run here."""
-    spec, config = job.spec, job.config
+def _check_spec(spec: JobSpec, options: JobOptions) -> None:
+    """The hardware a job asks for, against what this runner gives a job."""
     if spec.sandbox is None:
         if not options.allow_no_sandbox:
             raise SpecError(NO_SANDBOX_ERROR)
@@ -183,6 +182,12 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
             f"spec.disk={spec.disk} bytes is more than this runner gives a job "
             f"({options.max_disk_mib} MiB, --max-disk)"
         )
+
+
+def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
+    """The RunConfig of a claimed job; SpecError (with a user-facing text) when it cannot run here."""
+    spec, config = job.spec, job.config
+    _check_spec(spec, options)
     if config.timeout < 1:
         raise SpecError(f"config.timeout={config.timeout}: the timeout must be at least 1 second")
     _check_len("entrypoint", config.entrypoint, MAX_ENTRYPOINT_LEN)
