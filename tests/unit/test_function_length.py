@@ -27,7 +27,7 @@ def long_functions(root: Path = SRC) -> list[tuple[str, int, bool]]:
                 continue
             signature = lines[node.lineno - 1 : node.body[0].lineno - 1]
             reason = any(MARK in line and line.split(MARK, 1)[1].strip() for line in signature)
-            found.append((f"{path.relative_to(SRC.parent)}:{node.lineno} {node.name}", length, reason))
+            found.append((f"{path.relative_to(root.parent)}:{node.lineno} {node.name}", length, reason))
     return found
 
 
