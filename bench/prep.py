@@ -105,11 +105,11 @@ def ours_cold(ref: str, cache: Path, work: Path, *, built: str = "full") -> Phas
     key = template_key(image.manifest_digest, DISK_MIB)
     assert templates.get(key) is None, "the template cache must not hold this image"
     job = Job(make_run_config(image=ref, disk_mib=DISK_MIB), cache=cache)
-    template = job._build_template(work, image, templates, key)
-    root_disk = job.state.metadata["root_disk"]
+    template = job.disks.build_template(work, image, templates, key)
+    root_disk = job.ctx.metadata["root_disk"]
     assert isinstance(root_disk, dict) and root_disk["built"] == built, root_disk
     mark("rootfs")
-    timings = job.state.timings
+    timings = job.ctx.timings
     rootfs = watch.phases.pop("rootfs")
     for name in ("unpack", "mkfs", "incremental"):
         if f"{name}_s" in timings:

@@ -34,19 +34,19 @@ def check_host_capacity(config: RunConfig, cache: Path, *, meminfo: Path = MEMIN
             "pass a --cache-dir without commas"
         )
     total = mem_total_mib(meminfo)
-    if total is not None and config.memory_mib > total:
+    if total is not None and config.job.memory_mib > total:
         raise SpecError(
-            f"the guest asks for {config.memory_mib} MiB of memory but this host has {total} MiB in all; "
+            f"the guest asks for {config.job.memory_mib} MiB of memory but this host has {total} MiB in all; "
             "ask for less (--memory, spec.memory)"
         )
-    disk = config.disk_mib * MIB
-    output = output_disk_size(len(config.output_paths), config.max_output_bytes)
+    disk = config.job.disk_mib * MIB
+    output = output_disk_size(len(config.job.output_paths), config.host.max_output_bytes)
     need = disk + disk // METADATA_FRACTION + output + DISK_MARGIN
     free, where = free_bytes(work)
     if free is not None and need > free:
         raise RootfsError(
             f"the job needs about {need // MIB} MiB free on the filesystem of {work} (a "
-            f"{config.disk_mib} MiB root disk, a {-(-output // MIB)} MiB output disk, ext4 metadata "
+            f"{config.job.disk_mib} MiB root disk, a {-(-output // MIB)} MiB output disk, ext4 metadata "
             f"and a {DISK_MARGIN // MIB} MiB margin), but {where} has only {free // MIB} MiB free; "
             "ask for a smaller disk (--disk, spec.disk), free space there, or point --cache-dir at a "
             "larger filesystem"

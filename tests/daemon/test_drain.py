@@ -17,7 +17,7 @@ from bencher_runner.daemon import Daemon, DaemonSettings, Executor
 from bencher_runner.daemon.preflight import HostPreflight
 from bencher_runner.fakeserver import FakeBencher
 from bencher_runner.host.maintenance import drain, take_daemon_lock, undrain
-from bencher_runner.spec.jobspec import JobOptions
+from bencher_runner.spec.config import HostSettings
 from tests.support.kernel import fake_bundle
 
 from .conftest import KEY, sleeper
@@ -29,7 +29,7 @@ def drained_daemon(server: FakeBencher, tmp_path: Path, executor: Executor) -> D
     fake_bundle(cache)
     settings = DaemonSettings(host=server.url, runner=server.runner, key=KEY, state_dir=tmp_path / "state",
                               poll_timeout=1, auto_update=False, run_dir=run)  # fmt: skip
-    return Daemon(settings, executor, host_check=HostPreflight(cache, JobOptions(accel="tcg"), run_dir=run))
+    return Daemon(settings, executor, host_check=HostPreflight(cache, HostSettings(accel="tcg"), run_dir=run))
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bencher_runner.host.commands import doctor_command
+from bencher_runner.cli.doctor import doctor_command
 from bencher_runner.host.doctor import (
     DoctorEnv,
     check_cgroup,
@@ -132,7 +132,7 @@ def test_virtualised_check(tmp_path: Path) -> None:
 
 
 def test_doctor_shows_the_daemon_preflight_verdict(tmp_path: Path) -> None:
-    from bencher_runner.host.commands import _preflight_check
+    from bencher_runner.cli.doctor import _preflight_check
 
     check = _preflight_check(tmp_path / "empty-cache")
     assert check.status == "fail" and "runner kernel fetch" in (check.fix or "")

@@ -61,8 +61,8 @@ async def test_daemon_runs_a_bencher_job_from_a_token_registry(
     images_run: list[str] = []
 
     def run(config: RunConfig, cancel: threading.Event) -> RunResult:
-        assert config.token is not None and config.token.get_secret_value() == JOB_TOKEN
-        images_run.append(config.image)
+        assert config.job.token is not None and config.job.token.get_secret_value() == JOB_TOKEN
+        images_run.append(config.job.image)
         return executor(config, cancel)
 
     job = server.add_job(

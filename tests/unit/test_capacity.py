@@ -15,9 +15,9 @@ from bencher_runner.fakeserver import default_config, default_spec
 from bencher_runner.job import run_job
 from bencher_runner.rootfs import free_bytes, mount_point
 from bencher_runner.sandbox.outputdisk import MAX_OUTPUT_LIMIT, output_disk_size
-from bencher_runner.spec.config import RunConfig, make_run_config
+from bencher_runner.spec.config import DEFAULT_MAX_DISK_MIB, HostSettings, RunConfig, make_run_config
 from bencher_runner.spec.errors import RootfsError, SpecError
-from bencher_runner.spec.jobspec import DEFAULT_MAX_DISK_MIB, JobOptions, build_config_from_job, parse_job
+from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 from bencher_runner.spec.units import MIB
 
 MISSING_IMAGE = "/nonexistent/oci-layout"
@@ -41,8 +41,8 @@ def free_space(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 
 def need(cfg: RunConfig) -> int:
-    disk = cfg.disk_mib * MIB
-    output = output_disk_size(len(cfg.output_paths), cfg.max_output_bytes)
+    disk = cfg.job.disk_mib * MIB
+    output = output_disk_size(len(cfg.job.output_paths), cfg.host.max_output_bytes)
     return disk + disk // METADATA_FRACTION + output + DISK_MARGIN
 
 
@@ -129,20 +129,20 @@ def daemon_job(**spec: Any) -> dict[str, Any]:
 @pytest.mark.parametrize("disk", [10**30, 2**63, DEFAULT_MAX_DISK_MIB * MIB + 1])
 def test_a_job_message_disk_beyond_max_disk_is_a_spec_error(disk: int) -> None:
     with pytest.raises(SpecError) as err:
-        build_config_from_job(parse_job(daemon_job(disk=disk)), JobOptions())
+        build_config_from_job(parse_job(daemon_job(disk=disk)), HostSettings())
     assert f"spec.disk={disk} bytes" in str(err.value) and "--max-disk" in str(err.value)
 
 
 def test_max_disk_is_the_operators_choice() -> None:
     job = parse_job(daemon_job(disk=8 * 1024 * MIB))
-    assert build_config_from_job(job, JobOptions()).disk_mib == 8192
+    assert build_config_from_job(job, HostSettings()).job.disk_mib == 8192
     with pytest.raises(SpecError, match=r"\(4096 MiB, --max-disk\)"):
-        build_config_from_job(job, JobOptions(max_disk_mib=4096))
+        build_config_from_job(job, HostSettings(max_disk_mib=4096))
 
 
 def test_a_job_message_memory_of_10_30_is_a_spec_error() -> None:
     with pytest.raises(SpecError, match="larger than any disk or memory"):
-        build_config_from_job(parse_job(daemon_job(memory=10**30)), JobOptions())
+        build_config_from_job(parse_job(daemon_job(memory=10**30)), HostSettings())
 
 
 def runner(*args: str) -> subprocess.CompletedProcess[str]:

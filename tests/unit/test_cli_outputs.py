@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from bencher_runner.cli import _check_outputs, main
+from bencher_runner.cli import main
+from bencher_runner.cli.run import _check_outputs
 
 
 @pytest.mark.parametrize("value", ["", "a\0b"], ids=["empty", "nul"])

@@ -7,6 +7,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 from bencher_runner.host import cpus
 from bencher_runner.host.cgroup import memory_max_bytes
 from bencher_runner.host.cpus import (
@@ -18,7 +19,6 @@ from bencher_runner.host.cpus import (
     partition,
     vcpu_assignment,
 )
-from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.host.tuning import KNOB_ORDER, TuningOptions, TuningPlan
 
 
@@ -290,3 +290,18 @@ def test_a_process_without_threads_is_one_problem(tmp_path: Path, monkeypatch: p
     pinned = _record_pins(monkeypatch)
     problems = cpus.pin_vcpu_threads(999, (2,), cpus.firecracker_vcpu_index, proc_root=tmp_path)
     assert problems == ["cannot list the threads of process 999"] and pinned == {}
+
+
+def test_the_firecracker_backend_pins_by_firecracker_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend hands its own parser over (it used QEMU's, which pins no Firecracker vCPU)."""
+    from bencher_runner.sandbox import firecracker_backend
+
+    seen: list[object] = []
+
+    def record(pid: int, benchmark: object, vcpu_index: object, **kwargs: object) -> list[str]:
+        seen.append(vcpu_index)
+        return []
+
+    monkeypatch.setattr(firecracker_backend, "pin_vcpu_threads", record)
+    firecracker_backend.FirecrackerBackend.pin(None, 400, (2, 3))  # type: ignore[arg-type]
+    assert seen == [cpus.firecracker_vcpu_index]

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from bencher_runner import __version__
+from bencher_runner.cli.daemon import daemon_command
 from bencher_runner.daemon import Daemon, DaemonSettings
-from bencher_runner.daemon.command import daemon_command
 from bencher_runner.daemon.update import (
     COMMAND_ENV,
     MAX_ATTEMPTS,

@@ -126,7 +126,7 @@ def test_stale_work_dirs_are_removed_but_live_ones_kept(tmp_path: Path) -> None:
 def test_an_unexpected_host_error_is_one_line_not_a_traceback(
     image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bencher_runner import job as job_module
+    from bencher_runner import rootdisk as job_module
     from bencher_runner.job import run_job
     from bencher_runner.spec.config import make_run_config
 

@@ -33,9 +33,9 @@ from bencher_runner.sandbox.netns import RECORD, JobNetwork
 from bencher_runner.sandbox.network import user_nat
 from bencher_runner.sandbox.qemu import qemu_argv
 from bencher_runner.sandbox.vm import VmSpec
-from bencher_runner.spec.config import DEFAULT_JAIL_UID, make_run_config
+from bencher_runner.spec.config import DEFAULT_JAIL_UID, HostSettings, make_run_config
 from bencher_runner.spec.errors import SandboxError, SpecError
-from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 
 TOOLS = JailTools(
     "/usr/bin/bwrap", "/usr/bin/setpriv", "/usr/bin/prlimit", "/usr/bin/nsenter", "/usr/bin/env"
@@ -250,7 +250,7 @@ def test_a_jailed_firecracker_never_gets_the_hosts_network() -> None:
 
 def test_jail_ids_default_and_refuse_root() -> None:
     config = make_run_config(image="x")
-    assert (config.jail_uid, config.jail_gid, config.danger_no_jail) == (
+    assert (config.host.jail_uid, config.host.jail_gid, config.host.danger_no_jail) == (
         DEFAULT_JAIL_UID,
         DEFAULT_JAIL_UID,
         False,
@@ -262,14 +262,15 @@ def test_jail_ids_default_and_refuse_root() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [["run", "--image", "x"], ["up", "--host", "h", "--runner", "r", "--key", "k"]]
+    "command",
+    [["run", "--image", "x"], ["up", "--host", "http://127.0.0.1:1", "--runner", "r", "--key", "k"]],
 )
 def test_the_cli_refuses_uid_0(command: list[str]) -> None:
     result = CliRunner().invoke(main, [*command, "--jail-uid", "0"])
     assert result.exit_code == 2 and "--jail-uid" in result.output
 
 
-def test_job_options_reach_the_run_config() -> None:
+def test_host_settings_reach_the_run_config() -> None:
     job = parse_job(
         {
             "uuid": "00000000-0000-4000-8000-000000000001",
@@ -279,8 +280,8 @@ def test_job_options_reach_the_run_config() -> None:
                        "digest": "sha256:" + "a" * 64, "timeout": 10},
         }
     )  # fmt: skip
-    config = build_config_from_job(job, JobOptions(jail_uid=70000, jail_gid=70001, danger_no_jail=True))
-    assert (config.jail_uid, config.jail_gid, config.danger_no_jail) == (70000, 70001, True)
+    config = build_config_from_job(job, HostSettings(jail_uid=70000, jail_gid=70001, danger_no_jail=True))
+    assert (config.host.jail_uid, config.host.jail_gid, config.host.danger_no_jail) == (70000, 70001, True)
 
 
 # ---- the sweep ----------------------------------------------------------------------------------

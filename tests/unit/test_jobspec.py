@@ -7,14 +7,9 @@ from hypothesis import strategies as st
 
 from bencher_runner.fakeserver import default_config, default_spec
 from bencher_runner.oci.reference import ImageReference, parse_reference
+from bencher_runner.spec.config import HostSettings, JobRequest
 from bencher_runner.spec.errors import SpecError
-from bencher_runner.spec.jobspec import (
-    JobConfig,
-    JobOptions,
-    build_config_from_job,
-    image_reference,
-    parse_job,
-)
+from bencher_runner.spec.jobspec import JobConfig, build_config_from_job, image_reference, parse_job
 from bencher_runner.spec.units import MIB
 
 UUID = "550e8400-e29b-41d4-a716-446655440000"
@@ -32,8 +27,9 @@ def job(spec: dict[str, Any] | None = None, **config: Any) -> dict[str, Any]:
     }
 
 
-def build(msg: dict[str, Any], **options: Any) -> Any:
-    return build_config_from_job(parse_job(msg), JobOptions(**options))
+def build(msg: dict[str, Any], **options: Any) -> JobRequest:
+    """The job request a job message maps to (the host settings are the given ones)."""
+    return build_config_from_job(parse_job(msg), HostSettings(**options)).job
 
 
 def test_full_mapping() -> None:
@@ -107,7 +103,8 @@ def test_bytes_to_mib_through_the_job(memory: int, disk: int) -> None:
 
 
 def test_no_sandbox_job_runs_without_a_sandbox_only_when_allowed() -> None:
-    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+    from bencher_runner.spec.config import HostSettings
+    from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 
     message = {
         "event": "job",
@@ -122,13 +119,14 @@ def test_no_sandbox_job_runs_without_a_sandbox_only_when_allowed() -> None:
         "oci_token": "x.y.z",
         "timeout": 60,
     }
-    config = build_config_from_job(parse_job(message), JobOptions(allow_no_sandbox=True))
+    config = build_config_from_job(parse_job(message), HostSettings(allow_no_sandbox=True))
     assert config.backend == "none"
     message["spec"]["sandbox"] = "firecracker"  # type: ignore[index]
     assert (
-        build_config_from_job(parse_job(message), JobOptions(backend="firecracker")).backend == "firecracker"
+        build_config_from_job(parse_job(message), HostSettings(backend="firecracker")).backend
+        == "firecracker"
     )
-    assert build_config_from_job(parse_job(message), JobOptions()).backend == "qemu"
+    assert build_config_from_job(parse_job(message), HostSettings()).backend == "qemu"
 
 
 @pytest.mark.parametrize(
@@ -202,9 +200,9 @@ def test_any_uuid_value_gives_a_claimed_job_or_a_spec_error(uuid: Any) -> None:
 def test_the_job_deadline_counts_from_started_at_else_from_now() -> None:
     from bencher_runner.spec.config import make_run_config
 
-    assert make_run_config(image="x", timeout_s=20).deadline(now=100.0) == 120.0
-    assert make_run_config(image="x", timeout_s=20, started_at=90.0).deadline(now=100.0) == 110.0
-    assert make_run_config(image="x", timeout_s=20, started_at=50.0).deadline(now=100.0) == 70.0
+    assert make_run_config(image="x", timeout_s=20).job.deadline(now=100.0) == 120.0
+    assert make_run_config(image="x", timeout_s=20, started_at=90.0).job.deadline(now=100.0) == 110.0
+    assert make_run_config(image="x", timeout_s=20, started_at=50.0).job.deadline(now=100.0) == 70.0
 
 
 def test_build_time_and_file_size_are_mapped() -> None:
@@ -247,7 +245,7 @@ def test_runner_run_names_the_build_time_benchmark_by_its_command_else_image(
 ) -> None:
     from bencher_runner.spec.config import make_run_config
 
-    assert make_run_config(image="examples/hello/oci:latest", **fields).build_time_name() == name
+    assert make_run_config(image="examples/hello/oci:latest", **fields).job.build_time_name() == name
 
 
 @pytest.mark.parametrize("path", ["", "a\x00b", "\ud800", "/out/\udcff"])
@@ -256,7 +254,7 @@ def test_output_paths_the_guest_cannot_take_are_a_spec_error(path: str) -> None:
     msg = {"event": "job", "uuid": "550e8400-e29b-41d4-a716-446655440000", "spec": default_spec(),
            "config": default_config(file_paths=[path])}  # fmt: skip
     with pytest.raises(SpecError) as err:
-        build_config_from_job(parse_job(msg), JobOptions())
+        build_config_from_job(parse_job(msg), HostSettings())
     str(err.value).encode("utf-8")
 
 

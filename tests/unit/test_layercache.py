@@ -187,8 +187,8 @@ def job_template(tmp: Path, cache: Path, ref: str) -> tuple[Path, dict[str, Any]
     job = Job(make_run_config(image=ref, disk_mib=DISK_MIB), cache=cache, reporter=reporter)
     work = Path(tempfile.mkdtemp(prefix="job-", dir=tmp))
     templates = TemplateCache(cache)
-    template = job._build_template(work, image, templates, template_key(image.manifest_digest, DISK_MIB))
-    meta = job.state.metadata["root_disk"]
+    template = job.disks.build_template(work, image, templates, template_key(image.manifest_digest, DISK_MIB))
+    meta = job.ctx.metadata["root_disk"]
     assert isinstance(meta, dict)
     return template.disk, meta, reporter
 

@@ -7,10 +7,10 @@ import pytest
 
 from bencher_runner.daemon.preflight import HostPreflight
 from bencher_runner.host.maintenance import drain, job_lock
-from bencher_runner.spec.jobspec import JobOptions
+from bencher_runner.spec.config import HostSettings
 from tests.support.kernel import fake_bundle
 
-TCG = JobOptions(accel="tcg")  # no KVM probe in unit tests
+TCG = HostSettings(accel="tcg")  # no KVM probe in unit tests
 
 
 @pytest.fixture(autouse=True)
@@ -154,5 +154,5 @@ def test_a_host_that_cannot_jail_the_vmm_claims_nothing(
     fake_bundle(tmp_path)
     monkeypatch.setattr(jail, "jail_problem", lambda euid=None: "the VM jail needs bwrap: install it")
     assert "needs bwrap" in (HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run")().problem or "")
-    unjailed = JobOptions(accel="tcg", danger_no_jail=True)
+    unjailed = HostSettings(accel="tcg", danger_no_jail=True)
     assert HostPreflight(tmp_path, unjailed, run_dir=tmp_path / "run")().problem is None

@@ -53,8 +53,8 @@ def test_credentials_for_run_config() -> None:
     from bencher_runner.spec.config import make_run_config
 
     cfg = make_run_config(image="h.io/p", token="t0k", registry_username="u", registry_password="pw")
-    assert credentials_for(cfg) == Credentials(token="t0k", username="u", password="pw")
-    assert credentials_for(make_run_config(image="h.io/p")) == Credentials()
+    assert credentials_for(cfg.job) == Credentials(token="t0k", username="u", password="pw")
+    assert credentials_for(make_run_config(image="h.io/p").job) == Credentials()
 
 
 @pytest.mark.parametrize(
@@ -172,7 +172,8 @@ def test_registry_url_refused(url: str) -> None:
 @pytest.mark.parametrize("url", BAD_REGISTRIES)
 def test_a_job_whose_registry_is_not_a_host_is_refused(url: str) -> None:
     from bencher_runner.fakeserver import default_config, default_spec
-    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+    from bencher_runner.spec.config import HostSettings
+    from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 
     message = {
         "uuid": JOB_UUID,
@@ -183,34 +184,35 @@ def test_a_job_whose_registry_is_not_a_host_is_refused(url: str) -> None:
     with pytest.raises(
         SpecError, match=r"config\.registry=.*a job's image comes from a registry only"
     ) as err:
-        build_config_from_job(parse_job(message), JobOptions(allow_no_sandbox=True))
+        build_config_from_job(parse_job(message), HostSettings(allow_no_sandbox=True))
     assert "\n" not in str(err.value)
 
 
 def test_a_job_names_an_existing_layout_in_vain(tmp_path: Path) -> None:
     """The daemon opened `{registry}/{project}@{digest}` as a layout when that path existed."""
     from bencher_runner.fakeserver import default_config, default_spec
-    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+    from bencher_runner.spec.config import HostSettings
+    from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 
     config = default_config(registry=str(tmp_path))
     build_layout(tmp_path / f"{config['project']}@{config['digest']}", [[file("a")]], {"Cmd": ["/a"]})
     message = {"uuid": JOB_UUID, "spec": default_spec(), "config": config, "timeout": 60}
     with pytest.raises(SpecError, match=r"config\.registry="):
-        build_config_from_job(parse_job(message), JobOptions(allow_no_sandbox=True))
+        build_config_from_job(parse_job(message), HostSettings(allow_no_sandbox=True))
 
 
 def test_a_job_config_never_allows_a_local_layout() -> None:
     from bencher_runner.fakeserver import default_config, default_spec
-    from bencher_runner.spec.config import make_run_config
-    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+    from bencher_runner.spec.config import HostSettings, make_run_config
+    from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 
     for registry in ("https://registry.bencher.dev", "http://127.0.0.1:5000", "127.0.0.1:5000"):
         config = default_config(registry=registry)
         message = {"uuid": JOB_UUID, "spec": default_spec(), "config": config, "timeout": 60}
-        cfg = build_config_from_job(parse_job(message), JobOptions(allow_no_sandbox=True))
-        assert cfg.allow_local_image is False
-        assert cfg.image == f"{registry.split('://')[-1]}/{config['project']}@{config['digest']}"
-    assert make_run_config(image="x").allow_local_image is True  # `runner run` opens layouts
+        cfg = build_config_from_job(parse_job(message), HostSettings(allow_no_sandbox=True))
+        assert cfg.job.allow_local_image is False
+        assert cfg.job.image == f"{registry.split('://')[-1]}/{config['project']}@{config['digest']}"
+    assert make_run_config(image="x").job.allow_local_image is True  # `runner run` opens layouts
 
 
 @contextlib.contextmanager

@@ -77,7 +77,7 @@ def test_an_image_larger_than_the_estimate_falls_back_to_disk(
     job = Job(make_run_config(image=f"{layout}:latest"), cache=tmp_path / "cache", reporter=Record())
     work = tmp_path / "job-b"
     work.mkdir()
-    tree, passwd, _ = job._unpack(work, open_layout(f"{layout}:latest"))
+    tree, passwd, _ = job.disks.unpack(work, open_layout(f"{layout}:latest"))
     assert tree == work / "tree" and (tree / "big.bin").stat().st_size == 2 << 20
     assert passwd is not None and passwd.startswith("root:")
     assert any("did not fit" in w for w in warnings), warnings
@@ -225,7 +225,7 @@ def test_a_job_falls_back_to_disk_when_an_attacker_owns_the_parent(
     job = Job(make_run_config(image=f"{layout}:latest"), cache=tmp_path / "cache", reporter=Record())
     work = tmp_path / "job-c"
     work.mkdir()
-    tree, passwd, _ = job._unpack(work, open_layout(f"{layout}:latest"))
+    tree, passwd, _ = job.disks.unpack(work, open_layout(f"{layout}:latest"))
     assert tree == work / "tree" and (tree / "bin" / "su").exists() and passwd is not None
     assert os.listdir(parent) == []
     assert any(f"uid {NOBODY}" in w for w in warnings), warnings

@@ -9,7 +9,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from bencher_runner.host.options import tuning_options, tuning_options_from
+from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 
 
 @click.command()

@@ -137,7 +137,7 @@ def test_a_bomb_stops_at_the_disk_size(tmp_path: Path, on_disk: None, bomb: str)
     job = _job(tmp_path, layout, disk_mib=64)
     work = _work(tmp_path)
     with pytest.raises(ImageError) as err:
-        job._unpack(work, open_layout(f"{layout}:latest"))
+        job.disks.unpack(work, open_layout(f"{layout}:latest"))
     text = str(err.value)
     assert "64 MiB" in text and "--disk" in text and len(text.splitlines()) == 1, text
     total = {"many files": 80, "sparse tar": 512}.get(bomb)
@@ -170,7 +170,7 @@ def test_too_many_files_for_the_disks_inodes(tmp_path: Path, on_disk: None, fast
     layout = tmp_path / "layout"
     build_layout(layout, [[file(f"d{i // 1000}/f{i}") for i in range(usable + 10)]])
     with pytest.raises(ImageError) as err:
-        _job(tmp_path, layout, disk_mib=64)._unpack(_work(fast_work), open_layout(f"{layout}:latest"))
+        _job(tmp_path, layout, disk_mib=64).disks.unpack(_work(fast_work), open_layout(f"{layout}:latest"))
     text = str(err.value)
     assert "more files than an ext4 disk of 64 MiB holds" in text, text
     assert f"{usable + 10 + 17} files, directories and links for its {usable} inodes" in text  # + 17 dirs
@@ -191,11 +191,11 @@ def test_the_inode_budget_is_exactly_what_mkfs_holds(tmp_path: Path, on_disk: No
     build_layout(layout, [entries])
     job = _job(tmp_path, layout, disk_mib=64)
     work = _work(fast_work)
-    tree, _, _ = job._unpack(work, open_layout(f"{layout}:latest"))
+    tree, _, _ = job.disks.unpack(work, open_layout(f"{layout}:latest"))
     build_rootfs(tree, tmp_path / "disk.img", 64, allocate=False)  # mkfs.ext4 -d takes every inode
     build_layout(layout, [[*entries, file("one-more")]])
     with pytest.raises(ImageError, match="more files"):
-        _job(tmp_path, layout, disk_mib=64)._unpack(_work(fast_work), open_layout(f"{layout}:latest"))
+        _job(tmp_path, layout, disk_mib=64).disks.unpack(_work(fast_work), open_layout(f"{layout}:latest"))
 
 
 def test_removed_and_replaced_entries_are_refunded(tmp_path: Path, on_disk: None, fast_work: Path) -> None:
@@ -212,7 +212,7 @@ def test_removed_and_replaced_entries_are_refunded(tmp_path: Path, on_disk: None
     ]
     layout = tmp_path / "layout"
     build_layout(layout, layers)
-    tree, _, _ = _job(tmp_path, layout, disk_mib=64)._unpack(
+    tree, _, _ = _job(tmp_path, layout, disk_mib=64).disks.unpack(
         _work(fast_work), open_layout(f"{layout}:latest")
     )
     assert sorted(os.listdir(tree / "data")) == ["b.bin"] and len(os.listdir(tree / "again")) == 3000
@@ -235,11 +235,11 @@ def test_a_file_is_refunded_when_its_last_link_goes(
     build_layout(layout, [lower, *layers])
     job = _job(tmp_path, layout, disk_mib=64)
     if fits:
-        tree, _, _ = job._unpack(_work(tmp_path), open_layout(f"{layout}:latest"))
+        tree, _, _ = job.disks.unpack(_work(tmp_path), open_layout(f"{layout}:latest"))
         assert (tree / "new").stat().st_size == 40 * MIB
     else:
         with pytest.raises(ImageError, match="the disk is 64 MiB"):
-            job._unpack(_work(tmp_path), open_layout(f"{layout}:latest"))
+            job.disks.unpack(_work(tmp_path), open_layout(f"{layout}:latest"))
 
 
 def test_hard_links_share_their_targets_inode(tmp_path: Path, on_disk: None, fast_work: Path) -> None:
@@ -248,7 +248,7 @@ def test_hard_links_share_their_targets_inode(tmp_path: Path, on_disk: None, fas
     entries += [hardlink(f"h{i}", f"f{i}") for i in range(usable // 2)]
     layout = tmp_path / "layout"
     build_layout(layout, [entries])
-    tree, _, _ = _job(tmp_path, layout, disk_mib=64)._unpack(
+    tree, _, _ = _job(tmp_path, layout, disk_mib=64).disks.unpack(
         _work(fast_work), open_layout(f"{layout}:latest")
     )
     assert (tree / "h0").stat().st_nlink == 2
@@ -271,7 +271,7 @@ def test_the_tmpfs_allowance_is_checked_as_uncompressed_bytes_arrive(
 
     job = _job(tmp_path, layout, disk_mib=256, reporter=Record())
     work = _work(tmp_path)
-    tree, passwd, _ = job._unpack(work, open_layout(f"{layout}:latest"))
+    tree, passwd, _ = job.disks.unpack(work, open_layout(f"{layout}:latest"))
     assert tree == work / "tree" and (tree / "zeros").stat().st_size == 40 * MIB
     assert passwd is not None
     assert any("did not fit" in w and "8 MiB" in w for w in warnings), warnings

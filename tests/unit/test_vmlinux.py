@@ -10,6 +10,7 @@ import random
 import struct
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zstandard
@@ -168,29 +169,31 @@ def test_real_bundle_kernel(tmp_path: Path) -> None:
 def test_qemu_boots_the_bundles_vmlinux_but_a_given_kernel_as_it_is(tmp_path: Path) -> None:
     """The fetched bundle's kernel is booted uncompressed (no decompression at each boot); a kernel
     given with --kernel is booted as given, and nothing is written next to it."""
-    from bencher_runner.job import Job, Reporter
+    import threading
+
+    from bencher_runner.sandbox.backend import JobContext
     from bencher_runner.sandbox.kernel import KernelBundle
+    from bencher_runner.sandbox.qemu_backend import QemuBackend
     from bencher_runner.spec.config import make_run_config
+
+    def qemu(warn: Callable[[str], None] = lambda text: None, **fields: Any) -> QemuBackend:
+        config = make_run_config(image="x:latest", **fields)
+        return QemuBackend(
+            JobContext(config, tmp_path, threading.Event(), warn=warn, phase=lambda text: None)
+        )
 
     elf = fake_elf()
     image = tmp_path / "kernel" / "vmlinuz"
     image.parent.mkdir()
     image.write_bytes(bzimage(gzip.compress(elf), len(elf)))
     bundle = KernelBundle(kernel=image, modules=(), release="test")
-    fetched = Job(make_run_config(image="x:latest"), cache=tmp_path)
-    assert fetched._qemu_kernel(bundle).read_bytes() == elf
-    given = Job(make_run_config(image="x:latest", kernel=image), cache=tmp_path)
+    assert qemu()._boot_kernel(bundle).read_bytes() == elf
     (tmp_path / "kernel" / "vmlinux").unlink()
-    assert given._qemu_kernel(bundle) == image
+    assert qemu(kernel=image)._boot_kernel(bundle) == image
     assert not (tmp_path / "kernel" / "vmlinux").exists()
 
     warnings: list[str] = []
 
-    class Warn(Reporter):
-        def warn(self, text: str) -> None:
-            warnings.append(text)
-
     image.write_bytes(b"not a kernel")
-    broken = Job(make_run_config(image="x:latest"), cache=tmp_path, reporter=Warn())
-    assert broken._qemu_kernel(bundle) == image  # falls back to what QEMU can still boot
+    assert qemu(warnings.append)._boot_kernel(bundle) == image  # falls back to what QEMU can still boot
     assert warnings and "compressed kernel" in warnings[0]

@@ -181,7 +181,8 @@ def test_a_build_time_and_file_size_job_reports_bmf(plain_image: str) -> None:
     from bencher_runner.fakeserver import default_config, default_spec
     from bencher_runner.job import run_job
     from bencher_runner.paths import cache_dir
-    from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+    from bencher_runner.spec.config import HostSettings
+    from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 
     script = "sleep 1; mkdir /out; head -c 1234 /dev/zero > /out/app.bin; printf abc > /out/notes.txt"
     message = {
@@ -198,7 +199,7 @@ def test_a_build_time_and_file_size_job_reports_bmf(plain_image: str) -> None:
         "oci_token": "x.y.z",
         "timeout": 120,
     }
-    config = build_config_from_job(parse_job(message), JobOptions())
+    config = build_config_from_job(parse_job(message), HostSettings())
     local = config.model_copy(
         update={"image": plain_image, "allow_local_image": True, "insecure_registry": False, "token": None}
     )

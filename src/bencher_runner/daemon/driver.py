@@ -61,9 +61,8 @@ from bencher_runner.protocol import (
     parse_server_message,
     terminal_message,
 )
-from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.config import HostSettings, RunConfig
 from bencher_runner.spec.errors import RunnerError, SpecError
-from bencher_runner.spec.jobspec import JobOptions
 from bencher_runner.spec.results import RunResult
 
 log = logging.getLogger("bencher_runner.daemon")
@@ -135,7 +134,7 @@ class DaemonSettings:
     poll_timeout: int = 55
     auto_update: bool = True
     on_shutdown: Literal["cancel", "finish"] = "cancel"
-    job_options: JobOptions = field(default_factory=JobOptions)
+    host_settings: HostSettings = field(default_factory=HostSettings)
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     heartbeat_interval: float = 1.0
     ack_timeout: float = 5.0
@@ -197,7 +196,7 @@ class Daemon:
                 shutdown_cancels=settings.on_shutdown == "cancel",
                 check_host=host_check is not None,
                 announce_pause=settings.announce_pause,
-                job_options=settings.job_options,
+                host_settings=settings.host_settings,
             ),
             pending=self.outbox.load(),
         )
@@ -507,8 +506,8 @@ class Daemon:
 
     def _run_job(self, job: str, config: RunConfig, cancel: threading.Event) -> None:
         """The worker thread: run the job, build its (capped, encoded) terminal message, hand it over."""
-        log.info("job started: %s (%d vCPU, %d MiB, disk %d MiB)", config.image, config.vcpus,
-                 config.memory_mib, config.disk_mib)  # fmt: skip
+        log.info("job started: %s (%d vCPU, %d MiB, disk %d MiB)", config.job.image, config.job.vcpus,
+                 config.job.memory_mib, config.job.disk_mib)  # fmt: skip
         metrics.job_running(True)
         try:
             result = self.executor(config, cancel)

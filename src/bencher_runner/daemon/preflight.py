@@ -27,8 +27,8 @@ from bencher_runner.host.maintenance import job_lock_holder, markers
 from bencher_runner.host.maintenance import run_dir as default_run_dir
 from bencher_runner.paths import work_root
 from bencher_runner.protocol import HostChecked, Message
+from bencher_runner.spec.config import HostSettings
 from bencher_runner.spec.errors import RunnerError
-from bencher_runner.spec.jobspec import JobOptions
 from bencher_runner.spec.units import MIB
 
 log = logging.getLogger("bencher_runner.daemon")
@@ -44,7 +44,7 @@ class HostPreflight:
     def __init__(
         self,
         cache: Path,
-        options: JobOptions,
+        options: HostSettings,
         *,
         fetch_kernel: Callable[[Path], object] | None = None,
         min_free_bytes: int = MIN_FREE_BYTES,
@@ -122,10 +122,11 @@ class HostPreflight:
         from bencher_runner.sandbox.kernel import resolve_bundle
         from bencher_runner.spec.errors import KernelBundleError
 
+        kernel, modules = self.options.kernel, self.options.kernel_modules  # runner up --kernel
         try:
-            bundle = resolve_bundle(self.cache, None, None)
+            bundle = resolve_bundle(self.cache, kernel, modules)
         except KernelBundleError:
-            if not self._may_fetch():
+            if kernel is not None or not self._may_fetch():
                 raise
             log.warning("no guest kernel bundle in %s: fetching it (runner kernel fetch)", self.cache)
             self._fetch_tried_at = time.monotonic()
@@ -140,6 +141,13 @@ class HostPreflight:
 
             find_firecracker(self.options.firecracker)
             require_kvm()
+            if not self.options.danger_no_jail:
+                from bencher_runner.sandbox.firecracker import find_jailer
+                from bencher_runner.sandbox.firecracker_backend import NO_JAILER_ERROR
+
+                if self.options.jailer is None:
+                    raise RunnerError(NO_JAILER_ERROR)
+                find_jailer(self.options.jailer)
             return
         from bencher_runner.sandbox.accel import cached_kvm_problem, choose_accel, probe_kvm_boot
         from bencher_runner.sandbox.jail import jail_problem

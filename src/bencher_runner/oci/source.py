@@ -1,7 +1,7 @@
 """One entry point for "get me this image": a local OCI layout or archive, or a registry pull.
 
 ``job.py`` calls :func:`open_image` with whatever the user or the job named, and says whether a local
-image is allowed at all (``RunConfig.allow_local_image``): for ``runner run``, ``oci-archive:FILE`` /
+image is allowed at all (``JobRequest.allow_local_image``): for ``runner run``, ``oci-archive:FILE`` /
 ``docker-archive:FILE`` and an existing regular file (``FILE[:TAG]``) are archives
 (:mod:`~bencher_runner.oci.archive`), an existing directory (or ``DIR:TAG`` whose DIR exists) is a
 local layout, so a directory that happens to look like a reference still works; anything else must
@@ -22,7 +22,7 @@ from bencher_runner.oci.layout import HOST_ARCH, LocalImage, open_layout
 from bencher_runner.oci.progress import ProgressCallback
 from bencher_runner.oci.reference import ImageReference, may_fall_back_to_http, parse_reference
 from bencher_runner.oci.untrusted import quote
-from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.config import JobRequest
 from bencher_runner.spec.errors import ImageError
 
 DEFAULT_MAX_IMAGE_BYTES = 16 * 2**30  # compressed: config + layers as the manifest declares them
@@ -59,8 +59,8 @@ def plain_http_warning(ref: ImageReference) -> str | None:
     )
 
 
-def credentials_for(config: RunConfig) -> Credentials:
-    """The registry credentials a run configuration carries (token and/or username/password)."""
+def credentials_for(config: JobRequest) -> Credentials:
+    """The registry credentials a job request carries (token and/or username/password)."""
     return Credentials(
         token=config.token.get_secret_value() if config.token else None,
         username=config.registry_username,

@@ -44,9 +44,9 @@ from bencher_runner.protocol.messages import (
     parse_server_message,
 )
 from bencher_runner.protocol.terminal import DEFAULT_MAX_MESSAGE_BYTES, terminal_message
-from bencher_runner.spec.config import RunConfig
+from bencher_runner.spec.config import HostSettings, RunConfig
 from bencher_runner.spec.errors import SpecError
-from bencher_runner.spec.jobspec import JobOptions, build_config_from_job, parse_job
+from bencher_runner.spec.jobspec import build_config_from_job, parse_job
 from bencher_runner.spec.results import RunResult
 
 DEFAULT_POLL_TIMEOUT = 55
@@ -265,7 +265,7 @@ class ProtocolSettings:
     shutdown_cancels: bool = True
     check_host: bool = True  # CheckHost before every `ready` (False: the host is assumed fit)
     announce_pause: bool = False  # send upstream's `paused` (and `health`): a v0.6.12 server drops on it
-    job_options: JobOptions = field(default_factory=JobOptions)
+    host_settings: HostSettings = field(default_factory=HostSettings)
 
 
 Handler = Callable[["RunnerProtocol", Any, float], list[Action]]
@@ -457,7 +457,7 @@ class RunnerProtocol:
             if not isinstance(uuid, str) or not _is_uuid(uuid):
                 raise SpecError(f"uuid={uuid!r}: a job's uuid must be a UUID")
             claimed = parse_job(offer.raw)
-            config = build_config_from_job(claimed, self.settings.job_options)
+            config = build_config_from_job(claimed, self.settings.host_settings)
         except SpecError as err:
             if not isinstance(uuid, str) or not uuid:
                 return self._reconnect(f"`job` without a usable uuid: {err}")
@@ -713,7 +713,7 @@ def _is_uuid(text: str) -> bool:
 def _started_at(config: RunConfig, now: float) -> RunConfig:
     """The job's clock starts when it is claimed (`running` goes out now, and the server counts its hard
     limit from there): its one deadline, across pull, boots and iterations, counts from this instant."""
-    return config.model_copy(update={"started_at": now})
+    return config.with_clock(now)
 
 
 S = State

@@ -19,14 +19,18 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Protocol
 
-from bencher_runner.spec.errors import ImageError
+from bencher_runner.sandbox.backend import Iteration, IterationRun, IterationStopped, JobContext, RootKind
+from bencher_runner.spec.errors import CanceledError, ImageError
 from bencher_runner.spec.launch import Launch
+from bencher_runner.spec.results import IterationOutput, SandboxInfo
 
 READ_CHUNK = 64 * 1024
+TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
 
 
 class Resolver(Protocol):
@@ -153,3 +157,65 @@ def collect_files(
             files[path] = f.read(max_output)
             sizes[path] = os.fstat(f.fileno()).st_size
     return files, sizes, missing
+
+
+class HostSandbox:
+    """No sandbox: each iteration runs the command in its own copy of the unpacked tree."""
+
+    root_kind: RootKind = "tree"
+
+    def __init__(self, ctx: JobContext, resolve: Resolver) -> None:
+        self.ctx = ctx
+        self.resolve = resolve
+
+    def check(self) -> None:
+        pass
+
+    def prepare(self) -> SandboxInfo:
+        self.ctx.warn("--sandbox none: the benchmark runs directly on this host, unisolated")
+        job = self.ctx.config.job
+        return SandboxInfo("none", "none", job.vcpus, job.memory_mib, job.disk_mib, True)
+
+    @contextlib.contextmanager
+    def session(self, work: Path, launch: Launch) -> Iterator["HostSession"]:
+        yield HostSession(self.ctx, launch, self.resolve)
+
+
+class HostSession:
+    def __init__(self, ctx: JobContext, launch: Launch, resolve: Resolver) -> None:
+        self.ctx = ctx
+        self.launch = launch
+        self.resolve = resolve
+
+    def run(self, it: Iteration) -> IterationRun:
+        job, host = self.ctx.config.job, self.ctx.config.host
+        self.ctx.phase(f"{it.label}: running on the host (no sandbox)")
+        run = run_on_host(
+            it.root,
+            self.launch,
+            deadline=it.deadline,
+            max_output=host.max_output_bytes,
+            outputs=job.output_paths,
+            max_symlinks=host.max_symlinks,
+            cancel=self.ctx.cancel,
+            resolve=self.resolve,
+        )
+        self.ctx.timings["command_s"] = run.elapsed_s
+        output = IterationOutput(
+            exit_code=TIMEOUT_EXIT_CODE if run.timed_out else run.exit_code,
+            stdout=bytes(run.stdout.data),
+            stderr=bytes(run.stderr.data),
+            output=run.files,
+            missing=run.missing,
+            truncated=tuple(
+                [n for n, s in (("stdout", run.stdout), ("stderr", run.stderr)) if s.total > len(s.data)]
+                + [p for p, data in run.files.items() if run.file_sizes[p] > len(data)]
+            ),
+        )
+        if self.ctx.cancel.is_set():
+            raise IterationStopped(
+                output, error=CanceledError("the job was canceled while the benchmark ran")
+            )
+        if run.timed_out:
+            raise IterationStopped(output, ran=f"which ran {run.elapsed_s:.1f} s and was killed")
+        return IterationRun(output, run.elapsed_s, run.file_sizes)

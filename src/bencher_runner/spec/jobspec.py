@@ -8,19 +8,17 @@ and tags log lines, so it must be a UUID in the wire form (8-4-4-4-12 hex digits
 
 import re
 from collections.abc import Sized
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, SecretStr, ValidationError
 
 from bencher_runner.spec.bmf import benchmark_name
 from bencher_runner.spec.config import (
-    DEFAULT_JAIL_UID,
-    DEFAULT_MAX_OUTPUT,
-    Accel,
+    NO_SANDBOX_ERROR,
+    HostSettings,
+    ImageLayout,
     RunConfig,
-    make_run_config,
+    make_job_request,
 )
 from bencher_runner.spec.errors import SpecError
 from bencher_runner.spec.registry import parse_registry_url
@@ -30,11 +28,7 @@ MAX_ENTRYPOINT_LEN = 64
 MAX_CMD_LEN = 64
 MAX_ENV_LEN = 255
 MAX_FILE_PATHS_LEN = 255
-DEFAULT_MAX_DISK_MIB = 1024 * 1024  # 1 TiB: a policy cap (--max-disk); the host's free space is checked too
 SANDBOXES = ("firecracker",)
-NO_SANDBOX_ERROR = (
-    "Job requires non-sandboxed execution but runner was not started with --danger-allow-no-sandbox"
-)
 _DIGEST = re.compile(r"^(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})$")
 _PROJECT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
@@ -54,8 +48,6 @@ def _check_uuid(value: str) -> str:
 
 
 Uuid = Annotated[str, AfterValidator(_check_uuid)]  # kept as sent: acks must repeat the server's spelling
-
-ImageLayout = Literal["bencher", "legacy"]
 
 
 class JobSpec(BaseModel):
@@ -107,25 +99,6 @@ class ClaimedJob(BaseModel):
     created: str | None = None
 
 
-@dataclass(frozen=True)
-class JobOptions:
-    """What the runner's own flags add to every job."""
-
-    allow_no_sandbox: bool = False
-    image_layout: ImageLayout = "bencher"
-    max_output_bytes: int = DEFAULT_MAX_OUTPUT
-    max_file_count: int = 255
-    grace_period_s: int = 1
-    accel: Accel = "auto"
-    backend: Literal["qemu", "firecracker"] = "qemu"  # the microVM that satisfies spec.sandbox
-    network_mode: Literal["user", "tap"] = "user"
-    firecracker: Path | None = None
-    max_disk_mib: int = DEFAULT_MAX_DISK_MIB  # --max-disk
-    jail_uid: int = DEFAULT_JAIL_UID  # --jail-uid
-    jail_gid: int = DEFAULT_JAIL_UID  # --jail-gid
-    danger_no_jail: bool = False  # --danger-no-jail
-
-
 def parse_job(message: dict[str, Any]) -> ClaimedJob:
     """Validate a `job` message (the `event` key is ignored); SpecError names every bad field."""
     try:
@@ -164,10 +137,11 @@ def _check_len(name: str, items: Sized | None, limit: int) -> None:
         raise SpecError(f"config.{name} has {len(items)} items; at most {limit} are allowed")
 
 
-def _check_spec(spec: JobSpec, options: JobOptions) -> None:
-    """The hardware a job asks for, against what this runner gives a job."""
+def build_config_from_job(job: ClaimedJob, host: HostSettings) -> RunConfig:
+    """The RunConfig of a claimed job; SpecError (with a user-facing text) when it cannot run here."""
+    spec, config = job.spec, job.config
     if spec.sandbox is None:
-        if not options.allow_no_sandbox:
+        if not host.allow_no_sandbox:
             raise SpecError(NO_SANDBOX_ERROR)
     elif spec.sandbox not in SANDBOXES:
         raise SpecError(f"spec.sandbox={spec.sandbox!r} is not supported; this runner supports firecracker")
@@ -177,17 +151,11 @@ def _check_spec(spec: JobSpec, options: JobOptions) -> None:
         raise SpecError(f"spec.memory={spec.memory}: memory must be at least 1 byte")
     if spec.disk < 1:
         raise SpecError(f"spec.disk={spec.disk}: disk must be at least 1 byte")
-    if spec.disk > options.max_disk_mib * MIB:
+    if spec.disk > host.max_disk_mib * MIB:
         raise SpecError(
             f"spec.disk={spec.disk} bytes is more than this runner gives a job "
-            f"({options.max_disk_mib} MiB, --max-disk)"
+            f"({host.max_disk_mib} MiB, --max-disk)"
         )
-
-
-def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
-    """The RunConfig of a claimed job; SpecError (with a user-facing text) when it cannot run here."""
-    spec, config = job.spec, job.config
-    _check_spec(spec, options)
     if config.timeout < 1:
         raise SpecError(f"config.timeout={config.timeout}: the timeout must be at least 1 second")
     _check_len("entrypoint", config.entrypoint, MAX_ENTRYPOINT_LEN)
@@ -198,13 +166,13 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
     if iterations < 0:
         raise SpecError(f"config.iter={iterations}: the iteration count cannot be negative")
     file_paths = config.file_paths or []
-    if len(file_paths) > options.max_file_count:
+    if len(file_paths) > host.max_file_count:
         raise SpecError(
             f"config.file_paths has {len(file_paths)} items; this runner allows at most "
-            f"{options.max_file_count} (--max-file-count)"
+            f"{host.max_file_count} (--max-file-count)"
         )
-    image, insecure = image_reference(config, options.image_layout)
-    return make_run_config(
+    image, insecure = image_reference(config, host.image_layout)
+    request = make_job_request(
         image=image,
         allow_local_image=False,  # a job's image comes from a registry, never a host directory
         insecure_registry=insecure,
@@ -216,6 +184,7 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
         memory_mib=bytes_to_mib(spec.memory),
         disk_mib=bytes_to_mib(spec.disk),
         network=spec.network,
+        sandboxed=spec.sandbox is not None,
         timeout_s=config.timeout,
         iterations=iterations,
         allow_failure=bool(config.allow_failure),
@@ -223,14 +192,5 @@ def build_config_from_job(job: ClaimedJob, options: JobOptions) -> RunConfig:
         build_time=bool(config.build_time),
         file_size=bool(config.file_size),
         benchmark_name=build_time_benchmark(config),
-        max_output_bytes=options.max_output_bytes,
-        max_file_count=options.max_file_count,
-        grace_period_s=options.grace_period_s,
-        accel=options.accel,
-        backend="none" if spec.sandbox is None else options.backend,
-        network_mode=options.network_mode,
-        firecracker=options.firecracker,
-        jail_uid=options.jail_uid,
-        jail_gid=options.jail_gid,
-        danger_no_jail=options.danger_no_jail,
     )
+    return RunConfig(job=request, host=host)

@@ -1,4 +1,5 @@
-"""The `runner daemon` click command (registered as `runner daemon` and `runner up` by cli.py)."""
+"""The `runner daemon` click command (registered as `runner daemon` and `runner up` by main.py): the
+daemon's own flags, the host flags shared with `runner run` (host_options.py) and the tuning flags."""
 
 import logging
 import os
@@ -8,19 +9,18 @@ from typing import Any
 
 import click
 
-from bencher_runner.cli_options import shared_job_options
+from bencher_runner.cli.host_options import host_options, host_settings_from
+from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
+from bencher_runner.cli.types import HttpUrl, SafePath, Text
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
 from bencher_runner.daemon.update import auto_update_allowed
 from bencher_runner.host.maintenance import HostBusyError, run_dir, take_daemon_lock
-from bencher_runner.host.options import tuning_options, tuning_options_from
 from bencher_runner.logs import setup_logging
 from bencher_runner.metrics import serve_metrics
 from bencher_runner.paths import cache_dir as default_cache_dir
 from bencher_runner.paths import state_dir as default_state_dir
 from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
-from bencher_runner.spec.config import DEFAULT_JAIL_UID, DEFAULT_MAX_OUTPUT
 from bencher_runner.spec.errors import RunnerError
-from bencher_runner.spec.jobspec import DEFAULT_MAX_DISK_MIB, JobOptions
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -28,16 +28,22 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.command(context_settings=CONTEXT)
 @click.option(
     "--host",
+    type=HttpUrl(),
     envvar="BENCHER_HOST",
     default="https://api.bencher.dev",
     show_default=True,
     help="Bencher API URL (env BENCHER_HOST).",
 )
 @click.option(
-    "--runner", envvar="BENCHER_RUNNER", required=True, help="Runner UUID or slug (env BENCHER_RUNNER)."
+    "--runner",
+    type=Text(empty=False, spaces=False, controls=False),
+    envvar="BENCHER_RUNNER",
+    required=True,
+    help="Runner UUID or slug (env BENCHER_RUNNER).",
 )
 @click.option(
     "--key",
+    type=Text(empty=False, spaces=False, controls=False, secret=True),
     envvar="BENCHER_RUNNER_KEY",
     required=True,
     show_envvar=False,
@@ -52,16 +58,16 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @click.option("--danger-allow-no-sandbox", is_flag=True, help="Accept jobs whose spec has no sandbox.")
 @click.option("--no-auto-update", is_flag=True, help="Do not send version metadata or exit for updates.")
-@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="Cache directory.")
+@click.option("--cache-dir", type=SafePath(path_type=Path, file_okay=False), help="Cache directory.")
 @click.option(
     "--state-dir",
-    type=click.Path(path_type=Path, file_okay=False),
+    type=SafePath(path_type=Path, file_okay=False),
     help="State directory: the outbox of unacknowledged results, the update record (default: env "
     "BENCHER_RUNNER_STATE_DIR, else the user state dir).",
 )
 @click.option(
     "--max-message-size",
-    type=click.IntRange(64 * 1024),
+    type=click.IntRange(64 * 1024, 2**30),
     default=DEFAULT_MAX_MESSAGE_BYTES,
     show_default=True,
     help="Byte cap for one result message (outputs are truncated to fit).",
@@ -110,9 +116,9 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     help="While paused (drained, a RAID check), send upstream's `paused` message and `health` in `ready` "
     "(unreleased after Bencher v0.6.12: a v0.6.12 server drops the connection on `paused`).",
 )
-@shared_job_options
+@host_options
 @tuning_options
-def daemon_command(  # long: reshaped in #14
+def daemon_command(
     host: str,
     runner: str,
     key: str,
@@ -121,31 +127,30 @@ def daemon_command(  # long: reshaped in #14
     no_auto_update: bool,
     cache_dir: Path | None = None,
     state_dir: Path | None = None,
-    max_output_size: int = DEFAULT_MAX_OUTPUT,
-    max_disk: int = DEFAULT_MAX_DISK_MIB,
     max_message_size: int = DEFAULT_MAX_MESSAGE_BYTES,
-    max_file_count: int = 255,
-    grace_period: int = 1,
     on_shutdown: str = "cancel",
     image_layout: str = "bencher",
-    accel: str = "auto",
     verbose: bool = False,
     log_format: str = "text",
     metrics_addr: str | None = None,
     sandbox: str = "qemu",
     announce_pause: bool = False,
-    network_mode: str = "user",
-    firecracker_bin: Path | None = None,
-    jail_uid: int = DEFAULT_JAIL_UID,
-    jail_gid: int = DEFAULT_JAIL_UID,
-    danger_no_jail: bool = False,
-    **tuning_flags: Any,
+    **flags: Any,
 ) -> None:
     """Serve jobs from a Bencher API over one WebSocket until SIGTERM/SIGINT (exit 75: update available)."""
     os.environ.pop("BENCHER_RUNNER_KEY", None)  # read once (into `key`): no child process inherits it
     cache = default_cache_dir(cache_dir)
     state_dir = default_state_dir(state_dir)
-    tuning = tuning_options_from(tuning_flags)
+    try:
+        host_settings = host_settings_from(
+            flags,
+            backend=sandbox,
+            allow_no_sandbox=danger_allow_no_sandbox,
+        ).model_copy(update={"image_layout": "legacy" if image_layout == "legacy" else "bencher"})
+    except RunnerError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(2)
+    tuning = tuning_options_from(flags)
     setup_logging("json" if log_format == "json" else "text", verbose=verbose)
     settings = DaemonSettings(
         host=host,
@@ -158,21 +163,7 @@ def daemon_command(  # long: reshaped in #14
         max_message_bytes=max_message_size,
         announce_pause=announce_pause,
         run_dir=run_dir(),
-        job_options=JobOptions(
-            allow_no_sandbox=danger_allow_no_sandbox,
-            image_layout="legacy" if image_layout == "legacy" else "bencher",
-            max_output_bytes=max_output_size,
-            max_disk_mib=max_disk,
-            max_file_count=max_file_count,
-            grace_period_s=grace_period,
-            accel="kvm" if accel == "kvm" else "tcg" if accel == "tcg" else "auto",
-            backend="firecracker" if sandbox == "firecracker" else "qemu",
-            network_mode="tap" if network_mode == "tap" or sandbox == "firecracker" else "user",
-            firecracker=firecracker_bin,
-            jail_uid=jail_uid,
-            jail_gid=jail_gid,
-            danger_no_jail=danger_no_jail,
-        ),
+        host_settings=host_settings,
     )
     from bencher_runner.recovery import recover_from_crash
 
@@ -197,10 +188,12 @@ def daemon_command(  # long: reshaped in #14
             sys.exit(2)
         log.info("metrics at http://%s:%d/metrics", *bound)
     # a crashed daemon's VMs died with it; its jails' leftovers are removed, cache and state kept 0700
-    recover_from_crash(cache, warn=log.warning, info=log.info, jail_uid=jail_uid, state=state_dir)
+    recover_from_crash(
+        cache, warn=log.warning, info=log.info, jail_uid=host_settings.jail_uid, state=state_dir
+    )
     from bencher_runner.daemon.preflight import HostPreflight, fetch_default_kernel
 
-    preflight = HostPreflight(cache, settings.job_options, fetch_kernel=fetch_default_kernel)
+    preflight = HostPreflight(cache, settings.host_settings, fetch_kernel=fetch_default_kernel)
     try:
         code = run_daemon(settings, default_executor(cache, tuning), preflight)
     except RunnerError as err:

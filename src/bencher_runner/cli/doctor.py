@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from bencher_runner.cli.types import SafePath
 from bencher_runner.host import fixes
 from bencher_runner.host.doctor import Check, DoctorEnv, can_run_jobs, run_checks, to_json
 from bencher_runner.paths import cache_dir
@@ -20,7 +21,7 @@ _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
 @click.option(
     "--cache-dir",
     "cache_opt",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SafePath(file_okay=False, path_type=Path),
     default=None,
     help="Runner cache (kernel bundle, KVM probe answer); default: BENCHER_RUNNER_CACHE_DIR or user cache.",
 )
@@ -37,12 +38,12 @@ _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
 )
 @click.option(
     "--root",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=SafePath(file_okay=False, path_type=Path),
     default=Path("/"),
     hidden=True,
     help="Host root for --fix (tests use a fake tree).",
 )
-def doctor_command(  # long: reshaped in #14
+def doctor_command(
     cache_opt: Path | None, as_json: bool, fix: bool, yes: bool, dry_run: bool, root: Path
 ) -> None:
     """Check whether this host can run jobs, and what makes its timings noisy (with fixes).
@@ -172,9 +173,9 @@ def _fix(root: Path, *, yes: bool, dry_run: bool) -> int:
 def _preflight_check(cache: Path) -> Check:
     """The verdict `runner up` reaches before each `ready` (daemon/preflight.py), for this cache."""
     from bencher_runner.daemon.preflight import HostPreflight
-    from bencher_runner.spec.jobspec import JobOptions
+    from bencher_runner.spec.config import HostSettings
 
-    verdict = HostPreflight(cache, JobOptions())()
+    verdict = HostPreflight(cache, HostSettings())()
     if verdict.problem is not None:
         return Check("runner up preflight", "fail", "runner up would not ask for jobs", verdict.problem)
     if verdict.pause:
