@@ -172,27 +172,8 @@ class RootDisks:
                 unsupported = str(err)
         depth = base_depth(layers) if unsupported is None else len(layers)
         tree, budget, stats = self.unpack_layers_into(work, layers[:depth])
-        working_dir = image.config.config.working_dir or "/"
-        built = work / "rootfs.ext4"
         if depth < len(layers):  # a base of the lower layers first, then the top layer onto a copy of it
-            self.ctx.phase(f"building {cfg.disk_mib} MiB ext4 disk of the lower {depth} layers")
-            lower = work / "lower.ext4"
-            self._timed(
-                "mkfs",
-                lambda: build_rootfs(tree, lower, cfg.disk_mib, allocate=False, cancel=self.ctx.cancel),
-            )
-            shutil.rmtree(tree)
-            used = (budget.used, budget.inodes, stats.skipped_devices)
-            stored = chains.put(
-                layers[:depth],
-                cfg.disk_mib,
-                lower,
-                link=False,
-                used_bytes=used[0],
-                used_inodes=used[1],
-                skipped_devices=used[2],
-            )
-            base = stored or ChainBase("", depth, cfg.disk_mib, lower, *used[:2], tuple(used[2]))
+            base = self._lower_base(work, layers[:depth], tree, budget, stats, chains)
             try:
                 template = self._incremental(work, image, templates, key, chains, base)
                 self.ctx.metadata["root_disk"] = {
@@ -205,7 +186,66 @@ class RootDisks:
                 self.ctx.phase(f"applying the top layer failed ({err}): building the disk in full")
                 tree, budget, stats = self.unpack_layers_into(work, layers)
                 depth = len(layers)
-        pristine = depth == len(layers) and unsupported is None and has_dir(tree, working_dir)
+        return self._full(
+            work,
+            image,
+            templates,
+            key,
+            chains,
+            tree,
+            budget,
+            stats,
+            pristine=(depth == len(layers) and unsupported is None),
+        )
+
+    def _lower_base(
+        self,
+        work: Path,
+        lower_layers: Sequence[LayerRef],
+        tree: Path,
+        budget: ByteBudget,
+        stats: UnpackStats,
+        chains: ChainCache,
+    ) -> ChainBase:
+        """The disk of the lower layers (unpacked in ``tree``), kept as their chain's base."""
+        disk_mib = self.ctx.config.job.disk_mib
+        self.ctx.phase(f"building {disk_mib} MiB ext4 disk of the lower {len(lower_layers)} layers")
+        lower = work / "lower.ext4"
+        self._timed(
+            "mkfs", lambda: build_rootfs(tree, lower, disk_mib, allocate=False, cancel=self.ctx.cancel)
+        )
+        shutil.rmtree(tree)
+        used = (budget.used, budget.inodes, stats.skipped_devices)
+        stored = chains.put(
+            lower_layers,
+            disk_mib,
+            lower,
+            link=False,
+            used_bytes=used[0],
+            used_inodes=used[1],
+            skipped_devices=used[2],
+        )
+        return stored or ChainBase("", len(lower_layers), disk_mib, lower, *used[:2], tuple(used[2]))
+
+    def _full(
+        self,
+        work: Path,
+        image: LocalImage,
+        templates: TemplateCache,
+        key: str,
+        chains: ChainCache,
+        tree: Path,
+        budget: ByteBudget,
+        stats: UnpackStats,
+        *,
+        pristine: bool,
+    ) -> Template:
+        """The template made from the whole unpacked ``tree``; ``pristine``: the tree is exactly the
+        image's layers (so the template is also their chain's base)."""
+        cfg = self.ctx.config.job
+        layers = image.layers
+        built = work / "rootfs.ext4"
+        pristine = pristine and has_dir(tree, image.config.config.working_dir or "/")
         passwd, group = self.finish_tree(tree, image, stats.skipped_devices)
         self.ctx.phase(f"building {cfg.disk_mib} MiB ext4 root disk")
         self._timed(

@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
@@ -14,12 +14,12 @@ from bencher_runner.cli.tuning_options import tuning_options, tuning_options_fro
 from bencher_runner.cli.types import HttpUrl, SafePath, Text
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
 from bencher_runner.daemon.update import auto_update_allowed
-from bencher_runner.host.maintenance import HostBusyError, run_dir, take_daemon_lock
+from bencher_runner.host.maintenance import HeldLock, HostBusyError, run_dir, take_daemon_lock
 from bencher_runner.logs import setup_logging
 from bencher_runner.metrics import serve_metrics
 from bencher_runner.paths import cache_dir as default_cache_dir
 from bencher_runner.paths import state_dir as default_state_dir
-from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_TIMEOUT
 from bencher_runner.spec.errors import RunnerError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -52,7 +52,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option(
     "--poll-timeout",
     type=click.IntRange(1, 900),
-    default=55,
+    default=DEFAULT_POLL_TIMEOUT,
     show_default=True,
     help="Seconds the server may hold a `ready` before answering `no_job`.",
 )
@@ -118,7 +118,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 )
 @host_options
 @tuning_options
-def daemon_command(
+def daemon_command(  # long: one parameter per daemon flag, as click passes them
     host: str,
     runner: str,
     key: str,
@@ -143,13 +143,10 @@ def daemon_command(
     state_dir = default_state_dir(state_dir)
     try:
         host_settings = host_settings_from(
-            flags,
-            backend=sandbox,
-            allow_no_sandbox=danger_allow_no_sandbox,
-        ).model_copy(update={"image_layout": "legacy" if image_layout == "legacy" else "bencher"})
+            flags, backend=sandbox, allow_no_sandbox=danger_allow_no_sandbox, image_layout=image_layout
+        )
     except RunnerError as err:
-        click.echo(f"runner: error: {err}", err=True)
-        sys.exit(2)
+        _fail(err)
     tuning = tuning_options_from(flags)
     setup_logging("json" if log_format == "json" else "text", verbose=verbose)
     settings = DaemonSettings(
@@ -168,25 +165,12 @@ def daemon_command(
     from bencher_runner.recovery import recover_from_crash
 
     log = logging.getLogger("bencher_runner.daemon")
-    try:  # one runner per host, held for the daemon's life
-        host_lock = take_daemon_lock(run_dir())
-    except HostBusyError as err:
-        click.echo(f"runner: error: {err}", err=True)
-        sys.exit(2)
-    except OSError as err:
-        click.echo(
-            f"runner: error: cannot take the host lock in {run_dir()}: {err.strerror or err}; run as root "
-            "or set BENCHER_RUNNER_RUN_DIR to a directory this user can write",
-            err=True,
-        )
-        sys.exit(2)
+    host_lock = _take_host_lock()
     if metrics_addr:
         try:
-            bound = serve_metrics(metrics_addr, cache)
+            log.info("metrics at http://%s:%d/metrics", *serve_metrics(metrics_addr, cache))
         except RunnerError as err:
-            click.echo(f"runner: error: {err}", err=True)
-            sys.exit(2)
-        log.info("metrics at http://%s:%d/metrics", *bound)
+            _fail(err)
     # a crashed daemon's VMs died with it; its jails' leftovers are removed, cache and state kept 0700
     recover_from_crash(
         cache, warn=log.warning, info=log.info, jail_uid=host_settings.jail_uid, state=state_dir
@@ -202,3 +186,21 @@ def daemon_command(
     finally:
         host_lock.release()
     sys.exit(code)
+
+
+def _fail(err: RunnerError | str) -> NoReturn:
+    click.echo(f"runner: error: {err}", err=True)
+    sys.exit(2)
+
+
+def _take_host_lock() -> HeldLock:
+    """One runner per host, held for the daemon's life."""
+    try:
+        return take_daemon_lock(run_dir())
+    except HostBusyError as err:
+        _fail(err)
+    except OSError as err:
+        _fail(
+            f"cannot take the host lock in {run_dir()}: {err.strerror or err}; run as root or set "
+            "BENCHER_RUNNER_RUN_DIR to a directory this user can write"
+        )

@@ -18,10 +18,12 @@ from bencher_runner.spec.config import (
     DEFAULT_GRACE_PERIOD_S,
     DEFAULT_JAIL_UID,
     DEFAULT_JAILER_CHROOT_BASE,
+    DEFAULT_LOG_LEVEL,
     DEFAULT_MAX_DISK_MIB,
     DEFAULT_MAX_FILE_COUNT,
     DEFAULT_MAX_OUTPUT,
     DEFAULT_MAX_SYMLINKS,
+    LOG_LEVELS,
     MAX_DISK_MIB,
     MAX_FILE_COUNT,
     MAX_ID,
@@ -38,7 +40,6 @@ FIRECRACKER_ONLY = {
     "jailer_chroot_base": "--jailer-chroot-base",
     "sandbox_log_level": "--sandbox-log-level",
 }
-LOG_LEVELS = ["Error", "Warning", "Info", "Debug", "Trace", "Off"]
 
 HOST_OPTIONS = (
     click.option(
@@ -125,7 +126,7 @@ HOST_OPTIONS = (
     click.option(
         "--sandbox-log-level",
         type=click.Choice(LOG_LEVELS, case_sensitive=False),
-        default="Warning",
+        default=DEFAULT_LOG_LEVEL,
         show_default=True,
         help="With --sandbox firecracker: Firecracker's log level.",
     ),
@@ -182,9 +183,11 @@ def given_on_command_line(names: tuple[str, ...]) -> set[str]:
     return {name for name in names if source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
-def host_settings_from(kwargs: dict[str, Any], *, backend: str, allow_no_sandbox: bool) -> HostSettings:
+def host_settings_from(
+    kwargs: dict[str, Any], *, backend: str, allow_no_sandbox: bool, **only_daemon: Any
+) -> HostSettings:
     """Pop the host options from a command's kwargs; the settings, or click.UsageError / SpecError
-    naming the option."""
+    naming the option. ``only_daemon``: settings one command alone has (the daemon's image_layout)."""
     values = {name: kwargs.pop(name) for name in HOST_PARAMS}
     given = given_on_command_line(HOST_PARAMS)
     if backend != "firecracker" and (
@@ -215,4 +218,5 @@ def host_settings_from(kwargs: dict[str, Any], *, backend: str, allow_no_sandbox
         jail_uid=values["jail_uid"],
         jail_gid=values["jail_gid"],
         danger_no_jail=values["danger_no_jail"],
+        **only_daemon,
     )

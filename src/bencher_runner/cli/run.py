@@ -17,6 +17,7 @@ from bencher_runner.spec.config import (
     MAX_TIMEOUT_S,
     MIN_DISK_MIB,
     MIN_MEMORY_MIB,
+    JobRequest,
     RunConfig,
     make_job_request,
 )
@@ -183,31 +184,14 @@ def _check_outputs(values: tuple[str, ...]) -> tuple[str, ...]:
 @host_options
 @tuning_options
 def run(
-    image: str,
-    no_wait: bool,
-    token: str | None,
-    registry_username: str | None,
-    registry_password: str | None,
-    insecure_registry: bool,
-    entrypoint: tuple[str, ...],
     cmd_opts: tuple[str, ...],
     cmd_args: tuple[str, ...],
-    env_opts: tuple[str, ...],
-    vcpus: int,
-    memory: int,
-    disk: int,
-    timeout: int,
-    iterations: int,
-    allow_failure: bool,
-    outputs: tuple[str, ...],
-    build_time: bool,
-    file_size: bool,
-    output_dir: Path | None,
-    network: bool,
     sandbox: str,
+    output_dir: Path | None,
     cache_dir: Path | None,
     as_json: bool,
     quiet: bool,
+    no_wait: bool,
     **flags: Any,
 ) -> None:
     """Run an OCI image's entrypoint/cmd inside a microVM and print its output.
@@ -218,65 +202,74 @@ def run(
 
     if cmd_opts and cmd_args:
         raise click.UsageError("give the command either with --cmd or after --, not both")
-    if sandbox == "none" and network:
+    _check_job_flags(flags, sandbox)
+    try:
+        host = host_settings_from(
+            flags, backend="qemu" if sandbox == "none" else sandbox, allow_no_sandbox=sandbox == "none"
+        )
+    except RunnerError as err:
+        fail(err)
+    if flags["disk"] > host.max_disk_mib:
+        raise click.BadParameter(
+            f"{flags['disk']} MiB is more than --max-disk ({host.max_disk_mib} MiB); raise --max-disk if "
+            "this host should give a job that much",
+            param_hint="--disk",
+        )
+    tuning = tuning_options_from(flags)
+    try:
+        config = RunConfig(job=_job_request(flags, sandbox=sandbox, cmd=cmd_opts or cmd_args), host=host)
+    except RunnerError as err:
+        fail(err)
+    code = run_command(
+        config,
+        cache=cache_dir_for(cache_dir),
+        as_json=as_json,
+        quiet=quiet,
+        output_dir=output_dir,
+        tuning=tuning,
+        wait=not no_wait,
+    )
+    sys.exit(code)
+
+
+def _check_job_flags(flags: dict[str, Any], sandbox: str) -> None:
+    """Job flags that make no sense together: a usage error naming them."""
+    if sandbox == "none" and flags["network"]:
         raise click.UsageError(
             "--network needs a sandbox: with --sandbox none the command uses the host's network"
         )
-    if not network and "network_mode" in given_on_command_line(("network_mode",)):
+    if not flags["network"] and "network_mode" in given_on_command_line(("network_mode",)):
         raise click.UsageError("--network-mode needs --network")
-    if file_size and not outputs:
+    if flags["file_size"] and not flags["outputs"]:
         raise click.UsageError("--file-size needs the files to measure: give them with --output PATH")
-    try:
-        host = host_settings_from(
-            flags,
-            backend="qemu" if sandbox == "none" else sandbox,
-            allow_no_sandbox=sandbox == "none",
-        )
-    except RunnerError as err:
-        fail(err)
-    if disk > host.max_disk_mib:
-        raise click.BadParameter(
-            f"{disk} MiB is more than --max-disk ({host.max_disk_mib} MiB); raise --max-disk if this host "
-            "should give a job that much",
-            param_hint="--disk",
-        )
-    cmd = cmd_opts or cmd_args
-    tuning = tuning_options_from(flags)
-    try:
-        config = RunConfig(
-            job=make_job_request(
-                image=image,
-                token=token,
-                registry_username=registry_username,
-                registry_password=registry_password,
-                insecure_registry=insecure_registry,
-                entrypoint=entrypoint or None,
-                cmd=cmd or None,
-                env=_parse_env(env_opts),
-                vcpus=vcpus,
-                memory_mib=memory,
-                disk_mib=disk,
-                timeout_s=timeout,
-                iterations=iterations,
-                allow_failure=allow_failure,
-                output_paths=outputs,
-                build_time=build_time,
-                file_size=file_size,
-                network=network,
-                sandboxed=sandbox != "none",
-            ),
-            host=host,
-        )
-    except RunnerError as err:
-        fail(err)
-    sys.exit(
-        run_command(
-            config,
-            cache=cache_dir_for(cache_dir),
-            as_json=as_json,
-            quiet=quiet,
-            output_dir=output_dir,
-            tuning=tuning,
-            wait=not no_wait,
-        )
+
+
+# `runner run`'s job flags -> JobRequest fields
+JOB_FLAGS = {
+    "image": "image",
+    "token": "token",
+    "registry_username": "registry_username",
+    "registry_password": "registry_password",
+    "insecure_registry": "insecure_registry",
+    "vcpus": "vcpus",
+    "memory": "memory_mib",
+    "disk": "disk_mib",
+    "timeout": "timeout_s",
+    "iterations": "iterations",
+    "allow_failure": "allow_failure",
+    "outputs": "output_paths",
+    "build_time": "build_time",
+    "file_size": "file_size",
+    "network": "network",
+}
+
+
+def _job_request(flags: dict[str, Any], *, sandbox: str, cmd: tuple[str, ...]) -> JobRequest:
+    fields = {field: flags.pop(flag) for flag, field in JOB_FLAGS.items()}
+    return make_job_request(
+        **fields,
+        entrypoint=flags.pop("entrypoint") or None,
+        cmd=cmd or None,
+        env=_parse_env(flags.pop("env_opts")),
+        sandboxed=sandbox != "none",
     )

@@ -32,6 +32,7 @@ from bencher_runner.host.tuning import TuningOptions
 from bencher_runner.logs import current_job
 from bencher_runner.protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_POLL_TIMEOUT,
     Action,
     CancelJob,
     CheckHost,
@@ -131,7 +132,7 @@ class DaemonSettings:
     runner: str
     key: str = field(repr=False)
     state_dir: Path
-    poll_timeout: int = 55
+    poll_timeout: int = DEFAULT_POLL_TIMEOUT
     auto_update: bool = True
     on_shutdown: Literal["cancel", "finish"] = "cancel"
     host_settings: HostSettings = field(default_factory=HostSettings)

@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 
@@ -47,14 +47,12 @@ from bencher_runner.sandbox.jail import (
 from bencher_runner.sandbox.network import NetworkPlan
 from bencher_runner.sandbox.vm import VmSpec
 from bencher_runner.sandbox.vmprocess import RunsAsVmProcess, VmProcess
+from bencher_runner.spec.config import DEFAULT_LOG_LEVEL, LOG_LEVELS, LogLevel
 from bencher_runner.spec.errors import SandboxError
 
 FIRECRACKER_BINARY = "firecracker"
 JAILER_BINARY = "jailer"
 MAX_VCPUS = 32  # Firecracker's limit (MachineConfiguration.vcpu_count maximum)
-LogLevel = Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"]
-LOG_LEVELS: tuple[LogLevel, ...] = ("Error", "Warning", "Info", "Debug", "Trace", "Off")
-DEFAULT_LOG_LEVEL: LogLevel = "Warning"
 API_TIMEOUT_S = 5.0
 SOCKET_WAIT_S = 5.0
 SHUTDOWN_WAIT_S = 2.0

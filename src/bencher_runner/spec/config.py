@@ -16,7 +16,7 @@ sets; `runner run` leaves it unset and the clock starts when the job does.
 """
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -56,7 +56,9 @@ Accel = Literal["auto", "kvm", "tcg"]
 VmBackendName = Literal["qemu", "firecracker"]
 Backend = Literal["qemu", "firecracker", "none"]  # "none": on the host, no sandbox
 NetworkMode = Literal["user", "tap"]
-LogLevel = Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"]
+LogLevel = Literal["Error", "Warning", "Info", "Debug", "Trace", "Off"]  # Firecracker's
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
+DEFAULT_LOG_LEVEL: LogLevel = "Warning"
 ImageLayout = Literal["bencher", "legacy"]
 
 
@@ -144,7 +146,7 @@ class HostSettings(BaseModel):
     jail_gid: int = Field(default=DEFAULT_JAIL_UID, ge=1, le=MAX_ID)
     danger_no_jail: bool = False  # development hosts: the VMM runs unconfined (warned on every job)
     jailer_chroot_base: Path = DEFAULT_JAILER_CHROOT_BASE
-    sandbox_log_level: LogLevel = "Warning"
+    sandbox_log_level: LogLevel = DEFAULT_LOG_LEVEL
 
     @model_validator(mode="after")
     def _possible(self) -> "HostSettings":
