@@ -25,13 +25,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from bencher_runner import metrics
-from bencher_runner.host.capacity import check_host_capacity
+from bencher_runner.capacity import check_host_capacity
 from bencher_runner.host.cpus import online_cpus, partition, pin_process
 from bencher_runner.host.tuning import TuningOptions, tuned_host
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.layout import LocalImage
 from bencher_runner.oci.progress import PullProgress
 from bencher_runner.oci.source import credentials_for, open_image
+from bencher_runner.oci.unpack import resolve_in_tree
 from bencher_runner.paths import work_root
 from bencher_runner.recovery import LOCK_NAME
 from bencher_runner.rootdisk import RootDisks
@@ -46,6 +47,11 @@ from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
 from bencher_runner.spec.units import MIB
 
 SandboxFactory = Callable[[JobContext], Sandbox]
+
+
+def default_sandbox(ctx: JobContext) -> Sandbox:
+    """The job's backend (sandbox.choose), with the image layer's tree resolver for ``--sandbox none``."""
+    return make_sandbox(ctx, resolve_in_tree)
 
 
 class Reporter:
@@ -86,7 +92,7 @@ class Job:
         reporter: Reporter | None = None,
         cancel: threading.Event | None = None,
         tuning: TuningOptions | None = None,
-        sandbox: SandboxFactory = make_sandbox,
+        sandbox: SandboxFactory = default_sandbox,
     ) -> None:
         self.config = config
         self.tuning = tuning or TuningOptions(enabled=False)
@@ -323,6 +329,6 @@ def run_job(
     reporter: Reporter | None = None,
     cancel: threading.Event | None = None,
     tuning: TuningOptions | None = None,
-    sandbox: SandboxFactory = make_sandbox,
+    sandbox: SandboxFactory = default_sandbox,
 ) -> RunResult:
     return Job(config, cache=cache, reporter=reporter, cancel=cancel, tuning=tuning, sandbox=sandbox).run()

@@ -12,10 +12,11 @@ from bencher_runner.oci.blobcache import BlobCache
 from bencher_runner.oci.credentials import Credentials
 from bencher_runner.oci.progress import PullProgress
 from bencher_runner.oci.pull import pull_image
-from bencher_runner.oci.reference import parse_reference, reference_for_job
+from bencher_runner.oci.reference import ImageReference, parse_reference
 from bencher_runner.oci.source import open_image
 from bencher_runner.oci.unpack import unpack_layers
 from bencher_runner.spec.errors import DigestMismatchError, ImageError
+from bencher_runner.spec.registry import parse_registry_url
 from tests.registry.conftest import (
     JOB_TOKEN,
     PASSWORD,
@@ -27,6 +28,13 @@ from tests.support.oci_builder import build_layout, file, manifest_of, read_inde
 from tests.support.registry import Registry, http_push, skopeo_push
 
 CONFIG = {"Entrypoint": ["/bin/bench"], "Cmd": ["--fast"], "Env": ["A=1"]}
+
+
+def _job_reference(registry_url: str, repository: str, digest: str) -> ImageReference:
+    """What a job's ``config.registry`` + repository + digest become on the daemon's path
+    (spec.jobspec.image_reference's parts, without its project-UUID check)."""
+    host, insecure = parse_registry_url(registry_url)
+    return parse_reference(f"{host}/{repository}@{digest}", insecure=insecure)
 
 
 def make_layout(tmp_path: Path, name: str, **kw: object) -> Path:
@@ -103,10 +111,10 @@ def test_open_image_pulls_registry_refs_and_opens_local_layouts(
         open_image(str(tmp_path / "missing"), cache_dir=tmp_path / "c", insecure=False)
 
 
-def test_reference_for_job_http_means_plain_http(
+def test_a_job_registry_url_with_http_means_plain_http(
     registry: Registry, pushed: dict[str, str], tmp_path: Path
 ) -> None:
-    ref = reference_for_job(registry.url, "plain", pushed["plain"])
+    ref = _job_reference(registry.url, "plain", pushed["plain"])
     assert ref.scheme == "http"
     assert pull_image(ref, cache_dir=tmp_path).manifest_digest == pushed["plain"]
 
@@ -156,7 +164,7 @@ def test_token_challenge_flow_with_job_token(
     auth_registry: Registry, token_server: TokenServer, pushed: dict[str, str], tmp_path: Path
 ) -> None:
     token_server.requests.clear()
-    ref = reference_for_job(auth_registry.url, "plain", pushed["plain"])
+    ref = _job_reference(auth_registry.url, "plain", pushed["plain"])
     image = pull_image(ref, cache_dir=tmp_path, credentials=Credentials(token=JOB_TOKEN))
     assert image.manifest_digest == pushed["plain"]
     assert len(token_server.requests) == 1  # one challenge, the realm's token reused for every blob
@@ -183,7 +191,7 @@ def test_valid_token_directly_as_bearer_needs_no_challenge(
 ) -> None:
     token = token_server.mint("plain")
     token_server.requests.clear()
-    ref = reference_for_job(auth_registry.url, "plain", pushed["plain"])
+    ref = _job_reference(auth_registry.url, "plain", pushed["plain"])
     assert (
         pull_image(ref, cache_dir=tmp_path, credentials=Credentials(token=token)).manifest_digest
         == pushed["plain"]
@@ -196,7 +204,7 @@ def test_bad_token_fails_with_clear_401(
     auth_registry: Registry, token_server: TokenServer, pushed: dict[str, str], tmp_path: Path, kind: str
 ) -> None:
     token = token_server.mint("plain", ttl=-120) if kind == "expired" else token_server.mint("other-project")
-    ref = reference_for_job(auth_registry.url, "plain", pushed["plain"])
+    ref = _job_reference(auth_registry.url, "plain", pushed["plain"])
     with pytest.raises(ImageError) as err:
         pull_image(ref, cache_dir=tmp_path, credentials=Credentials(token=token))
     msg = str(err.value)

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
+from bencher_runner.capacity import DISK_MARGIN, METADATA_FRACTION, check_host_capacity
 from bencher_runner.fakeserver import default_config, default_spec
-from bencher_runner.host.capacity import DISK_MARGIN, METADATA_FRACTION, check_host_capacity
 from bencher_runner.job import run_job
 from bencher_runner.rootfs import free_bytes, mount_point
 from bencher_runner.sandbox.outputdisk import MAX_OUTPUT_LIMIT, output_disk_size

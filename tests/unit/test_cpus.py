@@ -1,5 +1,6 @@
 """Pure parts of host isolation: CPU lists, masks, the partition, vCPU assignment, the tuning plan."""
 
+import os
 from pathlib import Path
 
 import click
@@ -7,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
+from bencher_runner.host import cpus
 from bencher_runner.host.cgroup import memory_max_bytes
 from bencher_runner.host.cpus import (
     format_cpu_list,
@@ -208,3 +210,98 @@ def test_click_flags_reject_out_of_range() -> None:
 
     assert CliRunner().invoke(cmd, ["--swappiness", "300"]).exit_code == 2
     assert CliRunner().invoke(cmd, ["--thp", "sometimes"]).exit_code == 2
+
+
+def _fake_proc(root: Path, pid: int, comms: dict[int, str]) -> Path:
+    """A recorded /proc/<pid>/task/*/comm listing under ``root`` (comm files end in a newline)."""
+    for tid, comm in comms.items():
+        task = root / str(pid) / "task" / str(tid)
+        task.mkdir(parents=True)
+        (task / "comm").write_text(comm + "\n")
+    return root
+
+
+def _record_pins(monkeypatch: pytest.MonkeyPatch) -> dict[int, set[int]]:
+    pinned: dict[int, set[int]] = {}
+    monkeypatch.setattr(os, "sched_setaffinity", lambda tid, cpus_: pinned.__setitem__(tid, set(cpus_)))
+    return pinned
+
+
+# A Firecracker process as `ls /proc/<pid>/task` + `cat comm` shows it: the main thread (the VMM's
+# event loop), the API server, one thread per vCPU (Firecracker's vcpu.rs: format!("fc_vcpu {}", ...)).
+FIRECRACKER_COMMS = {400: "firecracker", 401: "fc_api", 402: "fc_vmm", 403: "fc_vcpu 0", 404: "fc_vcpu 1"}
+QEMU_COMMS = {500: "qemu-system-x86", 501: "qemu-system-x86", 502: "CPU 0/KVM", 503: "CPU 1/KVM"}
+
+
+def test_firecracker_vcpus_each_get_their_own_benchmark_cpu(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    proc = _fake_proc(tmp_path, 400, FIRECRACKER_COMMS)
+    pinned = _record_pins(monkeypatch)
+    assert cpus.pin_vcpu_threads(400, (2, 3, 5), cpus.firecracker_vcpu_index, proc_root=proc) == []
+    assert pinned == {400: {5}, 401: {5}, 402: {5}, 403: {2}, 404: {3}}
+
+
+def test_the_qemu_parser_pins_no_firecracker_vcpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The defect of issue 14: QEMU's names applied to Firecracker left every vCPU on the last core."""
+    proc = _fake_proc(tmp_path, 400, FIRECRACKER_COMMS)
+    pinned = _record_pins(monkeypatch)
+    cpus.pin_vcpu_threads(400, (2, 3), cpus.qemu_vcpu_index, proc_root=proc)
+    assert pinned == {tid: {3} for tid in FIRECRACKER_COMMS}
+
+
+def test_qemu_vcpus_still_pinned_by_pin_qemu_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    proc = _fake_proc(tmp_path, 500, QEMU_COMMS)
+    pinned = _record_pins(monkeypatch)
+    assert cpus.pin_qemu_threads(500, (1, 2, 3), proc_root=proc) == []
+    assert pinned == {500: {3}, 501: {3}, 502: {1}, 503: {2}}
+
+
+@pytest.mark.parametrize(
+    ("comm", "qemu", "firecracker"),
+    [
+        ("CPU 0/KVM", 0, None),
+        ("CPU 12/TCG", 12, None),
+        ("fc_vcpu 0", None, 0),
+        ("fc_vcpu 31", None, 31),
+        ("fc_vmm", None, None),
+        ("fc_api", None, None),
+        ("fc_vcpu", None, None),  # no index
+        ("fc_vcpu x", None, None),
+        ("fc_vcpu 1 ", None, None),  # comm is stripped of its newline only: nothing else trails
+        ("qemu-system-x86", None, None),
+        ("CPU /KVM", None, None),
+    ],
+)
+def test_vcpu_index_parsers(comm: str, qemu: int | None, firecracker: int | None) -> None:
+    assert cpus.qemu_vcpu_index(comm) == qemu
+    assert cpus.firecracker_vcpu_index(comm) == firecracker
+
+
+def test_vcpus_beyond_the_benchmark_cpus_wrap_around(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    comms = {600: "firecracker", **{601 + i: f"fc_vcpu {i}" for i in range(5)}}
+    proc = _fake_proc(tmp_path, 600, comms)
+    pinned = _record_pins(monkeypatch)
+    assert cpus.pin_vcpu_threads(600, (2, 3), cpus.firecracker_vcpu_index, proc_root=proc) == []
+    assert pinned == {600: {3}, 601: {2}, 602: {3}, 603: {2}, 604: {3}, 605: {2}}
+
+
+def test_a_process_without_threads_is_one_problem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pinned = _record_pins(monkeypatch)
+    problems = cpus.pin_vcpu_threads(999, (2,), cpus.firecracker_vcpu_index, proc_root=tmp_path)
+    assert problems == ["cannot list the threads of process 999"] and pinned == {}
+
+
+def test_the_firecracker_backend_pins_by_firecracker_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backend hands its own parser over (it used QEMU's, which pins no Firecracker vCPU)."""
+    from bencher_runner.sandbox import firecracker_backend
+
+    seen: list[object] = []
+
+    def record(pid: int, benchmark: object, vcpu_index: object, **kwargs: object) -> list[str]:
+        seen.append(vcpu_index)
+        return []
+
+    monkeypatch.setattr(firecracker_backend, "pin_vcpu_threads", record)
+    firecracker_backend.FirecrackerBackend.pin(None, 400, (2, 3))  # type: ignore[arg-type]
+    assert seen == [cpus.firecracker_vcpu_index]

@@ -181,6 +181,7 @@ def test_a_job_whose_time_is_already_up_runs_nothing(image: str, tmp_path: Path)
 def test_run_on_host_stops_at_the_deadline_it_is_given(tmp_path: Path) -> None:
     import threading
 
+    from bencher_runner.oci.unpack import resolve_in_tree
     from bencher_runner.sandbox.host import run_on_host
     from bencher_runner.spec.launch import Launch, User
 
@@ -188,7 +189,12 @@ def test_run_on_host_stops_at_the_deadline_it_is_given(tmp_path: Path) -> None:
     (tree / "bin").mkdir(parents=True)
     shutil.copy("/bin/busybox", tree / "bin" / "sh")
     launch = Launch(("sh", "-c", "echo a; sleep 100"), (("PATH", "/bin"),), "/", User(0, 0, (), "/"))
-    limits: dict[str, Any] = {"max_output": 1024, "outputs": (), "max_symlinks": 40}
+    limits: dict[str, Any] = {
+        "max_output": 1024,
+        "outputs": (),
+        "max_symlinks": 40,
+        "resolve": resolve_in_tree,
+    }
     t0 = time.monotonic()
     run = run_on_host(tree, launch, deadline=t0 + 1.0, cancel=threading.Event(), **limits)
     assert run.timed_out and bytes(run.stdout.data) == b"a\n"

@@ -6,9 +6,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from bencher_runner.fakeserver import default_config, default_spec
+from bencher_runner.oci.reference import ImageReference, parse_reference
 from bencher_runner.spec.config import HostSettings, JobRequest
 from bencher_runner.spec.errors import SpecError
-from bencher_runner.spec.jobspec import build_config_from_job, parse_job
+from bencher_runner.spec.jobspec import JobConfig, build_config_from_job, image_reference, parse_job
 from bencher_runner.spec.units import MIB
 
 UUID = "550e8400-e29b-41d4-a716-446655440000"
@@ -255,3 +256,38 @@ def test_output_paths_the_guest_cannot_take_are_a_spec_error(path: str) -> None:
     with pytest.raises(SpecError) as err:
         build_config_from_job(parse_job(msg), HostSettings())
     str(err.value).encode("utf-8")
+
+
+def _config(**fields: Any) -> JobConfig:
+    return parse_job(job(**fields)).config
+
+
+def test_image_reference_is_what_the_pull_parses() -> None:
+    """The one builder of a job's image (the removed reference_for_job's cases, issue 14)."""
+    digest = f"sha256:{'a' * 64}"
+    image, insecure = image_reference(_config(registry="https://registry.bencher.dev", project=UUID))
+    assert (image, insecure) == (f"registry.bencher.dev/{UUID}@{digest}", False)
+    assert parse_reference(image, insecure=insecure) == ImageReference(
+        "registry.bencher.dev", UUID, None, digest, insecure=False
+    )
+    for registry, scheme in (("http://127.0.0.1:5000/", "http"), ("127.0.0.1:5000", "https")):
+        image, insecure = image_reference(_config(registry=registry, project=UUID))
+        ref = parse_reference(image, insecure=insecure)
+        assert (ref.scheme, ref.registry, ref.repository) == (scheme, "127.0.0.1:5000", UUID)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"registry": "ftp://x"}, "is not a registry "),
+        ({"registry": "https://host/path"}, "is not a registry "),
+        ({"registry": ""}, "is not a registry "),
+        ({"digest": "latest"}, "config.digest='latest': expected sha256:"),
+        ({"digest": f"sha256:{'A' * 64}"}, "expected sha256:<64 hex>"),
+        ({"project": "../x"}, "expected the project UUID"),
+        ({"project": ""}, "expected the project UUID"),
+    ],
+)
+def test_image_reference_refuses(fields: dict[str, str], message: str) -> None:
+    with pytest.raises(SpecError, match=re.escape(message)):
+        image_reference(_config(**fields))

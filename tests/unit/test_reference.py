@@ -7,7 +7,7 @@ from typing import NoReturn
 import pytest
 
 from bencher_runner.oci.credentials import Credentials
-from bencher_runner.oci.reference import ImageReference, parse_reference, reference_for_job
+from bencher_runner.oci.reference import ImageReference, parse_reference
 from bencher_runner.oci.registry import parse_challenge
 from bencher_runner.oci.source import is_local_layout
 from bencher_runner.spec.errors import ImageError, SpecError
@@ -81,21 +81,6 @@ def test_parse_invalid(text: str, fragment: str) -> None:
         parse_reference(text)
     assert fragment in str(err.value)
     assert "HOST[:PORT]/REPOSITORY" in str(err.value)
-
-
-def test_reference_for_job() -> None:
-    project = "3f2504E0-4f89-11d3-9a0c-0305e82c3301"
-    ref = reference_for_job("https://registry.bencher.dev", project, D)
-    assert ref == ImageReference("registry.bencher.dev", project.lower(), None, D, insecure=False)
-    assert str(ref) == f"registry.bencher.dev/{project.lower()}@{D}"
-    assert reference_for_job("http://127.0.0.1:5000/", "p", D).scheme == "http"
-    assert reference_for_job("127.0.0.1:5000", "p", D).scheme == "https"
-    with pytest.raises(ImageError, match="is not a registry "):
-        reference_for_job("ftp://x", "p", D)
-    with pytest.raises(ImageError, match="is not a registry "):
-        reference_for_job("https://host/path", "p", D)
-    with pytest.raises(ImageError, match="not a valid digest"):
-        reference_for_job("https://host.io", "p", "latest")
 
 
 def test_parse_challenge() -> None:

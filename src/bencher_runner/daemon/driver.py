@@ -75,7 +75,6 @@ HostCheck = Callable[[], HostChecked | str | None]
 """Whether a job can and should run on this host now (a str: why it cannot; None: it can)."""
 
 KEY_PATTERN = re.compile(r"^bencher_runner_[A-Za-z0-9]{30}$")
-EXIT_OK = 0
 QUICK_CLOSE_S = 2.0  # a close this soon after the upgrade, with no message, counts as a rejection
 QUICK_CLOSES_BEFORE_WARNING = 3
 MAX_FRAME_BYTES = 1024 * 1024  # a `job` message is a few KiB; anything near this is hostile

@@ -15,6 +15,7 @@ import re
 import time
 from pathlib import Path
 
+from bencher_runner.atomicfile import sync_directory, write_atomic
 from bencher_runner.protocol import Terminal
 from bencher_runner.spec.errors import RunnerError
 
@@ -42,20 +43,10 @@ class Outbox:
 
     def put(self, message: Terminal) -> None:
         path = self._path(message.job)
-        tmp = path.with_suffix(".tmp")
         head = json.dumps({"queued_ns": time.time_ns(), "job": message.job})[:-1]  # still open: `}` cut
         data = f'{head},"message":{message.wire()}}}'.encode()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-            self._sync_dir()
+            write_atomic(path, data, mode=0o600)
         except OSError as err:
             raise OutboxError(f"cannot write the result of job {message.job!r} to {path}: {err}") from None
 
@@ -101,8 +92,4 @@ class Outbox:
         return [message for _, _, message in entries]
 
     def _sync_dir(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        sync_directory(self.directory)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bencher_runner import __version__
+from bencher_runner.atomicfile import write_atomic
 from bencher_runner.paths import state_dir as default_state_dir
 
 log = logging.getLogger("bencher_runner.daemon.update")
@@ -76,14 +77,7 @@ def save_record(state_dir: Path, record: UpdateRecord) -> Path:
     """Write atomically (temp file, fsync, rename), like the outbox."""
     state_dir.mkdir(parents=True, exist_ok=True)
     path = record_path(state_dir)
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, json.dumps(asdict(record), indent=2).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(asdict(record), indent=2), mode=0o600)
     return path
 
 
@@ -179,27 +173,7 @@ def apply_pending_update(
     record.attempts += 1
     _save_quietly(state_dir, record)  # counted before running: a killed upgrade counts too
     try:
-        argv = upgrade_argv(template, record)
-        log.info("upgrading runner %s -> %s: %s", current, record.version, shlex.join(argv))
-        child_env = {k: v for k, v in env.items() if k not in _HIDDEN_ENV}
-        child_env.update(
-            BENCHER_RUNNER_UPDATE_VERSION=record.version,
-            BENCHER_RUNNER_UPDATE_URL=record.url,
-            BENCHER_RUNNER_UPDATE_CHECKSUM=record.checksum,
-        )
-        proc = run(
-            argv,
-            env=child_env,
-            stdin=subprocess.DEVNULL,
-            timeout=UPGRADE_TIMEOUT_S,
-            check=False,
-            capture_output=True,
-            text=True,
-        )
-        for line in (proc.stdout + proc.stderr).splitlines()[-20:]:
-            log.info("upgrade: %s", line)
-        if proc.returncode != 0:
-            raise RuntimeError(f"the upgrade command exited {proc.returncode}")
+        _run_upgrade(template, record, env, current, run)
     except (OSError, ValueError, RuntimeError, subprocess.TimeoutExpired) as err:
         record.status, record.detail = "failed", str(err)
         log.error("upgrade to %s failed (%s); starting %s", record.version, err, current)
@@ -212,6 +186,33 @@ def apply_pending_update(
             log.warning("the installed version %s is not the offered %s", now, record.version)
     _save_quietly(state_dir, record)
     return record
+
+
+def _run_upgrade(
+    template: str, record: UpdateRecord, env: Mapping[str, str], current: str, run: Runner
+) -> None:
+    """Run the upgrade command (its output logged); RuntimeError when it exits non-zero."""
+    argv = upgrade_argv(template, record)
+    log.info("upgrading runner %s -> %s: %s", current, record.version, shlex.join(argv))
+    child_env = {k: v for k, v in env.items() if k not in _HIDDEN_ENV}
+    child_env.update(
+        BENCHER_RUNNER_UPDATE_VERSION=record.version,
+        BENCHER_RUNNER_UPDATE_URL=record.url,
+        BENCHER_RUNNER_UPDATE_CHECKSUM=record.checksum,
+    )
+    proc = run(
+        argv,
+        env=child_env,
+        stdin=subprocess.DEVNULL,
+        timeout=UPGRADE_TIMEOUT_S,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    for line in (proc.stdout + proc.stderr).splitlines()[-20:]:
+        log.info("upgrade: %s", line)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the upgrade command exited {proc.returncode}")
 
 
 def _save_quietly(state_dir: Path, record: UpdateRecord) -> None:

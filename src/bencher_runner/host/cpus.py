@@ -2,20 +2,24 @@
 
 Benchmarks are quieter when the host's own work (runner, IRQs, kernel workqueues) stays on a few
 housekeeping cores and the VM's vCPUs own the rest. The layout is read after tuning (SMT off can leave
-non-contiguous IDs such as "0,2,4-6"). Parsing and formatting are pure; only `online_cpus` and the
-pinning helpers touch /sys and /proc.
+non-contiguous IDs such as "0,2,4-6"). Each VMM names its vCPU threads its own way, so the pinning
+takes the backend's parser of a thread name (``qemu_vcpu_index``, ``firecracker_vcpu_index``).
+Parsing and formatting are pure; only `online_cpus` and the pinning helpers touch /sys and /proc.
 """
 
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 SYS = Path("/sys")
 PROC = Path("/proc")
-# QEMU names its vCPU threads "CPU 0/KVM" (or "CPU 0/TCG").
+# QEMU names its vCPU threads "CPU 0/KVM" (or "CPU 0/TCG"); Firecracker "fc_vcpu 0" (its vcpu.rs:
+# thread::Builder::new().name(format!("fc_vcpu {}", index))), beside "fc_vmm" and "fc_api".
 _QEMU_VCPU = re.compile(r"^CPU (\d+)/")
+_FIRECRACKER_VCPU = re.compile(r"fc_vcpu (\d+)")
+VcpuIndex = Callable[[str], int | None]  # a thread's comm -> its vCPU index, None for other threads
 
 
 def parse_cpu_list(text: str) -> tuple[int, ...]:
@@ -151,35 +155,57 @@ def pin_process(pid: int, cpus: Sequence[int], proc_root: Path = PROC) -> list[s
     return problems
 
 
-def vcpu_assignment(comms: dict[int, str], benchmark: Sequence[int]) -> dict[int, int]:
-    """Pure: QEMU thread id -> CPU. vCPU N gets benchmark[N mod len]; every other thread gets the last
-    benchmark core."""
+def qemu_vcpu_index(comm: str) -> int | None:
+    """QEMU's vCPU thread "CPU 3/KVM" (or "CPU 3/TCG") -> 3; any other thread -> None."""
+    match = _QEMU_VCPU.match(comm)
+    return int(match.group(1)) if match else None
+
+
+def firecracker_vcpu_index(comm: str) -> int | None:
+    """Firecracker's vCPU thread "fc_vcpu 3" -> 3; its other threads (fc_vmm, fc_api, ...) -> None."""
+    match = _FIRECRACKER_VCPU.fullmatch(comm)
+    return int(match.group(1)) if match else None
+
+
+def vcpu_assignment(
+    comms: dict[int, str], benchmark: Sequence[int], vcpu_index: VcpuIndex = qemu_vcpu_index
+) -> dict[int, int]:
+    """Pure: VMM thread id -> CPU. vCPU N (as ``vcpu_index`` reads the thread's name) gets
+    benchmark[N mod len]; every other thread gets the last benchmark core."""
     if not benchmark:
         raise ValueError("no benchmark CPUs")
     out: dict[int, int] = {}
     for tid, comm in comms.items():
-        match = _QEMU_VCPU.match(comm)
-        out[tid] = benchmark[int(match.group(1)) % len(benchmark)] if match else benchmark[-1]
+        index = vcpu_index(comm)
+        out[tid] = benchmark[index % len(benchmark)] if index is not None else benchmark[-1]
     return out
 
 
-def pin_qemu_threads(pid: int, benchmark: Sequence[int], proc_root: Path = PROC) -> list[str]:
-    """Pin each QEMU vCPU thread to its own benchmark core and QEMU's other threads to the last one.
-    Call once the vCPU threads exist (after QEMU started the guest). Returns problem lines."""
+def pin_vcpu_threads(
+    pid: int, benchmark: Sequence[int], vcpu_index: VcpuIndex, proc_root: Path = PROC, *, vmm: str = "process"
+) -> list[str]:
+    """Pin each vCPU thread of VMM ``pid`` (found by ``vcpu_index``, the backend's own thread naming)
+    to its own benchmark core and the VMM's other threads to the last one. Call once the vCPU threads
+    exist (after the VMM started the guest). Returns problem lines, naming the VMM as ``vmm``."""
     comms: dict[int, str] = {}
     for tid in thread_ids(pid, proc_root):
         try:
-            comms[tid] = (proc_root / str(pid) / "task" / str(tid) / "comm").read_text().strip()
+            comms[tid] = (proc_root / str(pid) / "task" / str(tid) / "comm").read_text().removesuffix("\n")
         except OSError:
             continue
     if not comms:
-        return [f"cannot list the threads of QEMU process {pid}"]
+        return [f"cannot list the threads of {vmm} {pid}"]
     problems: list[str] = []
-    for tid, cpu in vcpu_assignment(comms, benchmark).items():
+    for tid, cpu in vcpu_assignment(comms, benchmark, vcpu_index).items():
         try:
             os.sched_setaffinity(tid, {cpu})
         except ProcessLookupError:
             continue
         except OSError as err:
-            problems.append(f"cannot pin QEMU thread {tid} ({comms[tid]}) to CPU {cpu}: {err.strerror}")
+            problems.append(f"cannot pin {vmm} thread {tid} ({comms[tid]}) to CPU {cpu}: {err.strerror}")
     return problems
+
+
+def pin_qemu_threads(pid: int, benchmark: Sequence[int], proc_root: Path = PROC) -> list[str]:
+    """:func:`pin_vcpu_threads` with QEMU's thread naming."""
+    return pin_vcpu_threads(pid, benchmark, qemu_vcpu_index, proc_root, vmm="QEMU process")

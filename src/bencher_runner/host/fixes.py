@@ -16,11 +16,11 @@ whoever set it.
 import os
 import re
 import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bencher_runner.atomicfile import write_atomic
 from bencher_runner.host.cgroup import cgroup_v2_controllers
 from bencher_runner.host.cpus import format_cpu_list, online_cpus, partition
 from bencher_runner.host.doctor import ISOLATION_ARGS, check_irqbalance
@@ -262,17 +262,7 @@ def write_file(step: WriteFile) -> None:
     """Atomically (a temporary file in the same directory, then rename), mode 0644."""
     try:
         step.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{step.path.name}.", dir=step.path.parent)
-        try:
-            with os.fdopen(fd, "w") as out:
-                out.write(step.content)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, step.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_atomic(step.path, step.content, mode=0o644)
     except OSError as err:
         hint = " (run as root)" if isinstance(err, PermissionError) else ""
         raise FixError(f"cannot write {step.shown}: {err.strerror or err}{hint}") from None

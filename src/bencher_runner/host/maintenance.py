@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bencher_runner.atomicfile import write_atomic
 from bencher_runner.spec.errors import RunnerError, SpecError
 
 DEFAULT_RUN_DIR = Path("/run/bencher-runner")
@@ -238,11 +239,9 @@ def job_lock_holder(directory: Path) -> str | None:
 
 
 def write_status(directory: Path, status: dict[str, Any]) -> None:
-    path = directory / STATUS
-    tmp = directory / f".{STATUS}.{os.getpid()}"
-    with contextlib.suppress(OSError):
-        tmp.write_text(json.dumps({"pid": os.getpid(), "time": time.time(), **status}) + "\n")
-        os.replace(tmp, path)
+    doc = {"pid": os.getpid(), "time": time.time(), **status}
+    with contextlib.suppress(OSError):  # advisory, rewritten on every change: no fsync
+        write_atomic(directory / STATUS, json.dumps(doc) + "\n", durable=False)
 
 
 def read_status(directory: Path) -> dict[str, Any] | None:

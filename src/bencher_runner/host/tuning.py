@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from bencher_runner.atomicfile import write_atomic
 from bencher_runner.host.cpus import (
     format_cpu_list,
     format_cpumask,
@@ -350,18 +351,7 @@ def _save_state(state_dir: Path, entries: list[_Pending]) -> None:
             {"knob": e.knob, "path": str(e.path), "before": e.before, "after": e.after} for e in entries
         ],
     }
-    target = state_dir / STATE_FILE
-    tmp = state_dir / f".{STATE_FILE}.{os.getpid()}"
-    with tmp.open("w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(target)
-    dir_fd = os.open(state_dir, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(state_dir / STATE_FILE, json.dumps(doc, indent=1))
 
 
 def _restore(entries: list[_Pending], log: Log) -> list[str]:

@@ -38,11 +38,11 @@ from bencher_runner.oci.layout import (
     MAX_JSON_BYTES,
     OCI_CONFIG,
     OCI_MANIFEST,
+    Descriptor,
     LayerRef,
     LocalImage,
-    _Descriptor,
-    _Model,
-    _parse,
+    OciModel,
+    parse_model,
     read_layout,
 )
 from bencher_runner.oci.progress import ProgressCallback, PullProgress
@@ -352,7 +352,7 @@ class _ArchiveLayout:
             )
         return self._archive.read(info, MAX_JSON_BYTES, name)
 
-    def _blob(self, desc: _Descriptor, what: str) -> tarfile.TarInfo:
+    def _blob(self, desc: Descriptor, what: str) -> tarfile.TarInfo:
         parsed = parse_digest(desc.digest, what=f"{what} digest")  # validated before it names a member
         info = self._archive.need(f"blobs/{parsed.algorithm}/{parsed.hex}", f"{what} {desc.digest}")
         if info.size != desc.size:
@@ -363,32 +363,32 @@ class _ArchiveLayout:
             )
         return info
 
-    def read_json_blob(self, desc: _Descriptor, what: str) -> bytes:
+    def read_json_blob(self, desc: Descriptor, what: str) -> bytes:
         data, _ = self.importer.json_blob(self._blob(desc, what), desc.digest, f"{what} {desc.digest}")
         return data
 
-    def layer(self, desc: _Descriptor, what: str) -> Path:
+    def layer(self, desc: Descriptor, what: str) -> Path:
         return self.importer.layer(self._blob(desc, what), desc.digest, f"{what} {desc.digest}")
 
 
 # --- Docker archives --------------------------------------------------------------------------------
 
 
-class _DockerEntry(_Model):
+class _DockerEntry(OciModel):
     config: str = Field(alias="Config")
     repo_tags: list[str] | None = Field(default=None, alias="RepoTags")
     layers: list[str] = Field(alias="Layers")
 
 
-class _DockerManifest(_Model):
+class _DockerManifest(OciModel):
     entries: list[_DockerEntry]
 
 
-class _RootFS(_Model):
+class _RootFS(OciModel):
     diff_ids: list[str]
 
 
-class _ConfigRootFS(_Model):
+class _ConfigRootFS(OciModel):
     rootfs: _RootFS
 
 
@@ -443,7 +443,7 @@ def _parse_docker_manifest(data: bytes, path: Path) -> list[_DockerEntry]:
         raise ImageError(f"{what} is not valid JSON ({e}); {_HOSTILE}") from None
     if not isinstance(raw, list):
         raise ImageError(f"{what} is a JSON {type(raw).__name__}, not a list of images; {_HOSTILE}")
-    return _parse(_DockerManifest, json.dumps({"entries": raw}).encode(), what).entries
+    return parse_model(_DockerManifest, json.dumps({"entries": raw}).encode(), what).entries
 
 
 def _read_docker(importer: _Importer, tag: str | None, arch: str) -> LocalImage:
@@ -466,7 +466,9 @@ def _read_docker(importer: _Importer, tag: str | None, arch: str) -> LocalImage:
             f"the image in archive {path} is for {quote(config.os, 40)}/{quote(config.architecture, 40)}, "
             f"not linux/{arch}; build or save the image for linux/{arch}"
         )
-    diff_ids = _parse(_ConfigRootFS, config_data, f"image config {config_digest} in archive {path}").rootfs
+    diff_ids = parse_model(
+        _ConfigRootFS, config_data, f"image config {config_digest} in archive {path}"
+    ).rootfs
     if len(diff_ids.diff_ids) != len(entry.layers):
         raise ImageError(
             f"archive {path}: manifest.json names {len(entry.layers)} layers but the image config lists "

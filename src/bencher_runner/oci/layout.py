@@ -84,19 +84,24 @@ class LocalImage:
 
 
 # --- JSON shapes (only the fields the runner reads; the rest is ignored) ---------------------------
+# Public: the registry puller (pull.py) and the archive reader (archive.py) parse the same documents.
 
 
-class _Model(BaseModel):
+class OciModel(BaseModel):
+    """Base of the OCI JSON shapes: unknown fields ignored, immutable, fields by alias or by name."""
+
     model_config = ConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
 
-class _Platform(_Model):
+class _Platform(OciModel):
     architecture: str
     os: str
     variant: str | None = None
 
 
-class _Descriptor(_Model):
+class Descriptor(OciModel):
+    """An OCI content descriptor: media type, digest, size (and a platform in an index)."""
+
     media_type: str = Field(alias="mediaType")
     digest: str
     size: int = Field(ge=0)
@@ -108,27 +113,32 @@ class _Descriptor(_Model):
         return (self.annotations or {}).get(REF_NAME_ANNOTATION)
 
 
-class _Index(_Model):
+class ImageIndex(OciModel):
+    """An OCI image index (or Docker manifest list): descriptors of manifests, one per platform."""
+
     schema_version: int = Field(alias="schemaVersion")
     media_type: str | None = Field(default=None, alias="mediaType")
-    manifests: list[_Descriptor]
+    manifests: list[Descriptor]
 
 
-class _Manifest(_Model):
+class ImageManifest(OciModel):
+    """An OCI image manifest (or Docker v2 schema 2): the config descriptor and the layers in order."""
+
     schema_version: int = Field(alias="schemaVersion")
     media_type: str | None = Field(default=None, alias="mediaType")
-    config: _Descriptor
-    layers: list[_Descriptor]
+    config: Descriptor
+    layers: list[Descriptor]
 
 
-class _LayoutMarker(_Model):
+class _LayoutMarker(OciModel):
     image_layout_version: str = Field(alias="imageLayoutVersion")
 
 
-_M = TypeVar("_M", bound=_Model)
+_M = TypeVar("_M", bound=OciModel)
 
 
-def _parse(model: type[_M], data: bytes, what: str) -> _M:
+def parse_model(model: type[_M], data: bytes, what: str) -> _M:
+    """``data`` (untrusted JSON) as ``model``; ImageError naming ``what`` and the first bad field."""
     try:
         raw: Any = json.loads(data)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -203,7 +213,7 @@ def _size_mismatch(what: str, digest: str, expected: int, actual: int) -> ImageE
     )
 
 
-def _read_json_blob(layout_dir: Path, desc: _Descriptor, what: str) -> bytes:
+def _read_json_blob(layout_dir: Path, desc: Descriptor, what: str) -> bytes:
     path = _blob_path(layout_dir, desc.digest, what)
     if desc.size > MAX_JSON_BYTES:
         raise ImageError(
@@ -223,7 +233,7 @@ def _read_json_blob(layout_dir: Path, desc: _Descriptor, what: str) -> bytes:
     return data
 
 
-def _verify_layer(layout_dir: Path, desc: _Descriptor, what: str) -> Path:
+def _verify_layer(layout_dir: Path, desc: Descriptor, what: str) -> Path:
     path = _blob_path(layout_dir, desc.digest, what)
     with _open_regular(path, what, desc.digest) as (f, actual_size):
         if actual_size != desc.size:
@@ -257,21 +267,21 @@ def _read_bounded(path: Path, what: str) -> bytes:
 # --- selection ---------------------------------------------------------------------------------------
 
 
-def _tags(descs: list[_Descriptor]) -> str:
+def _tags(descs: list[Descriptor]) -> str:
     names = sorted({escape(d.ref_name, 100) for d in descs if d.ref_name})
     if len(names) > 20:
         names = [*names[:20], f"and {len(names) - 20} more"]
     return ", ".join(names) if names else "(none)"
 
 
-def _platform_name(desc: _Descriptor) -> str:
+def _platform_name(desc: Descriptor) -> str:
     p = desc.platform
     if p is None:
         return "(unspecified)"
     return escape(f"{p.os}/{p.architecture}" + (f"/{p.variant}" if p.variant else ""), 100)
 
 
-def _select_tagged(index: _Index, tag: str | None, source: LayoutSource, arch: str) -> _Descriptor:
+def _select_tagged(index: ImageIndex, tag: str | None, source: LayoutSource, arch: str) -> Descriptor:
     entries = index.manifests
     where = source.name
     if tag is not None:
@@ -285,14 +295,15 @@ def _select_tagged(index: _Index, tag: str | None, source: LayoutSource, arch: s
         return entries[0]
     # Several untagged per-platform manifests directly in index.json: choose like an image index.
     if all(d.ref_name is None and d.platform is not None for d in entries):
-        return _select_platform(entries, arch, where)
+        return select_platform(entries, arch, where)
     raise ImageError(
         f"{where} holds {len(entries)} images; choose one with {source.tag_form} "
         f"(available tags: {_tags(entries)})"
     )
 
 
-def _select_platform(entries: list[_Descriptor], arch: str, what: str) -> _Descriptor:
+def select_platform(entries: list[Descriptor], arch: str, what: str) -> Descriptor:
+    """The linux/``arch`` entry of an index; ImageError listing the platforms there are otherwise."""
     for d in entries:
         p = d.platform
         if p is not None and p.os == "linux" and p.architecture == arch:
@@ -307,7 +318,7 @@ def _select_platform(entries: list[_Descriptor], arch: str, what: str) -> _Descr
     )
 
 
-def _check_media_type(desc: _Descriptor, allowed: frozenset[str], what: str) -> None:
+def _check_media_type(desc: Descriptor, allowed: frozenset[str], what: str) -> None:
     if desc.media_type not in allowed:
         raise ImageError(
             f"{what} {desc.digest} has unsupported media type {desc.media_type!r} "
@@ -343,11 +354,11 @@ class LayoutSource(Protocol):
         """``oci-layout`` or ``index.json``, bounded by :data:`MAX_JSON_BYTES`."""
         ...
 
-    def read_json_blob(self, desc: _Descriptor, what: str) -> bytes:
+    def read_json_blob(self, desc: Descriptor, what: str) -> bytes:
         """A manifest, index or config blob, bounded and checked against size and digest."""
         ...
 
-    def layer(self, desc: _Descriptor, what: str) -> Path:
+    def layer(self, desc: Descriptor, what: str) -> Path:
         """The path of the layer blob after its size and digest were checked."""
         ...
 
@@ -373,15 +384,15 @@ class DirectorySource:
         what = "oci-layout file" if name == "oci-layout" else name
         return _read_bounded(self.root / name, what)
 
-    def read_json_blob(self, desc: _Descriptor, what: str) -> bytes:
+    def read_json_blob(self, desc: Descriptor, what: str) -> bytes:
         return _read_json_blob(self.root, desc, what)
 
-    def layer(self, desc: _Descriptor, what: str) -> Path:
+    def layer(self, desc: Descriptor, what: str) -> Path:
         return _verify_layer(self.root, desc, what)
 
 
 def _check_layout_marker(source: LayoutSource) -> None:
-    marker = _parse(_LayoutMarker, source.read_file("oci-layout"), source.describe("oci-layout"))
+    marker = parse_model(_LayoutMarker, source.read_file("oci-layout"), source.describe("oci-layout"))
     if marker.image_layout_version != OCI_LAYOUT_VERSION:
         raise ImageError(
             f"{source.name} has imageLayoutVersion {marker.image_layout_version!r}, "
@@ -401,7 +412,7 @@ def read_layout(source: LayoutSource, tag: str | None, *, arch: str = HOST_ARCH)
     """Choose the image tagged ``tag`` (or the only one) for linux/``arch`` from ``source``'s
     index.json, following nested indexes, and verify its manifest, config and every layer."""
     _check_layout_marker(source)
-    top = _parse(_Index, source.read_file("index.json"), source.describe("index.json"))
+    top = parse_model(ImageIndex, source.read_file("index.json"), source.describe("index.json"))
     desc = _select_tagged(top, tag, source, arch)
 
     depth = 0
@@ -412,16 +423,16 @@ def read_layout(source: LayoutSource, tag: str | None, *, arch: str = HOST_ARCH)
                 f"image index {desc.digest} nests more than {MAX_INDEX_DEPTH} indexes; {_REBUILD}"
             )
         what = "image index"
-        child = _parse(_Index, source.read_json_blob(desc, what), f"{what} {desc.digest}")
+        child = parse_model(ImageIndex, source.read_json_blob(desc, what), f"{what} {desc.digest}")
         if child.media_type is not None and child.media_type != desc.media_type:
             raise ImageError(
                 f"{what} {desc.digest} declares media type {child.media_type!r} but its descriptor says "
                 f"{desc.media_type!r}; {_REBUILD}"
             )
-        desc = _select_platform(child.manifests, arch, f"{what} {desc.digest}")
+        desc = select_platform(child.manifests, arch, f"{what} {desc.digest}")
 
     _check_media_type(desc, MANIFEST_TYPES, "manifest")
-    manifest = _parse(_Manifest, source.read_json_blob(desc, "manifest"), f"manifest {desc.digest}")
+    manifest = parse_model(ImageManifest, source.read_json_blob(desc, "manifest"), f"manifest {desc.digest}")
     if manifest.media_type is not None and manifest.media_type != desc.media_type:
         raise ImageError(
             f"manifest {desc.digest} declares media type {manifest.media_type!r} but its descriptor says "

@@ -31,13 +31,13 @@ from bencher_runner.oci.layout import (
     MAX_INDEX_DEPTH,
     OCI_INDEX,
     OCI_MANIFEST,
+    Descriptor,
+    ImageIndex,
+    ImageManifest,
     LayerRef,
     LocalImage,
-    _Descriptor,
-    _Index,
-    _Manifest,
-    _parse,
-    _select_platform,
+    parse_model,
+    select_platform,
 )
 from bencher_runner.oci.progress import ProgressCallback, PullProgress
 from bencher_runner.oci.reference import ImageReference
@@ -81,7 +81,7 @@ class _Puller:
 
     # --- manifests ------------------------------------------------------------------------------------
 
-    def manifest(self, reference: str, desc: _Descriptor | None) -> tuple[bytes, str, str]:
+    def manifest(self, reference: str, desc: Descriptor | None) -> tuple[bytes, str, str]:
         """(body, media type, digest) of the manifest/index named by ``reference`` (tag or digest)."""
         limit = MAX_MANIFEST_BYTES
         if desc is not None and desc.size > limit:
@@ -122,7 +122,7 @@ class _Puller:
         self._report(PullProgress(str(self.ref), "manifest", digest, len(data), len(data), complete=True))
         return data, self._media_type(data, header_type, desc, digest), digest
 
-    def _media_type(self, data: bytes, header_type: str, desc: _Descriptor | None, digest: str) -> str:
+    def _media_type(self, data: bytes, header_type: str, desc: Descriptor | None, digest: str) -> str:
         try:
             raw: Any = json.loads(data)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -147,7 +147,7 @@ class _Puller:
 
     # --- blobs ----------------------------------------------------------------------------------------
 
-    def blob(self, desc: _Descriptor, kind: Literal["config", "layer"]) -> Path:
+    def blob(self, desc: Descriptor, kind: Literal["config", "layer"]) -> Path:
         what = "image config" if kind == "config" else "layer"
         image = str(self.ref)
 
@@ -179,12 +179,82 @@ def _read_cached(path: Path, limit: int) -> bytes | None:
     return data if len(data) <= limit else None
 
 
-def _check_media_type(desc: _Descriptor, allowed: frozenset[str], what: str, ref: ImageReference) -> None:
+def _check_media_type(desc: Descriptor, allowed: frozenset[str], what: str, ref: ImageReference) -> None:
     if desc.media_type not in allowed:
         raise ImageError(
             f"{what} {desc.digest} of {ref} has unsupported media type {desc.media_type!r} (supported: "
             f"{', '.join(sorted(allowed))}); rebuild or convert the image (e.g. with skopeo)"
         )
+
+
+def _resolve_manifest(puller: _Puller, ref: ImageReference, arch: str) -> tuple[ImageManifest, str]:
+    """The image manifest of ``ref`` for linux/``arch`` (through at most MAX_INDEX_DEPTH indexes)."""
+    data, media_type, digest = puller.manifest(ref.reference, None)
+    depth = 0
+    while media_type in INDEX_TYPES:
+        depth += 1
+        if depth > MAX_INDEX_DEPTH:
+            raise ImageError(
+                f"image index {digest} of {ref} nests more than {MAX_INDEX_DEPTH} indexes; {_HOSTILE}"
+            )
+        index = parse_model(ImageIndex, data, f"image index {digest} of {ref}")
+        desc = select_platform(index.manifests, arch, f"image index {digest} of {ref}")
+        parse_digest(desc.digest, what=f"manifest digest in image index {digest} of {ref}")
+        data, media_type, digest = puller.manifest(desc.digest, desc)
+    return parse_model(ImageManifest, data, f"manifest {digest} of {ref}"), digest
+
+
+def _check_manifest(
+    manifest: ImageManifest, digest: str, ref: ImageReference, max_layers: int, max_image_bytes: int
+) -> None:
+    """Media types, digests, layer count and sizes, before any blob is fetched."""
+    _check_media_type(manifest.config, CONFIG_TYPES, "image config", ref)
+    if len(manifest.layers) > max_layers:
+        raise ImageError(
+            f"manifest {digest} of {ref} has {len(manifest.layers)} layers, more than the limit of "
+            f"{max_layers}; {_HOSTILE} (or squash it)"
+        )
+    for layer in manifest.layers:
+        _check_media_type(layer, LAYER_TYPES, "layer", ref)
+        parse_digest(layer.digest, what=f"layer digest in manifest {digest} of {ref}")
+    if manifest.config.size > MAX_MANIFEST_BYTES:
+        raise ImageError(
+            f"image config {manifest.config.digest} of {ref} is {manifest.config.size} bytes, more than "
+            f"the {_human(MAX_MANIFEST_BYTES)} limit; {_HOSTILE}"
+        )
+    total = manifest.config.size + sum(layer.size for layer in manifest.layers)
+    if total > max_image_bytes:
+        raise ImageError(
+            f"image {ref} is {total} bytes compressed ({_human(total)}), more than the limit of "
+            f"{_human(max_image_bytes)}; use a smaller image or raise the image size limit"
+        )
+
+
+def _fetch_config(puller: _Puller, manifest: ImageManifest, ref: ImageReference) -> bytes:
+    config_path = puller.blob(manifest.config, "config")
+    config_data = _read_cached(config_path, MAX_MANIFEST_BYTES)
+    if config_data is None:
+        raise ImageError(
+            f"the cached image config {manifest.config.digest} of {ref} vanished or was replaced while "
+            "the pull ran; retry the pull"
+        )
+    return config_data
+
+
+def _fetch_layers(puller: _Puller, manifest: ImageManifest, parallel: int) -> list[Path]:
+    """Every layer into the cache, ``parallel`` at a time; the first failure cancels the rest."""
+    with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="oci-pull") as pool:
+        # each in a copy of this context: log lines from the download threads keep the job's uuid
+        futures = [
+            pool.submit(contextvars.copy_context().run, puller.blob, layer, "layer")
+            for layer in manifest.layers
+        ]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def pull_image(
@@ -219,61 +289,10 @@ def pull_image(
     )
     with client, client.redacting():  # no error text carries a secret, whatever the registry echoed
         puller = _Puller(ref, cache, client, progress, cancel)
-        data, media_type, digest = puller.manifest(ref.reference, None)
-        depth = 0
-        while media_type in INDEX_TYPES:
-            depth += 1
-            if depth > MAX_INDEX_DEPTH:
-                raise ImageError(
-                    f"image index {digest} of {ref} nests more than {MAX_INDEX_DEPTH} indexes; {_HOSTILE}"
-                )
-            index = _parse(_Index, data, f"image index {digest} of {ref}")
-            desc = _select_platform(index.manifests, arch, f"image index {digest} of {ref}")
-            parse_digest(desc.digest, what=f"manifest digest in image index {digest} of {ref}")
-            data, media_type, digest = puller.manifest(desc.digest, desc)
-
-        manifest = _parse(_Manifest, data, f"manifest {digest} of {ref}")
-        _check_media_type(manifest.config, CONFIG_TYPES, "image config", ref)
-        if len(manifest.layers) > max_layers:
-            raise ImageError(
-                f"manifest {digest} of {ref} has {len(manifest.layers)} layers, more than the limit of "
-                f"{max_layers}; {_HOSTILE} (or squash it)"
-            )
-        for layer in manifest.layers:
-            _check_media_type(layer, LAYER_TYPES, "layer", ref)
-            parse_digest(layer.digest, what=f"layer digest in manifest {digest} of {ref}")
-        if manifest.config.size > MAX_MANIFEST_BYTES:
-            raise ImageError(
-                f"image config {manifest.config.digest} of {ref} is {manifest.config.size} bytes, more than "
-                f"the {_human(MAX_MANIFEST_BYTES)} limit; {_HOSTILE}"
-            )
-        total = manifest.config.size + sum(layer.size for layer in manifest.layers)
-        if total > max_image_bytes:
-            raise ImageError(
-                f"image {ref} is {total} bytes compressed ({_human(total)}), more than the limit of "
-                f"{_human(max_image_bytes)}; use a smaller image or raise the image size limit"
-            )
-
-        config_path = puller.blob(manifest.config, "config")
-        config_data = _read_cached(config_path, MAX_MANIFEST_BYTES)
-        if config_data is None:
-            raise ImageError(
-                f"the cached image config {manifest.config.digest} of {ref} vanished or was replaced while "
-                "the pull ran; retry the pull"
-            )
-        config = parse_image_config(config_data)
-        with ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="oci-pull") as pool:
-            # each in a copy of this context: log lines from the download threads keep the job's uuid
-            futures = [
-                pool.submit(contextvars.copy_context().run, puller.blob, layer, "layer")
-                for layer in manifest.layers
-            ]
-            try:
-                paths = [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        manifest, digest = _resolve_manifest(puller, ref, arch)
+        _check_manifest(manifest, digest, ref, max_layers, max_image_bytes)
+        config = parse_image_config(_fetch_config(puller, manifest, ref))
+        paths = _fetch_layers(puller, manifest, parallel)
 
     if cache_max_bytes is not None:
         cache.prune(cache_max_bytes, keep=puller.touched)

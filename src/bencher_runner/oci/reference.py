@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass
 
 from bencher_runner.oci.digest import is_digest
-from bencher_runner.spec.errors import ImageError, SpecError
-from bencher_runner.spec.registry import is_registry_host, parse_registry_url
+from bencher_runner.spec.errors import ImageError
+from bencher_runner.spec.registry import is_registry_host
 
 _COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -103,6 +103,37 @@ def _looks_like_host(part: str) -> bool:
     return "." in part or ":" in part or part == "localhost" or part.startswith("[")
 
 
+def _split_tag(rest: str, original: str) -> tuple[str, str | None]:
+    """``path[:tag]`` -> (path, tag or None); ImageError for an invalid tag."""
+    last_slash = rest.rfind("/")
+    colon = rest.rfind(":")
+    if colon <= last_slash:
+        return rest, None
+    rest, tag = rest[:colon], rest[colon + 1 :]
+    if not _TAG_RE.fullmatch(tag):
+        raise ImageError(
+            f"invalid image reference {original!r}: tag {tag!r} is not valid (letters, digits, _ . -, "
+            f"at most 128, not starting with . or -); {_FORMS}"
+        )
+    return rest, tag
+
+
+def _check_repository(rest: str, original: str) -> None:
+    """ImageError unless ``rest`` is a valid repository path of at most MAX_REPOSITORY_LENGTH."""
+    components = rest.split("/")
+    bad = next((c for c in components if not _COMPONENT_RE.fullmatch(c)), None)
+    if bad is not None:
+        raise ImageError(
+            f"invalid image reference {original!r}: repository path component {bad!r} is not valid "
+            f"(lowercase letters, digits and single separators . _ __ -); {_FORMS}"
+        )
+    if len(rest) > MAX_REPOSITORY_LENGTH:
+        raise ImageError(
+            f"invalid image reference {original!r}: the repository name is longer than "
+            f"{MAX_REPOSITORY_LENGTH} characters; {_FORMS}"
+        )
+
+
 def parse_reference(text: str, *, insecure: bool = False, layouts: bool = True) -> ImageReference:
     """Parse ``[http[s]://]host[:port]/path[:tag][@digest]``; ``http://`` or ``insecure``: plain HTTP.
 
@@ -141,44 +172,6 @@ def parse_reference(text: str, *, insecure: bool = False, layouts: bool = True) 
             f"invalid image reference {original!r}: {host!r} is not a valid host[:port]; {_FORMS}"
         )
 
-    tag: str | None = None
-    last_slash = rest.rfind("/")
-    colon = rest.rfind(":")
-    if colon > last_slash:
-        rest, tag = rest[:colon], rest[colon + 1 :]
-        if not _TAG_RE.fullmatch(tag):
-            raise ImageError(
-                f"invalid image reference {original!r}: tag {tag!r} is not valid (letters, digits, _ . -, "
-                f"at most 128, not starting with . or -); {_FORMS}"
-            )
-    components = rest.split("/")
-    bad = next((c for c in components if not _COMPONENT_RE.fullmatch(c)), None)
-    if bad is not None:
-        raise ImageError(
-            f"invalid image reference {original!r}: repository path component {bad!r} is not valid "
-            f"(lowercase letters, digits and single separators . _ __ -); {_FORMS}"
-        )
-    if len(rest) > MAX_REPOSITORY_LENGTH:
-        raise ImageError(
-            f"invalid image reference {original!r}: the repository name is longer than "
-            f"{MAX_REPOSITORY_LENGTH} characters; {_FORMS}"
-        )
+    rest, tag = _split_tag(rest, original)
+    _check_repository(rest, original)
     return ImageReference(registry=host, repository=rest, tag=tag, digest=digest, insecure=insecure)
-
-
-def reference_for_job(registry_url: str, project: str, digest: str) -> ImageReference:
-    """The image of a Bencher job: ``{registry host[:port]}/{project}@{digest}``.
-
-    ``registry_url`` is the job's ``config.registry``: ``http://`` means plain HTTP, ``https://`` or no
-    scheme means TLS.
-    """
-    try:
-        host, insecure = parse_registry_url(registry_url)
-    except SpecError as e:
-        raise ImageError(str(e)) from None
-    if not is_digest(digest):
-        raise ImageError(
-            f"the job's image digest {digest!r} is not a valid digest (expected sha256: followed by 64 "
-            "lowercase hex digits); the server sent a malformed job"
-        )
-    return parse_reference(f"{host}/{project.lower()}@{digest}", insecure=insecure)

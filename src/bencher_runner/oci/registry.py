@@ -4,10 +4,11 @@ The runner pulls with whatever a job or the user hands it: a job's short-lived B
 directly, and used to answer a ``WWW-Authenticate: Bearer`` challenge), a username/password, or
 nothing. Everything a registry returns is untrusted: manifests are read with a size bound, blob bodies
 are hashed while they stream and never allowed past their descriptor's size, and the caller compares
-digests. Transient failures (connection drops, 429, 5xx) are retried with backoff and an interrupted
-blob resumes with a Range request. Secrets never appear in messages or reprs. A registry on this
-machine (``localhost``, 127.0.0.0/8, ``[::1]``, literally) whose answer to the TLS handshake is plain
-HTTP is used over HTTP from then on, with one warning, as Docker does; no other host ever is.
+digests. Transient failures (connection drops, 429, 5xx) are retried with backoff (``retry.Backoff``,
+cut short by a cancel) and an interrupted blob resumes with a Range request. Secrets never appear in
+messages or reprs. A registry on this machine (``localhost``, 127.0.0.0/8, ``[::1]``, literally) whose
+answer to the TLS handshake is plain HTTP is used over HTTP from then on, with one warning, as Docker
+does; no other host ever is.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from bencher_runner.oci.digest import Hasher, parse_digest
 from bencher_runner.oci.layout import INDEX_TYPES, MANIFEST_TYPES
 from bencher_runner.oci.reference import ImageReference, may_fall_back_to_http
 from bencher_runner.oci.untrusted import escape, quote
+from bencher_runner.retry import Backoff
 from bencher_runner.spec.errors import CanceledError, ImageError, RunnerError
 
 MAX_MANIFEST_BYTES = 4 * 1024 * 1024
@@ -306,15 +308,9 @@ class RegistryClient:
         if self._cancel.is_set():
             raise CanceledError(CANCELED_PULL)
 
-    def _sleep(self, attempt: int, resp: httpx.Response | None = None) -> None:
-        """The backoff before a retry; ends early, with CanceledError, when the pull is canceled."""
-        delay = min(self._backoff * (2**attempt), self._max_backoff)
-        if resp is not None:
-            retry_after = resp.headers.get("retry-after", "")
-            if retry_after.isascii() and retry_after.isdigit():
-                delay = min(float(retry_after), self._max_backoff)
-        self._cancel.wait(delay)
-        self._check_cancel()
+    def _backoff_for(self) -> Backoff:
+        """A fresh retry budget for one operation; its waits end, with CanceledError, on cancel."""
+        return Backoff(self._retries, self._backoff, self._max_backoff, self._cancel, self._check_cancel)
 
     def _fall_back_to_http(self, url: str, err: httpx.TransportError) -> bool:
         """Switch this client to plain HTTP if ``err`` is a loopback registry speaking HTTP to our TLS
@@ -377,7 +373,7 @@ class RegistryClient:
 
         Returns the final (streaming) response, whatever its status; the caller closes it.
         """
-        attempt = 0
+        backoff = self._backoff_for()
         authenticated = False
         while True:
             auth = self._auth
@@ -385,13 +381,12 @@ class RegistryClient:
                 resp = self._send_once(method, url, headers, auth)
             except httpx.TransportError as e:
                 self._check_cancel()  # a read broken off by the cancel
-                if attempt >= self._retries:
+                if backoff.spent:
                     raise ImageError(
                         f"cannot fetch {what} from {self._where} ({_transport_detail(e)}) after "
-                        f"{attempt + 1} attempts; check that the registry is reachable and retry"
+                        f"{backoff.used + 1} attempts; check that the registry is reachable and retry"
                     ) from None
-                self._sleep(attempt)
-                attempt += 1
+                backoff.wait()
                 continue
             if resp.status_code == 401 and not authenticated:
                 challenge = resp.headers.get("www-authenticate", "")
@@ -400,11 +395,10 @@ class RegistryClient:
                 authenticated = True
                 self._authenticate(challenge, auth, detail)
                 continue
-            if resp.status_code in RETRY_STATUSES and attempt < self._retries:
+            if resp.status_code in RETRY_STATUSES and not backoff.spent:
                 _error_detail(resp)
                 resp.close()
-                self._sleep(attempt, resp)
-                attempt += 1
+                backoff.wait(resp.headers.get("retry-after", ""))
                 continue
             return resp
 
@@ -445,60 +439,9 @@ class RegistryClient:
         )
 
     def _fetch_token(self, challenge: Challenge) -> str:
-        realm = challenge.params["realm"]
-        query: dict[str, str] = {}
-        if "service" in challenge.params:
-            query["service"] = challenge.params["service"]
-        query["scope"] = challenge.params.get("scope") or f"repository:{self.ref.repository}:pull"
-        try:
-            url = str(httpx.URL(realm, params=query)) if realm.startswith(("https://", "http://")) else None
-        except httpx.InvalidURL:
-            url = None
-        if url is None:
-            raise ImageError(
-                f"{self._where} named an invalid token realm {quote(realm)} in its challenge; the registry "
-                "is misconfigured, contact its operator"
-            )
-        realm = quote(realm)  # shown in messages from here on
-        auth: str | None = None
-        if self._creds.has_basic:
-            auth = self._basic_auth()
-        elif self._creds.token:
-            auth = f"Bearer {self._creds.token}"
-        attempt = 0
-        while True:
-            try:
-                resp = self._send_once("GET", url, {}, auth)
-            except httpx.TransportError as e:
-                self._check_cancel()  # a read broken off by the cancel
-                if attempt >= self._retries:
-                    raise ImageError(
-                        f"cannot reach the token service {realm} of {self._where} ({_transport_detail(e)}); "
-                        "check that it is reachable and retry"
-                    ) from None
-                self._sleep(attempt)
-                attempt += 1
-                continue
-            with closing(resp):
-                if resp.status_code in RETRY_STATUSES and attempt < self._retries:
-                    self._sleep(attempt, resp)
-                    attempt += 1
-                    continue
-                if resp.status_code in (401, 403):
-                    raise self._unauthorized(f"token service {realm}: {_error_detail(resp)}")
-                if resp.status_code != 200:
-                    raise ImageError(
-                        f"the token service {realm} of {self._where} failed ({_error_detail(resp)}); retry "
-                        "later or contact the registry's operator"
-                    )
-                try:
-                    body = self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
-                except httpx.TransportError as e:
-                    self._check_cancel()
-                    raise ImageError(
-                        f"reading the token from {realm} failed ({_transport_detail(e)}); retry the pull"
-                    ) from None
-            break
+        url = self._token_url(challenge)
+        realm = quote(challenge.params["realm"])  # shown in messages from here on
+        body = self._token_body(url, realm)
         try:
             parsed: Any = json.loads(body)
             token = parsed.get("token") or parsed.get("access_token")
@@ -515,6 +458,63 @@ class RegistryClient:
             fix="the token service is misconfigured, contact the registry's operator",
         )
         return token
+
+    def _token_url(self, challenge: Challenge) -> str:
+        """The realm's URL with the service and scope (this repository's pull when none is named)."""
+        realm = challenge.params["realm"]
+        query: dict[str, str] = {}
+        if "service" in challenge.params:
+            query["service"] = challenge.params["service"]
+        query["scope"] = challenge.params.get("scope") or f"repository:{self.ref.repository}:pull"
+        try:
+            url = str(httpx.URL(realm, params=query)) if realm.startswith(("https://", "http://")) else None
+        except httpx.InvalidURL:
+            url = None
+        if url is None:
+            raise ImageError(
+                f"{self._where} named an invalid token realm {quote(realm)} in its challenge; the registry "
+                "is misconfigured, contact its operator"
+            )
+        return url
+
+    def _token_body(self, url: str, realm: str) -> bytes:
+        """The token service's answer, fetched with this client's credentials, with retries."""
+        auth: str | None = None
+        if self._creds.has_basic:
+            auth = self._basic_auth()
+        elif self._creds.token:
+            auth = f"Bearer {self._creds.token}"
+        backoff = self._backoff_for()
+        while True:
+            try:
+                resp = self._send_once("GET", url, {}, auth)
+            except httpx.TransportError as e:
+                self._check_cancel()  # a read broken off by the cancel
+                if backoff.spent:
+                    raise ImageError(
+                        f"cannot reach the token service {realm} of {self._where} ({_transport_detail(e)}); "
+                        "check that it is reachable and retry"
+                    ) from None
+                backoff.wait()
+                continue
+            with closing(resp):
+                if resp.status_code in RETRY_STATUSES and not backoff.spent:
+                    backoff.wait(resp.headers.get("retry-after", ""))
+                    continue
+                if resp.status_code in (401, 403):
+                    raise self._unauthorized(f"token service {realm}: {_error_detail(resp)}")
+                if resp.status_code != 200:
+                    raise ImageError(
+                        f"the token service {realm} of {self._where} failed ({_error_detail(resp)}); retry "
+                        "later or contact the registry's operator"
+                    )
+                try:
+                    return self._read_bounded(resp, MAX_TOKEN_RESPONSE_BYTES, f"token from {realm}")
+                except httpx.TransportError as e:
+                    self._check_cancel()
+                    raise ImageError(
+                        f"reading the token from {realm} failed ({_transport_detail(e)}); retry the pull"
+                    ) from None
 
     def _read_bounded(self, resp: httpx.Response, limit: int, what: str) -> bytes:
         """Read a whole (JSON) body of at most ``limit`` bytes; transport errors propagate (retryable)."""
@@ -557,7 +557,7 @@ class RegistryClient:
 
     def _get_manifest(self, reference: str, max_bytes: int) -> FetchedManifest:
         what = f"manifest {reference}"
-        attempt = 0
+        backoff = self._backoff_for()
         while True:
             resp = self._request("GET", self._url("manifests", reference), {"Accept": MANIFEST_ACCEPT}, what)
             with closing(resp):
@@ -567,13 +567,12 @@ class RegistryClient:
                     data = self._read_bounded(resp, max_bytes, what)
                 except httpx.TransportError as e:
                     self._check_cancel()
-                    if attempt >= self._retries:
+                    if backoff.spent:
                         raise ImageError(
                             f"reading {what} from {self._where} failed ({_transport_detail(e)}); "
                             "retry the pull"
                         ) from None
-                    self._sleep(attempt)
-                    attempt += 1
+                    backoff.wait()
                     continue
                 media_type = resp.headers.get("content-type", "").split(";")[0].strip()
                 return FetchedManifest(data, media_type, resp.headers.get("docker-content-digest"))
@@ -613,7 +612,7 @@ class RegistryClient:
         parsed = parse_digest(digest, what=f"{what} digest")
         hasher: Hasher = parsed.hasher()
         done = 0
-        interruptions = 0
+        resumes = self._backoff_for()
         label = f"{what} {digest}"
         while True:
             with self._blob_response(digest, done) as resp:
@@ -647,13 +646,12 @@ class RegistryClient:
                             on_progress(done)
                 except httpx.TransportError as e:
                     self._check_cancel()
-                    interruptions += 1
-                    if interruptions > self._retries:
+                    if resumes.spent:
                         raise ImageError(
-                            f"downloading {label} from {self._where} was interrupted {interruptions} times "
-                            f"(last: {_transport_detail(e)}) at byte {done} of {size}; retry the pull"
+                            f"downloading {label} from {self._where} was interrupted {resumes.used + 1} "
+                            f"times (last: {_transport_detail(e)}) at byte {done} of {size}; retry the pull"
                         ) from None
-                    self._sleep(interruptions - 1)
+                    resumes.wait()
                     continue
             if done < size:
                 raise ImageError(

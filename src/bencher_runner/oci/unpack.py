@@ -896,18 +896,7 @@ class _LayerApplier:
         xattrs = _xattrs(member)
         xattr_bytes = sum(len(k) + len(v) for k, v in xattrs.items())
         if member.isdir():
-            if existing is not None and not stat.S_ISDIR(existing.st_mode):
-                os.unlink(base, dir_fd=pfd)
-                self.tree.released(existing)
-                existing = None
-            self.budget.charge(xattr_bytes, where, inodes=1 if existing is None else 0)
-            if existing is None:
-                os.mkdir(base, 0o700, dir_fd=pfd)
-            self.stats.dirs += 1
-            self.dir_meta.pop(rel, None)
-            self.dir_meta[rel] = _DirMeta(
-                stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, xattrs
-            )
+            self._create_dir(member, pfd, base, rel, existing, xattrs, where)
             return
 
         if link_src is not None and link_src[0] == rel:
@@ -924,7 +913,44 @@ class _LayerApplier:
         if member.isreg():
             self._write_file(member, tar, pfd, base, where)
             self.stats.files += 1
-        elif member.issym():
+        else:
+            self._create_special(member, pfd, base, where, link_src, xattrs)
+
+    def _create_dir(
+        self,
+        member: tarfile.TarInfo,
+        pfd: int,
+        base: str,
+        rel: str,
+        existing: os.stat_result | None,
+        xattrs: dict[str, bytes],
+        where: str,
+    ) -> None:
+        """A directory entry: made if missing (replacing a non-directory); its mode, owner and times
+        are kept in ``dir_meta`` for the end of the layer, as its children change its mtime."""
+        if existing is not None and not stat.S_ISDIR(existing.st_mode):
+            os.unlink(base, dir_fd=pfd)
+            self.tree.released(existing)
+            existing = None
+        xattr_bytes = sum(len(k) + len(v) for k, v in xattrs.items())
+        self.budget.charge(xattr_bytes, where, inodes=1 if existing is None else 0)
+        if existing is None:
+            os.mkdir(base, 0o700, dir_fd=pfd)
+        self.stats.dirs += 1
+        self.dir_meta.pop(rel, None)
+        self.dir_meta[rel] = _DirMeta(stat.S_IMODE(member.mode), member.uid, member.gid, member.mtime, xattrs)
+
+    def _create_special(
+        self,
+        member: tarfile.TarInfo,
+        pfd: int,
+        base: str,
+        where: str,
+        link_src: tuple[str, int, str] | None,
+        xattrs: dict[str, bytes],
+    ) -> None:
+        """A symlink, a hard link or a FIFO, where nothing is any more (the budget is charged)."""
+        if member.issym():
             os.symlink(member.linkname, base, dir_fd=pfd)
             os.chown(base, member.uid, member.gid, dir_fd=pfd, follow_symlinks=False)
             _set_link_xattrs(pfd, base, xattrs)

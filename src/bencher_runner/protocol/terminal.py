@@ -5,7 +5,7 @@ exceed ``max_bytes``. Byte budgets are shared out before anything is decoded, so
 by what is kept, and this runs in the job's worker thread, never on the event loop.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from bencher_runner.protocol.messages import Terminal, encode, one_line_error, wire_size
@@ -72,6 +72,23 @@ def _trimmed(outputs: Sequence[IterationOutput], caps: list[int]) -> tuple[list[
     return trimmed, cut_any
 
 
+def _most_that_fit(
+    build: Callable[[Sequence[IterationOutput], str | None], str],
+    empty: Sequence[IterationOutput],
+    note: str,
+    max_bytes: int,
+) -> int:
+    """How many of the (emptied) iterations fit in ``max_bytes``, with the note of those dropped.
+
+    A binary search: each probe encodes at most ``max_bytes`` of JSON."""
+    fits, too_many = 0, len(empty)
+    while too_many - fits > 1:
+        mid = (fits + too_many) // 2
+        size = wire_size(build(empty[:mid], f"{note}; {len(empty) - mid} iteration result(s) dropped"))
+        fits, too_many = (mid, too_many) if size <= max_bytes else (fits, mid)
+    return fits
+
+
 def terminal_message(job: str, result: RunResult, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Terminal:
     """`completed` or `failed` for a RunResult, its wire form under ``max_bytes``.
 
@@ -107,11 +124,7 @@ def terminal_message(job: str, result: RunResult, max_bytes: int = DEFAULT_MAX_M
     overhead = wire_size(build(empty, note))
     dropped = 0
     if overhead > max_bytes:  # even empty outputs are too many: keep the most iterations that fit
-        fits, too_many = 0, len(empty)
-        while too_many - fits > 1:  # binary search: each probe encodes at most max_bytes of JSON
-            mid = (fits + too_many) // 2
-            size = wire_size(build(empty[:mid], f"{note}; {len(empty) - mid} iteration result(s) dropped"))
-            fits, too_many = (mid, too_many) if size <= max_bytes else (fits, mid)
+        fits = _most_that_fit(build, empty, note, max_bytes)
         dropped = len(empty) - fits
         empty = empty[:fits]
         overhead = wire_size(build(empty, f"{note}; {dropped} iteration result(s) dropped"))

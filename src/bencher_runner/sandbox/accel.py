@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bencher_runner.atomicfile import write_atomic
 from bencher_runner.sandbox.qemu import MACHINE
 from bencher_runner.sandbox.vm import ConcreteAccel
 from bencher_runner.spec.config import Accel
@@ -84,9 +85,7 @@ def cached_kvm_problem(cache: Path, qemu: str, kernel: Path, probe: Callable[[],
         pass
     problem = probe()
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "problem": problem}))
-    tmp.replace(cache_file)
+    write_atomic(cache_file, json.dumps({"key": key, "problem": problem}))
     return problem
 
 

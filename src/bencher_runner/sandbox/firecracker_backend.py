@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from bencher_runner.host.cpus import pin_qemu_threads
+from bencher_runner.host.cpus import firecracker_vcpu_index, pin_vcpu_threads
 from bencher_runner.sandbox.accel import AccelChoice
 from bencher_runner.sandbox.backend import JobContext
 from bencher_runner.sandbox.firecracker import (
@@ -87,4 +87,5 @@ class FirecrackerBackend:
         )
 
     def pin(self, pid: int, benchmark: Sequence[int]) -> list[str]:
-        return pin_qemu_threads(pid, benchmark)
+        """Firecracker's own thread names: "fc_vcpu N" beside fc_vmm and fc_api (issue 14)."""
+        return pin_vcpu_threads(pid, benchmark, firecracker_vcpu_index, vmm="Firecracker process")

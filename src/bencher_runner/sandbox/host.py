@@ -7,6 +7,10 @@ times, never out of it), the image's user is taken when the runner is root, stdo
 capped like the guest agent caps them (read and dropped, so the command never blocks), and the
 job's deadline (a time.monotonic() instant: the timeout covers the whole job, not one iteration)
 kills the whole process group.
+
+Paths are resolved by a ``Resolver`` the caller hands in (the job passes ``oci.unpack.resolve_in_tree``,
+the walker that unpacked the tree): a sandbox does not import the image layer, so the dependency is
+inverted here rather than the walker moved out of the unpacker it shares its fd cache with.
 """
 
 import contextlib
@@ -18,10 +22,9 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from bencher_runner.host.fingerprint import host_fingerprint
-from bencher_runner.oci.unpack import resolve_in_tree
 from bencher_runner.sandbox.backend import Iteration, IterationRun, IterationStopped, JobContext, RootKind
 from bencher_runner.spec.errors import CanceledError, ImageError
 from bencher_runner.spec.launch import Launch
@@ -29,6 +32,12 @@ from bencher_runner.spec.results import IterationOutput, SandboxInfo
 
 READ_CHUNK = 64 * 1024
 TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
+
+
+class Resolver(Protocol):
+    """Where ``path`` (absolute in the image, symlinks followed inside ``tree``) lies; None if absent."""
+
+    def __call__(self, tree: Path, path: str, /, *, max_symlinks: int) -> Path | None: ...
 
 
 @dataclass
@@ -57,7 +66,7 @@ class HostRun:
     elapsed_s: float
 
 
-def find_program(tree: Path, launch: Launch, max_symlinks: int) -> Path | None:
+def find_program(tree: Path, launch: Launch, max_symlinks: int, resolve: Resolver) -> Path | None:
     """argv[0] inside the tree: a path as given (relative to the working dir), else a PATH search."""
     program = launch.argv[0]
     if "/" in program:
@@ -66,7 +75,7 @@ def find_program(tree: Path, launch: Launch, max_symlinks: int) -> Path | None:
         search = dict(launch.env).get("PATH", "")
         candidates = [f"{d.rstrip('/') or ''}/{program}" for d in search.split(":") if d.startswith("/")]
     for candidate in candidates:
-        found = resolve_in_tree(tree, candidate, max_symlinks=max_symlinks)
+        found = resolve(tree, candidate, max_symlinks=max_symlinks)
         if found is not None and found.is_file():
             return found
     return None
@@ -81,11 +90,12 @@ def run_on_host(
     outputs: tuple[str, ...],
     max_symlinks: int,
     cancel: threading.Event,
+    resolve: Resolver,
 ) -> HostRun:
     started = time.monotonic()
     stdout, stderr = CappedStream(max_output), CappedStream(max_output)
-    program = find_program(tree, launch, max_symlinks)
-    cwd = resolve_in_tree(tree, launch.cwd, max_symlinks=max_symlinks)
+    program = find_program(tree, launch, max_symlinks, resolve)
+    cwd = resolve(tree, launch.cwd, max_symlinks=max_symlinks)
     if program is None or cwd is None or not cwd.is_dir():
         what = f'exec "{launch.argv[0]}"' if program is None else f'chdir "{launch.cwd}"'
         stderr.data += f"bencher-runner: {what}: No such file or directory\n".encode()
@@ -124,12 +134,12 @@ def run_on_host(
         reader.join(timeout=2)
     elapsed = time.monotonic() - started
     exit_code = 128 - code if code < 0 else code
-    files, sizes, missing = collect_files(tree, launch.cwd, outputs, max_output, max_symlinks)
+    files, sizes, missing = collect_files(tree, launch.cwd, outputs, max_output, max_symlinks, resolve)
     return HostRun(exit_code, stdout, stderr, files, sizes, missing, timed_out, elapsed)
 
 
 def collect_files(
-    tree: Path, cwd: str, outputs: tuple[str, ...], max_output: int, max_symlinks: int
+    tree: Path, cwd: str, outputs: tuple[str, ...], max_output: int, max_symlinks: int, resolve: Resolver
 ) -> tuple[dict[str, bytes], dict[str, int], dict[str, str]]:
     files: dict[str, bytes] = {}
     sizes: dict[str, int] = {}
@@ -137,7 +147,7 @@ def collect_files(
     for path in outputs:
         absolute = path if path.startswith("/") else f"{cwd.rstrip('/')}/{path}"
         try:
-            found = resolve_in_tree(tree, absolute, max_symlinks=max_symlinks)
+            found = resolve(tree, absolute, max_symlinks=max_symlinks)
         except ImageError as err:  # too many symlinks: report it, do not fail the job
             missing[path] = str(err)
             continue
@@ -155,8 +165,9 @@ class HostSandbox:
 
     root_kind: RootKind = "tree"
 
-    def __init__(self, ctx: JobContext) -> None:
+    def __init__(self, ctx: JobContext, resolve: Resolver) -> None:
         self.ctx = ctx
+        self.resolve = resolve
 
     def check(self) -> None:
         pass
@@ -169,13 +180,14 @@ class HostSandbox:
 
     @contextlib.contextmanager
     def session(self, work: Path, launch: Launch) -> Iterator["HostSession"]:
-        yield HostSession(self.ctx, launch)
+        yield HostSession(self.ctx, launch, self.resolve)
 
 
 class HostSession:
-    def __init__(self, ctx: JobContext, launch: Launch) -> None:
+    def __init__(self, ctx: JobContext, launch: Launch, resolve: Resolver) -> None:
         self.ctx = ctx
         self.launch = launch
+        self.resolve = resolve
 
     def run(self, it: Iteration) -> IterationRun:
         job, host = self.ctx.config.job, self.ctx.config.host
@@ -188,6 +200,7 @@ class HostSession:
             outputs=job.output_paths,
             max_symlinks=host.max_symlinks,
             cancel=self.ctx.cancel,
+            resolve=self.resolve,
         )
         self.ctx.timings["command_s"] = run.elapsed_s
         output = IterationOutput(

@@ -8,11 +8,12 @@ archives in order, so nothing per-job is written into the image's root filesyste
 """
 
 import hashlib
-import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+
+from bencher_runner.atomicfile import write_atomic
 
 JOB_CONFIG_PATH = "bencher/job"
 MODULES_DIR = "bencher/modules"
@@ -67,9 +68,8 @@ def base_initramfs(cache: Path, agent: Path, modules: Iterable[Path]) -> Path:
     target = cache / "initramfs" / f"{key.hexdigest()[:32]}.cpio"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(newc_archive(base_entries(agent, modules)))
-        tmp.replace(target)  # atomic: concurrent runners never see a half-written archive
+        # atomic: concurrent runners never see a half-written archive
+        write_atomic(target, newc_archive(base_entries(agent, modules)))
     return target
 
 

@@ -17,7 +17,6 @@ import ctypes.util
 import io
 import json
 import lzma
-import os
 import struct
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import zstandard
 
+from bencher_runner.atomicfile import write_atomic
 from bencher_runner.spec.errors import KernelBundleError
 
 ELF_MAGIC = b"\x7fELF"
@@ -306,16 +306,8 @@ def extract_vmlinux(bzimage: Path, dest: Path) -> Path:
     except KernelBundleError as err:
         raise KernelBundleError(f"cannot extract vmlinux from {bzimage}: {err}") from None
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(vmlinux)
-        os.chmod(tmp, 0o644)
-        tmp.replace(dest)
-        stamp_tmp = stamp_path.with_name(f".{stamp_path.name}.tmp{os.getpid()}")
-        stamp_tmp.write_text(json.dumps(stamp))
-        stamp_tmp.replace(stamp_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(dest, vmlinux, mode=0o644)
+    write_atomic(stamp_path, json.dumps(stamp))  # the stamp lands last: a fresh stamp means a whole file
     return dest
 
 

@@ -64,7 +64,3 @@ class JobTimeoutError(RunnerError):
 
 class CanceledError(RunnerError):
     """The job was canceled (by the server or by the user)."""
-
-
-class ProtocolError(RunnerError):
-    """The server sent something the runner protocol does not allow."""
