@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from bencher_runner.cli.doctor import doctor_command
-from bencher_runner.host.doctor import (
+from bencher_runner.doctor.checks import (
     DoctorEnv,
     check_cgroup,
     check_irqbalance,
@@ -141,7 +141,7 @@ def test_doctor_shows_the_daemon_preflight_verdict(tmp_path: Path) -> None:
 def test_doctor_fix_writes_what_the_checks_print(tmp_path: Path) -> None:
     """`runner doctor --fix` plans from the same inputs as the checks: the drop-in holds the exact
     arguments the isolation and cgroup rows print, and the irqbalance command is the one its row gives."""
-    from bencher_runner.host.fixes import DROPIN, RunCommand, WriteFile, boot_args, plan_fixes
+    from bencher_runner.doctor.fixes import DROPIN, RunCommand, WriteFile, boot_args, plan_fixes
 
     root = tmp_path
     (root / "proc/4242").mkdir(parents=True)
@@ -178,7 +178,7 @@ def test_doctor_fix_writes_what_the_checks_print(tmp_path: Path) -> None:
 def test_doctor_table_points_at_fix_when_it_has_fixes_to_apply(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from bencher_runner.host import fixes
+    from bencher_runner.doctor import fixes
 
     monkeypatch.delenv("BENCHER_RUNNER_KERNEL", raising=False)
     monkeypatch.delenv("BENCHER_RUNNER_KERNEL_MODULES", raising=False)

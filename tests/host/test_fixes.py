@@ -14,8 +14,8 @@ from click.testing import CliRunner, Result
 
 from bencher_runner.cli import doctor as commands
 from bencher_runner.cli.doctor import doctor_command
-from bencher_runner.host import fixes
-from bencher_runner.host.fixes import DROPIN, RunCommand, WriteFile, boot_args, plan_fixes
+from bencher_runner.doctor import fixes
+from bencher_runner.doctor.fixes import DROPIN, RunCommand, WriteFile, boot_args, plan_fixes
 
 DEFAULT_CMDLINE = "BOOT_IMAGE=/boot/vmlinuz-6.1.0-18-amd64 root=UUID=1234 ro quiet\n"
 

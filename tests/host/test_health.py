@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bencher_runner.host.doctor import DoctorEnv, can_run_jobs, check_health, run_checks
+from bencher_runner.doctor.checks import DoctorEnv, can_run_jobs, check_health, run_checks
 from bencher_runner.host.health import (
     HealthCache,
     HealthReport,

@@ -9,8 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bencher_runner.cli.types import SafePath
-from bencher_runner.host import fixes
-from bencher_runner.host.doctor import Check, DoctorEnv, can_run_jobs, run_checks, to_json
+from bencher_runner.doctor import fixes
+from bencher_runner.doctor.checks import Check, DoctorEnv, can_run_jobs, run_checks, to_json
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.errors import RunnerError
 

@@ -309,6 +309,9 @@ def _share(ticks: float, seconds: float, ncpu: int) -> float:
     return ticks * TICK_S / (seconds * max(1, ncpu)) if seconds > 0 else 0.0
 
 
+_BORN = ThreadSample("", 0, 0)  # a VMM thread started inside the window: all its time counts
+
+
 def interference(
     before: Snapshot,
     after: Snapshot,
@@ -324,17 +327,44 @@ def interference(
     other VMM thread may run on a vCPU's CPU; when false (unpinned, e.g. TCG), the VMM's own threads
     preempt its vCPU too, so vCPU preemptions are shown without a verdict."""
     seconds = after.t - before.t
-    ncpu = len(cpus)
-    checks: dict[str, dict[str, Any]] = {}
+    checks: dict[str, dict[str, Any]] = {
+        "other_tasks": _other_tasks(before, after, cpus, attribution, seconds, limits),
+        "irqs": _irq_check(before.irqs, after.irqs, cpus, seconds, TICK_IRQS, limits.irq_per_s),
+        "softirqs": _irq_check(
+            before.softirqs, after.softirqs, cpus, seconds, TICK_SOFTIRQS, limits.softirq_per_s
+        ),
+        "frequency": _frequency(before, after, cpus, freq_samples, limits),
+        "steal": _steal(before, after, cpus, seconds, limits),
+        "vmm_major_faults": _major_faults(before, after, limits),
+        "pressure": _pressure(before, after, seconds, limits),
+        "vcpu_preemptions": _vcpu_preemptions(before, after, seconds, limits, vcpu_alone=vcpu_alone),
+    }
+    reasons = _reasons(checks, cpus)
+    return {
+        "verdict": "disturbed" if reasons else "clean",
+        "reasons": reasons,
+        "cpus": format_cpu_list(cpus),
+        "seconds": round(seconds, 3),
+        "checks": checks,
+    }
 
-    # Other tasks: the CPUs' busy time minus the VMM's threads (pinned to, or allowed only on, them).
+
+def _other_tasks(
+    before: Snapshot,
+    after: Snapshot,
+    cpus: Sequence[int],
+    attribution: Attribution,
+    seconds: float,
+    limits: Thresholds,
+) -> dict[str, Any]:
+    """The CPUs' busy time minus the VMM's threads (pinned to, or allowed only on, them)."""
+    ncpu = len(cpus)
     busy = sum(
         sum(after.cpu[c][i] - before.cpu[c][i] for i in (0, 1, 2, 5, 6))
         for c in cpus
         if c in after.cpu and c in before.cpu
     )
-    born = ThreadSample("", 0, 0)  # a VMM thread started inside the window: all its time counts
-    vmm_ns = sum(t.cpu_ns - before.vmm.get(tid, born).cpu_ns for tid, t in after.vmm.items())
+    vmm_ns = sum(t.cpu_ns - before.vmm.get(tid, _BORN).cpu_ns for tid, t in after.vmm.items())
     other_s = max(0.0, busy * TICK_S - vmm_ns / 1e9)
     share = other_s / (seconds * max(1, ncpu)) if seconds > 0 else 0.0
     attributed = sum(attribution.ticks.values())
@@ -342,7 +372,7 @@ def interference(
         {"name": name, "cpu_s": round(n * TICK_S, 3), "share": round(_share(n, seconds, ncpu), 4)}
         for name, n in attribution.ticks.most_common(TOP)
     ]
-    checks["other_tasks"] = _check(
+    return _check(
         share > limits.other_share if before.cpu else None,
         cpu_s=round(other_s, 3),
         share=round(share, 4),
@@ -351,45 +381,53 @@ def interference(
         attributed_cpu_s=round(attributed * TICK_S, 3),
         top=top,
     )
-    checks["irqs"] = _irq_check(before.irqs, after.irqs, cpus, seconds, TICK_IRQS, limits.irq_per_s)
-    checks["softirqs"] = _irq_check(
-        before.softirqs, after.softirqs, cpus, seconds, TICK_SOFTIRQS, limits.softirq_per_s
-    )
 
+
+def _frequency(
+    before: Snapshot,
+    after: Snapshot,
+    cpus: Sequence[int],
+    freq_samples: Sequence[dict[int, int]],
+    limits: Thresholds,
+) -> dict[str, Any]:
     samples: list[dict[int, int]] = [*freq_samples, before.freq_khz, after.freq_khz]
     freqs: list[int] = [khz for sample in samples for c, khz in sample.items() if c in cpus]
     throttled = sum(after.throttle.get(c, 0) - before.throttle.get(c, 0) for c in cpus)
-    if freqs or after.throttle:
-        lo, hi = (min(freqs), max(freqs)) if freqs else (0, 0)
-        spread = (hi - lo) / hi if hi else 0.0
-        checks["frequency"] = _check(
-            spread > limits.freq_spread or throttled > 0,
-            min_khz=lo or None,
-            max_khz=hi or None,
-            spread=round(spread, 4),
-            threshold=limits.freq_spread,
-            throttle_events=throttled if after.throttle else None,
-        )
-    else:
-        checks["frequency"] = _check(None, why="no cpufreq or thermal_throttle in /sys")
+    if not (freqs or after.throttle):
+        return _check(None, why="no cpufreq or thermal_throttle in /sys")
+    lo, hi = (min(freqs), max(freqs)) if freqs else (0, 0)
+    spread = (hi - lo) / hi if hi else 0.0
+    return _check(
+        spread > limits.freq_spread or throttled > 0,
+        min_khz=lo or None,
+        max_khz=hi or None,
+        spread=round(spread, 4),
+        threshold=limits.freq_spread,
+        throttle_events=throttled if after.throttle else None,
+    )
 
+
+def _steal(
+    before: Snapshot, after: Snapshot, cpus: Sequence[int], seconds: float, limits: Thresholds
+) -> dict[str, Any]:
     steal = sum(after.cpu[c][7] - before.cpu[c][7] for c in cpus if c in after.cpu and c in before.cpu)
-    steal_share = _share(steal, seconds, ncpu)
-    checks["steal"] = _check(
+    steal_share = _share(steal, seconds, len(cpus))
+    return _check(
         steal_share > limits.steal_share if before.cpu else None,
         cpu_s=round(steal * TICK_S, 3),
         share=round(steal_share, 4),
         threshold=limits.steal_share,
     )
 
-    if before.vmm_major_faults is None or after.vmm_major_faults is None:
-        checks["vmm_major_faults"] = _check(None, why="the VMM's /proc entry was not readable")
-    else:
-        faults = after.vmm_major_faults - before.vmm_major_faults
-        checks["vmm_major_faults"] = _check(
-            faults > limits.vmm_major_faults, count=faults, threshold=limits.vmm_major_faults
-        )
 
+def _major_faults(before: Snapshot, after: Snapshot, limits: Thresholds) -> dict[str, Any]:
+    if before.vmm_major_faults is None or after.vmm_major_faults is None:
+        return _check(None, why="the VMM's /proc entry was not readable")
+    faults = after.vmm_major_faults - before.vmm_major_faults
+    return _check(faults > limits.vmm_major_faults, count=faults, threshold=limits.vmm_major_faults)
+
+
+def _pressure(before: Snapshot, after: Snapshot, seconds: float, limits: Thresholds) -> dict[str, Any]:
     pressure: dict[str, Any] = {}
     for kind, limit in (("cpu", None), ("memory", limits.memory_pressure), ("io", limits.io_pressure)):
         if kind not in after.pressure or kind not in before.pressure:
@@ -400,31 +438,25 @@ def interference(
             pressure[kind] = {"verdict": "info", "share": round(stalled, 4), "why": "host-wide"}
         else:
             pressure[kind] = _check(stalled > limit, share=round(stalled, 4), threshold=limit)
-    checks["pressure"] = pressure
+    return pressure
 
+
+def _vcpu_preemptions(
+    before: Snapshot, after: Snapshot, seconds: float, limits: Thresholds, *, vcpu_alone: bool
+) -> dict[str, Any]:
     vcpus, named = vcpu_threads(before.vmm, after.vmm)
-    if vcpus:
-        switches = {name: t.involuntary - before.vmm.get(tid, born).involuntary for tid, name, t in vcpus}
-        worst = max(switches.values()) / seconds if seconds > 0 else 0.0
-        checks["vcpu_preemptions"] = _check(
-            worst > limits.vcpu_preempt_per_s,
-            **({} if vcpu_alone else {"why": "the VMM's own threads share the vCPU's CPU"}),
-            per_vcpu=switches,
-            max_per_s=round(worst, 1),
-            threshold=limits.vcpu_preempt_per_s,
-            **({} if named else {"note": "VMM threads are unnamed: the busiest one is taken as the vCPU"}),
-        )
-    else:
-        checks["vcpu_preemptions"] = _check(None, why="no vCPU threads found in the VMM")
-
-    reasons = _reasons(checks, cpus)
-    return {
-        "verdict": "disturbed" if reasons else "clean",
-        "reasons": reasons,
-        "cpus": format_cpu_list(cpus),
-        "seconds": round(seconds, 3),
-        "checks": checks,
-    }
+    if not vcpus:
+        return _check(None, why="no vCPU threads found in the VMM")
+    switches = {name: t.involuntary - before.vmm.get(tid, _BORN).involuntary for tid, name, t in vcpus}
+    worst = max(switches.values()) / seconds if seconds > 0 else 0.0
+    return _check(
+        worst > limits.vcpu_preempt_per_s,
+        **({} if vcpu_alone else {"why": "the VMM's own threads share the vCPU's CPU"}),
+        per_vcpu=switches,
+        max_per_s=round(worst, 1),
+        threshold=limits.vcpu_preempt_per_s,
+        **({} if named else {"note": "VMM threads are unnamed: the busiest one is taken as the vCPU"}),
+    )
 
 
 def vcpu_threads(

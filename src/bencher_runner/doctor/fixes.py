@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bencher_runner.atomicfile import write_atomic
+from bencher_runner.doctor.checks import ISOLATION_ARGS, check_irqbalance
 from bencher_runner.host.cgroup import cgroup_v2_controllers
 from bencher_runner.host.cpus import format_cpu_list, online_cpus, partition
-from bencher_runner.host.doctor import ISOLATION_ARGS, check_irqbalance
 from bencher_runner.spec.errors import RunnerError
 
 DROPIN = Path("etc/default/grub.d/bencher-runner.cfg")
