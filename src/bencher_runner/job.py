@@ -14,7 +14,6 @@ VM or host command runs, so an iteration that starts late gets only the time tha
 import contextlib
 import dataclasses
 import fcntl
-import logging
 import os
 import shutil
 import subprocess
@@ -35,6 +34,7 @@ from bencher_runner.oci.source import credentials_for, open_image
 from bencher_runner.oci.unpack import resolve_in_tree
 from bencher_runner.paths import work_root
 from bencher_runner.recovery import LOCK_NAME
+from bencher_runner.reporter import LogReporter, Reporter
 from bencher_runner.rootdisk import RootDisks
 from bencher_runner.rootfs import copy_disk
 from bencher_runner.sandbox.backend import Iteration, IterationStopped, JobContext, RootKind, Sandbox, Session
@@ -47,40 +47,12 @@ from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
 from bencher_runner.spec.units import MIB
 
 SandboxFactory = Callable[[JobContext], Sandbox]
+__all__ = ["Job", "LogReporter", "Reporter", "run_job"]
 
 
 def default_sandbox(ctx: JobContext) -> Sandbox:
     """The job's backend (sandbox.choose), with the image layer's tree resolver for ``--sandbox none``."""
     return make_sandbox(ctx, resolve_in_tree)
-
-
-class Reporter:
-    """Where a job says what it is doing; the CLI renders it, tests may record it."""
-
-    def phase(self, text: str) -> None:
-        pass
-
-    def warn(self, text: str) -> None:
-        pass
-
-    def pull(self, event: PullProgress) -> None:
-        """Bytes of one blob arrived (called from the download threads)."""
-
-    def iteration(self, index: int, output: IterationOutput) -> None:
-        """An iteration finished (its output is also in the final result)."""
-
-
-class LogReporter(Reporter):
-    """The daemon's reporter: phases and warnings as log lines (tagged with the job by the daemon)."""
-
-    def __init__(self) -> None:
-        self.log = logging.getLogger("bencher_runner.job")
-
-    def phase(self, text: str) -> None:
-        self.log.info("%s", text)
-
-    def warn(self, text: str) -> None:
-        self.log.warning("%s", text)
 
 
 class Job:
