@@ -156,3 +156,14 @@ def test_a_host_that_cannot_jail_the_vmm_claims_nothing(
     assert "needs bwrap" in (HostPreflight(tmp_path, TCG, run_dir=tmp_path / "run")().problem or "")
     unjailed = HostSettings(accel="tcg", danger_no_jail=True)
     assert HostPreflight(tmp_path, unjailed, run_dir=tmp_path / "run")().problem is None
+
+
+def test_runner_up_kernel_is_the_one_checked_and_never_replaced_by_a_fetch(tmp_path: Path) -> None:
+    """`runner up --kernel PATH`: the preflight checks that kernel; a missing one is an unfit host
+    (naming it), not a reason to fetch the cloud kernel."""
+    fetched: list[Path] = []
+    missing = tmp_path / "no-such-vmlinux"
+    check = HostPreflight(tmp_path, HostSettings(accel="tcg", kernel=missing), fetch_kernel=fetched.append)
+    problem = check().problem
+    assert problem is not None and str(missing) in problem
+    assert fetched == []
