@@ -25,6 +25,7 @@ from bencher_runner.spec.errors import RunnerError
 from bencher_runner.spec.launch import Launch
 from bencher_runner.spec.results import IterationOutput, SandboxInfo
 
+TIMEOUT_EXIT_CODE = 124  # an iteration the deadline stopped, as `timeout(1)` reports it; its output is kept
 RootKind = Literal["disk", "tree"]  # an ext4 image per iteration (VMs), or an unpacked tree (host)
 
 

@@ -25,13 +25,19 @@ from pathlib import Path
 from typing import IO, Protocol
 
 from bencher_runner.host.fingerprint import host_fingerprint
-from bencher_runner.sandbox.backend import Iteration, IterationRun, IterationStopped, JobContext, RootKind
+from bencher_runner.sandbox.backend import (
+    TIMEOUT_EXIT_CODE,
+    Iteration,
+    IterationRun,
+    IterationStopped,
+    JobContext,
+    RootKind,
+)
 from bencher_runner.spec.errors import CanceledError, ImageError
 from bencher_runner.spec.launch import Launch
 from bencher_runner.spec.results import IterationOutput, SandboxInfo
 
 READ_CHUNK = 64 * 1024
-TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
 
 
 class Resolver(Protocol):

@@ -21,7 +21,14 @@ from bencher_runner.host.sampler import SamplerScope, sampler_for
 from bencher_runner.sandbox.accel import AccelChoice
 from bencher_runner.sandbox.agent import find_agent
 from bencher_runner.sandbox.agentconfig import AgentConfig, encode_agent_config
-from bencher_runner.sandbox.backend import Iteration, IterationRun, IterationStopped, JobContext, RootKind
+from bencher_runner.sandbox.backend import (
+    TIMEOUT_EXIT_CODE,
+    Iteration,
+    IterationRun,
+    IterationStopped,
+    JobContext,
+    RootKind,
+)
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
 from bencher_runner.sandbox.netns import JobNetwork, job_network
@@ -53,7 +60,6 @@ from bencher_runner.spec.launch import Launch
 from bencher_runner.spec.results import IterationOutput, SandboxInfo
 from bencher_runner.spec.units import MIB
 
-TIMEOUT_EXIT_CODE = 124  # what `timeout(1)` reports; the partial output is kept
 # Results written after the command exited are still collected this long past the deadline: half
 # the server's 60 s grace, so the terminal message still beats its hard limit.
 RESULT_OVERRUN_S = 30.0
