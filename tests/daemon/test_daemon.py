@@ -130,8 +130,9 @@ async def test_daemon_killed_mid_job_and_restarted(server: FakeBencher, start: S
     await server.wait_for(_done(server, job))
     assert server.results(job) == {"results": [{"exit_code": 0, "stdout": "late"}]}
     completed = server.events("completed")[0][0]
-    readies = [t for t, _ in server.events("ready")]
-    assert any(t > completed for t in readies)
+    # The result goes first; `ready` only once it is acked (the job is done when the server has it,
+    # a moment before the daemon has the ack: wait for it rather than look at once).
+    await server.wait_for(lambda: any(t > completed for t, _ in server.events("ready")))
     assert not list((tmp_path / "state" / "outbox").glob("*.json"))
     await second.stop()
 

@@ -200,9 +200,10 @@ def test_a_build_time_and_file_size_job_reports_bmf(plain_image: str) -> None:
         "timeout": 120,
     }
     config = build_config_from_job(parse_job(message), HostSettings())
-    local = config.model_copy(
+    request = config.job.model_copy(
         update={"image": plain_image, "allow_local_image": True, "insecure_registry": False, "token": None}
     )
+    local = config.model_copy(update={"job": request})
     result = run_job(local, cache=cache_dir())
     assert result.status == "completed", result.error
     [wire] = [r.to_protocol() for r in result.results]  # what `completed` carries
