@@ -1,4 +1,4 @@
-"""The `runner` command line (click): `run`, `daemon`/`up`, `kernel fetch`.
+"""The `runner` command line (click): `run`, `daemon`/`up`, `kernel fetch/build/show`.
 
 Flags map one to one onto RunConfig; `BENCHER_RUNNER_*` env vars give defaults where noted.
 """
@@ -165,7 +165,7 @@ def main() -> None:
     "--kernel",
     type=click.Path(path_type=Path),
     envvar="BENCHER_RUNNER_KERNEL",
-    help="Guest kernel image (default: the fetched Debian cloud kernel).",
+    help="Guest kernel image (default: the built lean kernel, else the fetched Debian cloud kernel).",
 )
 @click.option(
     "--kernel-modules",
@@ -355,10 +355,28 @@ def kernel_fetch(package: str, cache_dir: Path | None) -> None:
         click.echo(f"  module {module.name}")
 
 
+@kernel.command("build", context_settings=CONTEXT)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, help="make -j (default: all CPUs).")
+@click.option("--source", default="linux-source-6.1", show_default=True, help="Debian kernel source package.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+def kernel_build(jobs: int | None, source: str, cache_dir: Path | None) -> None:
+    """Build the lean guest kernel from the distribution's source and the pinned config."""
+    from bencher_runner.sandbox.kernelbuild import BuildDisplay, build_lean_kernel
+
+    try:
+        with BuildDisplay(sys.stderr.isatty(), lambda text: click.echo(text, err=True)) as display:
+            built = build_lean_kernel(_cache(cache_dir), jobs, source, display.progress, display.phase)
+    except RunnerError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"lean kernel {built.release} (config sha256 {built.config_sha256[:12]}): {built.kernel}")
+    click.echo(f"built in {built.seconds:.0f} s")
+
+
 @kernel.command("show", context_settings=CONTEXT)
 @click.option("--cache-dir", type=click.Path(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 def kernel_show(cache_dir: Path | None) -> None:
-    """Print the kernel bundle `runner run` would use."""
+    """Print the kernel bundle `runner run` would use (lean when built, else the fetched cloud one)."""
     from bencher_runner.sandbox.kernel import resolve_bundle
 
     try:
@@ -366,7 +384,7 @@ def kernel_show(cache_dir: Path | None) -> None:
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(2)
-    click.echo(f"kernel {bundle.release}: {bundle.kernel}")
+    click.echo(bundle.describe())
     for module in bundle.modules:
         click.echo(f"  module {module}")
 

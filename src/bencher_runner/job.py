@@ -72,7 +72,7 @@ if TYPE_CHECKING:
 from bencher_runner.sandbox.host import run_on_host
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
 from bencher_runner.sandbox.jail import jail_vm, write_resolv_conf
-from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
+from bencher_runner.sandbox.kernel import KernelBundle, check_memory_floor, resolve_bundle
 from bencher_runner.sandbox.netns import JobNetwork, empty_netns, host_nameserver, job_network
 from bencher_runner.sandbox.network import NetworkPlan, user_nat
 from bencher_runner.sandbox.outputdisk import (
@@ -263,6 +263,8 @@ class Job:
 
             if problem := jail_problem():
                 raise SandboxError(problem)
+        if cfg.backend != "none":  # the guest kernel's memory floor, before any pull
+            check_memory_floor(resolve_bundle(self.cache, cfg.kernel, cfg.kernel_modules), cfg.memory_mib)
         t0 = time.monotonic()
         image = open_image(
             cfg.image,
