@@ -700,6 +700,7 @@ class Job:
             accel=accel.accel,
             cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),  # Firecracker swaps reboot=t for =k
             network=self._network_plan() if cfg.network else None,
+            acpi=bundle.acpi,
         )
         self.reporter.phase(f"{label}: booting VM ({cfg.vcpus} vCPU, {cfg.memory_mib} MiB, {accel.accel})")
         t0 = time.monotonic()

@@ -13,6 +13,7 @@ from bencher_runner.sandbox.kernel import (
     CLOUD_MEMORY_FLOOR_MIB,
     LEAN_MEMORY_FLOOR_MIB,
     KernelBundle,
+    bundle_from,
     check_memory_floor,
     load_cached_bundle,
     resolve_bundle,
@@ -29,6 +30,8 @@ from bencher_runner.sandbox.kernelbuild import (
     pinned_config,
     run_make,
 )
+from bencher_runner.sandbox.qemu import MACHINE, qemu_argv
+from bencher_runner.sandbox.vm import VmSpec
 from bencher_runner.sandbox.vmlinux import ensure_vmlinux
 from bencher_runner.spec.errors import KernelBundleError, SpecError
 
@@ -256,3 +259,28 @@ def test_the_config_is_in_the_installed_package() -> None:
         check=True,
     )
     assert int(out.stdout) > 1000
+
+
+def test_lean_kernel_named_with_kernel_flag_keeps_its_metadata(tmp_path: Path) -> None:
+    """`--kernel .../kernel-lean/vmlinux` is the lean kernel: its floor and its ACPI-less boot hold."""
+    kernel = fake_lean(tmp_path)
+    named = bundle_from(kernel, None)
+    assert (named.kind, named.acpi, named.memory_floor_mib) == ("lean", False, LEAN_MEMORY_FLOOR_MIB)
+    other = tmp_path / "kernel-lean" / "other-vmlinux"
+    other.write_bytes(b"\x7fELF")
+    assert bundle_from(other, None).kind == "custom"  # another file beside it is the user's own
+
+
+def test_cloud_and_own_kernels_boot_with_acpi(tmp_path: Path) -> None:
+    fake_cloud(tmp_path)
+    assert load_cached_bundle(tmp_path).acpi
+    own = tmp_path / "mine"
+    own.write_bytes(b"\x7fELF")
+    assert bundle_from(own, None).acpi
+
+
+def test_qemu_turns_acpi_off_only_for_a_kernel_without_it() -> None:
+    files = (Path("/k"), Path("/i"), Path("/r"), Path("/o"), Path("/s"))
+    assert qemu_argv("qemu", VmSpec(*files, 1, 64, "tcg"))[2] == MACHINE
+    machine = qemu_argv("qemu", VmSpec(*files, 1, 64, "tcg", acpi=False))[2]
+    assert machine.startswith("microvm,") and machine.endswith(",acpi=off")

@@ -10,6 +10,7 @@ installed as the host's kernel. Debian ships no modules.dep in the package (depm
 so dependencies are read from each module's ``.modinfo`` ELF section (pyelftools).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ class KernelBundle:
     kind: str = "custom"  # "lean" (built), "cloud" (fetched) or "custom" (--kernel)
     config_sha256: str | None = None
     memory_floor_mib: int | None = None  # None: unknown (a --kernel of the user's own)
+    acpi: bool = True  # False: the kernel finds its virtio-mmio devices on the command line only
 
     def describe(self) -> str:
         config = f", config sha256 {self.config_sha256[:12]}" if self.config_sha256 else ""
@@ -125,6 +127,13 @@ def bundle_from(kernel: Path, modules_dir: Path | None) -> KernelBundle:
         raise KernelBundleError(
             f"kernel image {kernel} does not exist; check --kernel / BENCHER_RUNNER_KERNEL"
         )
+    if (
+        modules_dir is None and (kernel.parent / BUNDLE_FILE).is_file()
+    ):  # e.g. --kernel .../kernel-lean/vmlinux
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            installed = _read_bundle(kernel.parent)
+            if installed.kind == "lean" and installed.kernel.resolve() == kernel.resolve():
+                return installed
     modules: tuple[Path, ...] = ()
     if modules_dir is not None:
         if not modules_dir.is_dir():
@@ -156,6 +165,7 @@ def _read_bundle(base: Path) -> KernelBundle:
         kind=kind,
         config_sha256=str(sha) if sha else None,
         memory_floor_mib=int(doc.get("memory_floor_mib") or MEMORY_FLOORS.get(kind) or 0) or None,
+        acpi=bool(doc.get("acpi", kind != "lean")),
     )
 
 
