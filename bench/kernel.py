@@ -50,7 +50,8 @@ def run_job(kernel_args: list[str], *extra: str) -> tuple[dict[str, Any], float]
 
 
 def proc_entries(kernel_args: list[str]) -> int:
-    doc, _ = run_job(kernel_args, "--vcpus", "1", "--", "/bin/sh", "-c", "ls /proc")
+    entry = ("--entrypoint", "/bin/sh", "--entrypoint", "-c", "--entrypoint", "ls /proc")
+    doc, _ = run_job(kernel_args, "--vcpus", "1", *entry)  # the example's entrypoint is its benchmark
     out = str(doc["results"][0]["stdout"])
     return sum(1 for word in out.split() if word.isdigit())
 

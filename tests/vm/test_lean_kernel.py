@@ -55,17 +55,17 @@ def test_lean_guest_has_few_processes(plain_image: str) -> None:
 def test_lean_guest_env_user_outputs_and_exit_code(make_image: object, tmp_path: Path) -> None:
     """What jobs rely on besides the command: env, uid/gid, output files, exit codes, /dev/shm, /tmp."""
     image = make_image({"Env": ["PATH=/bin", "FROM_IMAGE=1"], "User": "1000:1000"})  # type: ignore[operator]
-    script = (
-        "id -u; id -g; echo $FROM_IMAGE $FROM_JOB; echo out > /tmp/o.txt; "
-        "mount | grep -c -E ' /dev/shm | /run | /dev/pts '; cp /tmp/o.txt /tmp/kept; exit 3"
+    script = (  # /dev/shm: the tmpfs (mode 1777) the agent mounts, writable by any user
+        "id -u; id -g; echo $FROM_IMAGE $FROM_JOB; echo out > /dev/shm/kept; "
+        "mount | grep -c -E ' /dev/shm | /run | /dev/pts '; exit 3"
     )
-    args = lean("--env", "FROM_JOB=2", "--output", "/tmp/kept", "--", "/bin/sh", "-c", script)
+    args = lean("--env", "FROM_JOB=2", "--output", "/dev/shm/kept", "--", "/bin/sh", "-c", script)
     run = runner("--image", image, *args)
     result = run.doc["results"][0]
     assert result["exit_code"] == 3, run.stderr
     lines = str(result["stdout"]).split()
-    assert lines[:4] == ["1000", "1000", "1", "2"] and lines[4] == "3"
-    assert result["output"]["/tmp/kept"] == "out\n"
+    assert lines == ["1000", "1000", "1", "2", "3"]
+    assert result["output"]["/dev/shm/kept"] == "out\n"
 
 
 @needs_lean
@@ -90,8 +90,11 @@ def test_cloud_kernel_runs_the_example_at_its_floor() -> None:
 
 
 @needs_cloud
-def test_below_the_cloud_floor_is_refused_before_any_pull(tmp_path: Path) -> None:
+def test_below_the_cloud_floor_is_refused_before_any_pull(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The default (fetched cloud) kernel's floor: refused with the numbers, before the image is read."""
+    monkeypatch.delenv("BENCHER_RUNNER_KERNEL", raising=False)  # the cache's default kernel
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / "kernel").symlink_to(CLOUD)  # read only: the refusal happens before any VM file is made
