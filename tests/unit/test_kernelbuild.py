@@ -284,3 +284,12 @@ def test_qemu_turns_acpi_off_only_for_a_kernel_without_it() -> None:
     assert qemu_argv("qemu", VmSpec(*files, 1, 64, "tcg"))[2] == MACHINE
     machine = qemu_argv("qemu", VmSpec(*files, 1, 64, "tcg", acpi=False))[2]
     assert machine.startswith("microvm,") and machine.endswith(",acpi=off")
+
+
+def test_fetched_cloud_kernel_named_with_kernel_flag_keeps_its_floor(tmp_path: Path) -> None:
+    fake_cloud(tmp_path)
+    for name in ("vmlinuz", "vmlinux"):
+        (tmp_path / "kernel" / name).write_bytes(b"k")
+        named = bundle_from(tmp_path / "kernel" / name, None)
+        assert (named.kind, named.memory_floor_mib, named.acpi) == ("cloud", CLOUD_MEMORY_FLOOR_MIB, True)
+        assert named.kernel == tmp_path / "kernel" / name

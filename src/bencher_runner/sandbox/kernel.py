@@ -128,13 +128,9 @@ def bundle_from(kernel: Path, modules_dir: Path | None) -> KernelBundle:
         raise KernelBundleError(
             f"kernel image {kernel} does not exist; check --kernel / BENCHER_RUNNER_KERNEL"
         )
-    if (
-        modules_dir is None and (kernel.parent / BUNDLE_FILE).is_file()
-    ):  # e.g. --kernel .../kernel-lean/vmlinux
-        with contextlib.suppress(OSError, ValueError, KeyError):
-            installed = _read_bundle(kernel.parent)
-            if installed.kind == "lean" and installed.kernel.resolve() == kernel.resolve():
-                return installed
+    installed = _installed_bundle(kernel)  # e.g. --kernel .../kernel-lean/vmlinux: its floor holds
+    if installed is not None and installed.kind == "lean" and modules_dir is None:
+        return installed
     modules: tuple[Path, ...] = ()
     if modules_dir is not None:
         if not modules_dir.is_dir():
@@ -144,7 +140,22 @@ def bundle_from(kernel: Path, modules_dir: Path | None) -> KernelBundle:
             )
         available = index_modules(modules_dir)
         modules = tuple(available[name] for name in load_order(GUEST_MODULES, available))
+    if installed is not None:  # the fetched cloud kernel (or its vmlinux) named with --kernel
+        return KernelBundle(
+            kernel, modules, installed.release, installed.kind, installed.config_sha256,
+            installed.memory_floor_mib, installed.acpi,
+        )  # fmt: skip
     return KernelBundle(kernel=kernel, modules=modules, release=kernel.name)
+
+
+def _installed_bundle(kernel: Path) -> "KernelBundle | None":
+    """The cached bundle whose kernel (or the vmlinux extracted beside it) this file is, if any."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if (kernel.parent / BUNDLE_FILE).is_file():
+            bundle = _read_bundle(kernel.parent)
+            if kernel.resolve() in (bundle.kernel.resolve(), (kernel.parent / "vmlinux").resolve()):
+                return bundle
+    return None
 
 
 def kernel_dir(cache: Path) -> Path:
