@@ -40,7 +40,7 @@ kernel: venv
 	@$(BIN)/runner kernel show >/dev/null 2>&1 || $(BIN)/runner kernel fetch
 
 # The lean guest kernel (`runner kernel build`: Debian's linux-source-6.1 + the pinned config, about
-# 13 minutes on a loaded 2-core machine, seconds when rebuilt). Once built it is every job's default.
+# 6-13 minutes on a loaded 2-core machine, seconds when unchanged). Once built, jobs boot it by default.
 KERNEL_BUILD_APT_PACKAGES := linux-source-6.1 make gcc flex bison bc libelf-dev xz-utils
 lean-kernel: venv
 	@$(MAKE) --no-print-directory deps APT_PACKAGES="$(KERNEL_BUILD_APT_PACKAGES)"
