@@ -2,7 +2,8 @@
 
 Runs bench/job.py (job overhead, boot to command, job phases), bench/prep.py (image prep against
 skopeo + umoci + mkfs, warm and incremental against cold, RSS of a 512 MiB pull), bench/daemon.py
-(heartbeats under load, cancel latency, RSS, throughput) and bench/jail.py (what the VMM jail costs).
+(heartbeats under load, cancel latency, RSS, throughput), bench/jail.py (what the VMM jail costs)
+and bench/kernel.py (the lean guest kernel against the cloud one).
 Each prints its figures with the reference measured in the same run; this prints the goals table at
 the end and writes DIR/results.json and DIR/phases.png.
 """
@@ -14,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench import daemon, jail, job, prep
+from bench import daemon, jail, job, kernel, prep
 from bench.plot import plot_phases
 
 # (figure, goal: at most this, what it is)
@@ -29,6 +30,9 @@ GOALS = (
     ("rss_pull_peak_mib", 120, "peak RSS pulling a 512 MiB layer (MiB)"),
     ("pull_hwm_mib", 120, "daemon peak RSS (VmHWM) after a cold 512 MiB job (MiB)"),
     ("jail_ratio", 1.02, "job wall time: jailed VMM / --danger-no-jail"),
+    ("kernel_boot_ratio", 0.40, "boot_to_command: lean kernel / cloud kernel"),
+    ("kernel_lean_proc_entries", 30, "numeric /proc entries, 1-vCPU lean guest running ls /proc"),
+    ("kernel_lean_64mib_fails", 0, "a 64 MiB lean guest fails to run the example (0 = it runs)"),
 )
 
 
@@ -58,6 +62,7 @@ def main() -> None:
         ("prep", lambda: prep.run(args.repeat)),
         ("daemon", lambda: daemon.run(args.repeat)),
         ("jail", lambda: jail.run(args.repeat)),
+        ("kernel", lambda: kernel.run(args.repeat)),
     )
     for name, section in sections_run:
         print(f"\n== {name} ==", flush=True)

@@ -395,7 +395,8 @@ static void load_modules(void)
 	struct dirent **names;
 	int n = scandir(MODULES_DIR, &names, is_module, by_name);
 	if (n < 0) {
-		logmsg("scandir %s: %s", MODULES_DIR, strerror(errno));
+		if (errno != ENOENT) /* no directory: a kernel with every driver built in (the lean one) */
+			logmsg("scandir %s: %s", MODULES_DIR, strerror(errno));
 		return;
 	}
 	for (int i = 0; i < n; i++) {

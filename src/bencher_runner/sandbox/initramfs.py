@@ -1,4 +1,5 @@
-"""The guest's initramfs: the agent as /init, the kernel modules it loads, and the job's config.
+"""The guest's initramfs: the agent as /init, the kernel modules it loads (none, and no module
+directory, for a kernel with its drivers built in), and the job's config.
 
 Written by hand in the newc cpio format (a fixed, 110-byte ASCII header per file) because no
 well-kept Python library writes cpio, and a subprocess per job would cost more than the ~40 lines
@@ -47,7 +48,9 @@ def newc_archive(entries: Iterable[CpioEntry]) -> bytes:
 
 def base_entries(agent: Path, modules: Iterable[Path]) -> list[CpioEntry]:
     entries = [CpioEntry(d, stat.S_IFDIR | 0o755) for d in ("dev", "proc", "sys", "newroot", "bencher")]
-    entries.append(CpioEntry(MODULES_DIR, stat.S_IFDIR | 0o755))
+    modules = list(modules)
+    if modules:  # no directory at all for a kernel without modules: the agent skips the step
+        entries.append(CpioEntry(MODULES_DIR, stat.S_IFDIR | 0o755))
     entries.append(CpioEntry("init", stat.S_IFREG | 0o755, agent.read_bytes()))
     for index, module in enumerate(modules):
         name = f"{MODULES_DIR}/{index:02d}-{module.name}"

@@ -1,11 +1,16 @@
 """The guest kernel bundle: a kernel image plus the modules the agent loads, in dependency order.
 
-Default source is Debian's cloud kernel (``linux-image-cloud-amd64`` and the versioned package it
+Two kinds live side by side in the cache: the lean kernel `runner kernel build` makes
+(``kernel-lean/``, kernelbuild.py: every driver built in, no modules) and the fetched cloud kernel
+(``kernel/``). The lean one is the default when it is there; ``--kernel`` overrides both.
+
+The cloud kernel is Debian's (``linux-image-cloud-amd64`` and the versioned package it
 depends on), fetched with ``apt-get download`` and unpacked with ``dpkg-deb -x`` into the cache, never
 installed as the host's kernel. Debian ships no modules.dep in the package (depmod runs at install),
 so dependencies are read from each module's ``.modinfo`` ELF section (pyelftools).
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,12 +20,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bencher_runner.spec.errors import KernelBundleError
+from bencher_runner.spec.errors import KernelBundleError, SpecError
 
 # The drivers a guest needs: block devices over virtio-mmio, and the NIC for network jobs.
 GUEST_MODULES = ("virtio_mmio", "virtio_blk", "virtio_net")
 DEFAULT_PACKAGE = "linux-image-cloud-amd64"
 BUNDLE_FILE = "bundle.json"
+LEAN_DIR = "kernel-lean"
+
+# The smallest --memory (MiB) with which the kernel boots and runs examples/hello under the runner,
+# found by bisection over real boots (QEMU microvm, TCG, 1 vCPU, 2026-12-02; below 64 MiB with the
+# CLI's own minimum lifted for the measurement), plus a little headroom. Below it the cloud kernel
+# panics at boot ("System is deadlocked on memory"); the lean one stops before reporting a result.
+# The CLI's minimum (64 MiB) still applies on top; tests/vm/test_lean_kernel.py boots at the floors.
+CLOUD_MEMORY_FLOOR_MIB = 72  # bisected: 70 runs, 69 and 68 panic ("deadlocked on memory"); +2 MiB
+LEAN_MEMORY_FLOOR_MIB = 32  # bisected: 29 runs, 28 does not (no result); +3 MiB
+MEMORY_FLOORS = {"cloud": CLOUD_MEMORY_FLOOR_MIB, "lean": LEAN_MEMORY_FLOOR_MIB}
 
 
 @dataclass(frozen=True)
@@ -28,6 +43,26 @@ class KernelBundle:
     kernel: Path
     modules: tuple[Path, ...]  # load order
     release: str
+    kind: str = "custom"  # "lean" (built), "cloud" (fetched) or "custom" (--kernel)
+    config_sha256: str | None = None
+    memory_floor_mib: int | None = None  # None: unknown (a --kernel of the user's own)
+    acpi: bool = True  # False: the kernel finds its virtio-mmio devices on the command line only
+
+    def describe(self) -> str:
+        config = f", config sha256 {self.config_sha256[:12]}" if self.config_sha256 else ""
+        floor = f", at least {self.memory_floor_mib} MiB" if self.memory_floor_mib else ""
+        return f"{self.kind} kernel {self.release}{config}{floor}: {self.kernel}"
+
+
+def check_memory_floor(bundle: KernelBundle, memory_mib: int) -> None:
+    """Refuse a --memory the guest kernel cannot boot in (before any pull or work)."""
+    floor = bundle.memory_floor_mib
+    if floor is not None and memory_mib < floor:
+        raise SpecError(
+            f"--memory {memory_mib} MiB is below the floor of the {bundle.kind} kernel "
+            f"{bundle.release} ({floor} MiB): the guest kernel needs {floor} MiB to boot; "
+            f"ask for at least {floor} MiB"
+        )
 
 
 def modinfo(path: Path) -> dict[str, str]:
@@ -93,6 +128,9 @@ def bundle_from(kernel: Path, modules_dir: Path | None) -> KernelBundle:
         raise KernelBundleError(
             f"kernel image {kernel} does not exist; check --kernel / BENCHER_RUNNER_KERNEL"
         )
+    installed = _installed_bundle(kernel)  # e.g. --kernel .../kernel-lean/vmlinux: its floor holds
+    if installed is not None and installed.kind == "lean" and modules_dir is None:
+        return installed
     modules: tuple[Path, ...] = ()
     if modules_dir is not None:
         if not modules_dir.is_dir():
@@ -102,28 +140,80 @@ def bundle_from(kernel: Path, modules_dir: Path | None) -> KernelBundle:
             )
         available = index_modules(modules_dir)
         modules = tuple(available[name] for name in load_order(GUEST_MODULES, available))
+    if installed is not None:  # the fetched cloud kernel (or its vmlinux) named with --kernel
+        return KernelBundle(
+            kernel, modules, installed.release, installed.kind, installed.config_sha256,
+            installed.memory_floor_mib, installed.acpi,
+        )  # fmt: skip
     return KernelBundle(kernel=kernel, modules=modules, release=kernel.name)
+
+
+def _installed_bundle(kernel: Path) -> "KernelBundle | None":
+    """The cached bundle whose kernel (or the vmlinux extracted beside it) this file is, if any."""
+    with contextlib.suppress(OSError, ValueError, KeyError):
+        if (kernel.parent / BUNDLE_FILE).is_file():
+            bundle = _read_bundle(kernel.parent)
+            if kernel.resolve() in (bundle.kernel.resolve(), (kernel.parent / "vmlinux").resolve()):
+                return bundle
+    return None
 
 
 def kernel_dir(cache: Path) -> Path:
     return cache / "kernel"
 
 
+def lean_dir(cache: Path) -> Path:
+    return cache / LEAN_DIR
+
+
+def _read_bundle(base: Path) -> KernelBundle:
+    doc = json.loads((base / BUNDLE_FILE).read_text())
+    kind = str(doc.get("kind", "cloud"))  # bundles fetched before kinds existed are cloud kernels
+    sha = doc.get("config_sha256")
+    return KernelBundle(
+        kernel=base / doc["kernel"],
+        modules=tuple(base / m for m in doc["modules"]),
+        release=str(doc["release"]),
+        kind=kind,
+        config_sha256=str(sha) if sha else None,
+        memory_floor_mib=int(doc.get("memory_floor_mib") or MEMORY_FLOORS.get(kind) or 0) or None,
+        acpi=bool(doc.get("acpi", kind != "lean")),
+    )
+
+
 def load_cached_bundle(cache: Path) -> KernelBundle:
+    """The default bundle: the lean kernel `runner kernel build` made, else the fetched one."""
+    return load_lean_bundle(cache) or load_cloud_bundle(cache)
+
+
+def load_lean_bundle(cache: Path) -> KernelBundle | None:
+    """The built lean kernel, None when none was built."""
+    lean = lean_dir(cache)
+    if (lean / BUNDLE_FILE).is_file():
+        try:
+            bundle = _read_bundle(lean)
+        except (OSError, ValueError, KeyError) as err:
+            raise KernelBundleError(
+                f"the lean kernel's metadata in {lean} is unreadable ({err.__class__.__name__}); "
+                f"run `runner kernel build` again, or remove {lean} to use the cloud kernel"
+            ) from None
+        if not bundle.kernel.is_file():
+            raise KernelBundleError(
+                f"the lean kernel in {lean} is incomplete ({bundle.kernel} is missing); "
+                f"run `runner kernel build` again, or remove {lean} to use the cloud kernel"
+            )
+        return bundle
+    return None
+
+
+def load_cloud_bundle(cache: Path) -> KernelBundle:
     """The bundle `runner kernel fetch` put in the cache."""
-    meta = kernel_dir(cache) / BUNDLE_FILE
     try:
-        doc = json.loads(meta.read_text())
-        base = meta.parent
-        bundle = KernelBundle(
-            kernel=base / doc["kernel"],
-            modules=tuple(base / m for m in doc["modules"]),
-            release=str(doc["release"]),
-        )
+        bundle = _read_bundle(kernel_dir(cache))
     except (OSError, ValueError, KeyError) as err:
         raise KernelBundleError(
             f"no guest kernel bundle in {kernel_dir(cache)} ({err.__class__.__name__}); "
-            "run `runner kernel fetch` (or `make setup`), or pass --kernel"
+            "run `runner kernel fetch` (or `make setup`) or `runner kernel build`, or pass --kernel"
         ) from None
     missing = [p for p in (bundle.kernel, *bundle.modules) if not p.is_file()]
     if missing:
@@ -201,9 +291,15 @@ def fetch_debian_bundle(cache: Path, package: str = DEFAULT_PACKAGE) -> KernelBu
         for name in names:
             shutil.copy2(available[name], staged / "modules" / f"{name}.ko")
             rel_modules.append(f"modules/{name}.ko")
-        doc = {"release": release, "package": image_pkg, "kernel": "vmlinuz", "modules": rel_modules}
+        doc = {
+            "kind": "cloud",
+            "release": release,
+            "package": image_pkg,
+            "kernel": "vmlinuz",
+            "modules": rel_modules,
+        }
         (staged / BUNDLE_FILE).write_text(json.dumps(doc, indent=2) + "\n")
         if dest.exists():
             shutil.rmtree(dest)
         staged.rename(dest)
-    return load_cached_bundle(cache)
+    return load_cloud_bundle(cache)

@@ -40,7 +40,7 @@ def qemu_argv(qemu: str, spec: VmSpec) -> list[str]:
     cpu = ["-accel", "kvm", "-cpu", "host"] if spec.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
     argv = [
         qemu,
-        "-M", MACHINE,
+        "-M", MACHINE if spec.acpi else f"{MACHINE},acpi=off",  # acpi=off: virtio_mmio.device= instead
         *cpu,
         "-m", str(spec.memory_mib),
         "-smp", str(spec.vcpus),

@@ -29,6 +29,7 @@ class VmSpec:
     accel: ConcreteAccel
     cmdline: str = GUEST_CMDLINE
     network: NetworkPlan | None = None  # None: no network device at all
+    acpi: bool = True  # False (the lean kernel): QEMU lists the virtio-mmio devices on the cmdline
 
 
 def host_tsc_khz(cpuinfo: str) -> int | None:

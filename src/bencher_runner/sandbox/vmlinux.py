@@ -265,6 +265,12 @@ def _source_stamp(bzimage: Path) -> dict[str, object]:
         ) from None
 
 
+def _is_elf(path: Path) -> bool:
+    with contextlib.suppress(OSError), path.open("rb") as f:
+        return f.read(4) == ELF_MAGIC
+    return False
+
+
 def _is_fresh(dest: Path, stamp: dict[str, object]) -> bool:
     with contextlib.suppress(OSError, ValueError):
         return dest.is_file() and json.loads(dest.with_name(dest.name + ".json").read_text()) == stamp
@@ -276,6 +282,8 @@ def ensure_vmlinux(bzimage: Path, dest: Path) -> Path:
     a kernel briefly holds about 150 MB, which a long-lived daemon should not keep as its peak RSS."""
     if _is_fresh(dest, _source_stamp(bzimage)):
         return dest
+    if _is_elf(bzimage):  # already a vmlinux (the lean kernel, a --kernel vmlinux): boot it as it is
+        return bzimage
     proc = subprocess.run(
         [sys.executable, "-m", "bencher_runner.sandbox.vmlinux", str(bzimage), str(dest)],
         capture_output=True,
