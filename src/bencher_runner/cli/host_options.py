@@ -53,7 +53,8 @@ HOST_OPTIONS = (
         "--kernel",
         type=SafePath(path_type=Path, dir_okay=False),
         envvar="BENCHER_RUNNER_KERNEL",
-        help="Guest kernel image (default: the kernel bundle in the cache, `runner kernel show`).",
+        help="Guest kernel image (default: the built lean kernel, else the fetched Debian cloud kernel; "
+        "`runner kernel show`).",
     ),
     click.option(
         "--kernel-modules",

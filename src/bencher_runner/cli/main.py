@@ -11,7 +11,7 @@ from typing import ClassVar
 import click
 
 from bencher_runner import __version__
-from bencher_runner.cli.types import SafePath
+from bencher_runner.cli.types import SafePath, Text
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.errors import RunnerError
 
@@ -74,15 +74,39 @@ def kernel_fetch(package: str, cache_dir: Path | None) -> None:
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(2)
-    click.echo(f"kernel {bundle.release}: {bundle.kernel}")
+    click.echo(bundle.describe())
     for module in bundle.modules:
         click.echo(f"  module {module.name}")
+
+
+@kernel.command("build", context_settings=CONTEXT)
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=None, help="make -j (default: all CPUs).")
+@click.option(
+    "--source",
+    type=Text(empty=False, spaces=False, controls=False),
+    default="linux-source-6.1",
+    show_default=True,
+    help="Debian kernel source package.",
+)
+@click.option("--cache-dir", type=SafePath(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
+def kernel_build(jobs: int | None, source: str, cache_dir: Path | None) -> None:
+    """Build the lean guest kernel from the distribution's source and the pinned config."""
+    from bencher_runner.sandbox.kernelbuild import BuildDisplay, build_lean_kernel
+
+    try:
+        with BuildDisplay(sys.stderr.isatty(), lambda text: click.echo(text, err=True)) as display:
+            built = build_lean_kernel(_cache(cache_dir), jobs, source, display.progress, display.phase)
+    except RunnerError as err:
+        click.echo(f"runner: error: {err}", err=True)
+        sys.exit(2)
+    click.echo(f"lean kernel {built.release} (config sha256 {built.config_sha256[:12]}): {built.kernel}")
+    click.echo(f"built in {built.seconds:.0f} s")
 
 
 @kernel.command("show", context_settings=CONTEXT)
 @click.option("--cache-dir", type=SafePath(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 def kernel_show(cache_dir: Path | None) -> None:
-    """Print the kernel bundle `runner run` would use."""
+    """Print the kernel bundle `runner run` would use (lean when built, else the fetched cloud one)."""
     from bencher_runner.sandbox.kernel import resolve_bundle
 
     try:
@@ -90,7 +114,7 @@ def kernel_show(cache_dir: Path | None) -> None:
     except RunnerError as err:
         click.echo(f"runner: error: {err}", err=True)
         sys.exit(2)
-    click.echo(f"kernel {bundle.release}: {bundle.kernel}")
+    click.echo(bundle.describe())
     for module in bundle.modules:
         click.echo(f"  module {module}")
 

@@ -30,7 +30,7 @@ from bencher_runner.sandbox.backend import (
     RootKind,
 )
 from bencher_runner.sandbox.initramfs import base_initramfs, write_job_initramfs
-from bencher_runner.sandbox.kernel import KernelBundle, resolve_bundle
+from bencher_runner.sandbox.kernel import KernelBundle, check_memory_floor, resolve_bundle
 from bencher_runner.sandbox.netns import JobNetwork, job_network
 from bencher_runner.sandbox.network import NetworkPlan, user_nat
 from bencher_runner.sandbox.outputdisk import (
@@ -121,11 +121,16 @@ class VmSandbox:
         self.accel: AccelChoice | None = None
 
     def check(self) -> None:
+        """Before any pull: the guest kernel's memory floor, then the backend's own checks."""
+        host = self.ctx.config.host
+        self.bundle = resolve_bundle(self.ctx.cache, host.kernel, host.kernel_modules)
+        check_memory_floor(self.bundle, self.ctx.config.job.memory_mib)
         self.backend.check()
 
     def prepare(self) -> SandboxInfo:
         host, job = self.ctx.config.host, self.ctx.config.job
-        self.bundle = resolve_bundle(self.ctx.cache, host.kernel, host.kernel_modules)
+        if self.bundle is None:
+            self.bundle = resolve_bundle(self.ctx.cache, host.kernel, host.kernel_modules)
         self.agent = find_agent()
         self.accel = self.backend.prepare(self.bundle)
         if self.accel.warning:
@@ -210,6 +215,7 @@ class VmSession:
             accel=accel.accel,
             cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),  # Firecracker swaps reboot=t for =k
             network=self.plan if job.network else None,
+            acpi=bundle.acpi,  # the lean kernel has none: QEMU names its devices on the command line
         )
 
     def run(self, it: Iteration) -> IterationRun:
