@@ -255,16 +255,27 @@ class RootDisks:
         template = templates.put(key, built, passwd, group)
         self.ctx.metadata["root_disk"] = {"built": "full", "layers": len(layers)}
         if pristine:  # the template is exactly the layers' tree: the base of their chain, for free
-            chains.put(
-                layers,
-                cfg.disk_mib,
-                template.disk,
-                link=True,
-                used_bytes=budget.used,
-                used_inodes=budget.inodes,
-                skipped_devices=stats.skipped_devices,
-            )
+            self._keep_as_base(chains, layers, template, budget, stats.skipped_devices)
         return template
+
+    def _keep_as_base(
+        self,
+        chains: ChainCache,
+        layers: Sequence[LayerRef],
+        template: Template,
+        budget: ByteBudget,
+        devices: Sequence[str],
+    ) -> None:
+        """The template is exactly ``layers``' tree: keep it (linked) as their chain's base."""
+        chains.put(
+            layers,
+            self.ctx.config.job.disk_mib,
+            template.disk,
+            link=True,
+            used_bytes=budget.used,
+            used_inodes=budget.inodes,
+            skipped_devices=devices,
+        )
 
     def _incremental(
         self,
@@ -304,15 +315,7 @@ class RootDisks:
         template = templates.put(key, built, applied.passwd, applied.group)
         if applied.pristine:
             devices = [*base.skipped_devices, *applied.stats.skipped_devices]
-            chains.put(
-                layers,
-                cfg.disk_mib,
-                template.disk,
-                link=True,
-                used_bytes=budget.used,
-                used_inodes=budget.inodes,
-                skipped_devices=devices,
-            )
+            self._keep_as_base(chains, layers, template, budget, devices)
         return template
 
     def discard(self, work: Path) -> None:
