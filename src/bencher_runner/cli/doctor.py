@@ -1,4 +1,4 @@
-"""Click commands for host operations (`runner doctor`, `runner doctor --fix`); cli.py registers them."""
+"""Click commands for host operations (`runner doctor`, `runner doctor --fix`); cli/main.py registers them."""
 
 import json
 import sys
