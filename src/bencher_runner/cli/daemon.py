@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 
 import click
 
-from bencher_runner.cli.host_options import host_options, host_settings_from
+from bencher_runner.cli.host_options import host_options, host_settings_from, vm_sandbox_option
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 from bencher_runner.cli.types import HttpUrl, SafePath, Text
 from bencher_runner.daemon.driver import DaemonSettings, default_executor, run_daemon
@@ -86,13 +86,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
     show_default=True,
     help="Image reference form: {registry}/{project}@{digest} or legacy {registry}/{project}/images@...",
 )
-@click.option(
-    "--sandbox",
-    type=click.Choice(["qemu", "firecracker"]),
-    default="qemu",
-    show_default=True,
-    help="The microVM that runs sandboxed jobs.",
-)
+@vm_sandbox_option
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging (the key is still never logged).")
 @click.option(
     "--log-format",

@@ -172,6 +172,16 @@ HOST_PARAMS = (
 )
 
 
+# `runner daemon` and `runner noise` (`runner run` adds "none": a job request, not a host setting).
+vm_sandbox_option = click.option(
+    "--sandbox",
+    type=click.Choice(["qemu", "firecracker"]),
+    default="qemu",
+    show_default=True,
+    help="The microVM that runs sandboxed jobs.",
+)
+
+
 def host_options(func: F) -> F:
     for option in reversed(HOST_OPTIONS):
         func = option(func)

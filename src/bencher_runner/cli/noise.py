@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from bencher_runner.cli.host_options import host_options, host_settings_from
+from bencher_runner.cli.host_options import host_options, host_settings_from, vm_sandbox_option
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 from bencher_runner.cli.types import SafePath
 from bencher_runner.paths import cache_dir as cache_dir_for
@@ -22,13 +22,7 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 @click.option(
     "--cpu", type=click.IntRange(0), help="The CPU of the host runs (default: the last benchmark CPU)."
 )
-@click.option(
-    "--sandbox",
-    type=click.Choice(["qemu", "firecracker"]),
-    default="qemu",
-    show_default=True,
-    help="The microVM the sandbox runs use (with the host flags below, as jobs get them).",
-)
+@vm_sandbox_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON document on stdout.")
 @click.option("--cache-dir", type=SafePath(path_type=Path), envvar="BENCHER_RUNNER_CACHE_DIR")
 @host_options
