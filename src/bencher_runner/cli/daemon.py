@@ -5,10 +5,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from bencher_runner.cli.common import CONTEXT, fail
 from bencher_runner.cli.host_options import host_options, host_settings_from, vm_sandbox_option
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 from bencher_runner.cli.types import HttpUrl, SafePath, Text
@@ -21,8 +22,6 @@ from bencher_runner.paths import cache_dir as default_cache_dir
 from bencher_runner.paths import state_dir as default_state_dir
 from bencher_runner.protocol import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_POLL_TIMEOUT
 from bencher_runner.spec.errors import RunnerError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.command(context_settings=CONTEXT)
@@ -140,7 +139,7 @@ def daemon_command(  # long: one parameter per daemon flag, as click passes them
             flags, backend=sandbox, allow_no_sandbox=danger_allow_no_sandbox, image_layout=image_layout
         )
     except RunnerError as err:
-        _fail(err)
+        fail(err)
     tuning = tuning_options_from(flags)
     setup_logging("json" if log_format == "json" else "text", verbose=verbose)
     settings = DaemonSettings(
@@ -164,7 +163,7 @@ def daemon_command(  # long: one parameter per daemon flag, as click passes them
         try:
             log.info("metrics at http://%s:%d/metrics", *serve_metrics(metrics_addr, cache))
         except RunnerError as err:
-            _fail(err)
+            fail(err)
     # a crashed daemon's VMs died with it; its jails' leftovers are removed, cache and state kept 0700
     recover_from_crash(
         cache, warn=log.warning, info=log.info, jail_uid=host_settings.jail_uid, state=state_dir
@@ -175,16 +174,10 @@ def daemon_command(  # long: one parameter per daemon flag, as click passes them
     try:
         code = run_daemon(settings, default_executor(cache, tuning), preflight)
     except RunnerError as err:
-        click.echo(f"runner: error: {err}", err=True)
-        sys.exit(1)
+        fail(err, 1)
     finally:
         host_lock.release()
     sys.exit(code)
-
-
-def _fail(err: RunnerError | str) -> NoReturn:
-    click.echo(f"runner: error: {err}", err=True)
-    sys.exit(2)
 
 
 def _take_host_lock() -> HeldLock:
@@ -192,9 +185,9 @@ def _take_host_lock() -> HeldLock:
     try:
         return take_daemon_lock(run_dir())
     except HostBusyError as err:
-        _fail(err)
+        fail(err)
     except OSError as err:
-        _fail(
+        fail(
             f"cannot take the host lock in {run_dir()}: {err.strerror or err}; run as root or set "
             "BENCHER_RUNNER_RUN_DIR to a directory this user can write"
         )

@@ -8,6 +8,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from bencher_runner.cli.common import CONTEXT
 from bencher_runner.cli.types import SafePath
 from bencher_runner.doctor import fixes
 from bencher_runner.doctor.checks import Check, DoctorEnv, can_run_jobs, run_checks, to_json
@@ -17,7 +18,7 @@ from bencher_runner.spec.errors import RunnerError
 _STYLE = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "cyan"}
 
 
-@click.command("doctor", context_settings={"help_option_names": ["-h", "--help"]})
+@click.command("doctor", context_settings=CONTEXT)
 @click.option(
     "--cache-dir",
     "cache_opt",

@@ -11,11 +11,10 @@ from typing import ClassVar
 import click
 
 from bencher_runner import __version__
+from bencher_runner.cli.common import CONTEXT, fail
 from bencher_runner.cli.types import SafePath, Text
 from bencher_runner.paths import cache_dir
 from bencher_runner.spec.errors import RunnerError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 class LazyGroup(click.Group):
@@ -72,8 +71,7 @@ def kernel_fetch(package: str, cache_dir: Path | None) -> None:
         bundle = fetch_debian_bundle(_cache(cache_dir), package)
         ensure_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")  # what VMs boot: ready before a job
     except RunnerError as err:
-        click.echo(f"runner: error: {err}", err=True)
-        sys.exit(2)
+        fail(err)
     click.echo(bundle.describe())
     for module in bundle.modules:
         click.echo(f"  module {module.name}")
@@ -97,8 +95,7 @@ def kernel_build(jobs: int | None, source: str, cache_dir: Path | None) -> None:
         with BuildDisplay(sys.stderr.isatty(), lambda text: click.echo(text, err=True)) as display:
             built = build_lean_kernel(_cache(cache_dir), jobs, source, display.progress, display.phase)
     except RunnerError as err:
-        click.echo(f"runner: error: {err}", err=True)
-        sys.exit(2)
+        fail(err)
     click.echo(f"lean kernel {built.release} (config sha256 {built.config_sha256[:12]}): {built.kernel}")
     click.echo(f"built in {built.seconds:.0f} s")
 
@@ -112,8 +109,7 @@ def kernel_show(cache_dir: Path | None) -> None:
     try:
         bundle = resolve_bundle(_cache(cache_dir), None, None)
     except RunnerError as err:
-        click.echo(f"runner: error: {err}", err=True)
-        sys.exit(2)
+        fail(err)
     click.echo(bundle.describe())
     for module in bundle.modules:
         click.echo(f"  module {module}")
@@ -224,14 +220,12 @@ def drain(name: str | None, wait: bool, timeout: int, why: str) -> None:
     try:
         marker = make_marker(directory, name, why)
     except (RunnerError, OSError) as err:
-        click.echo(f"runner: error: cannot drain: {err}", err=True)
-        sys.exit(2)
+        fail(f"cannot drain: {err}")
     click.echo(f"drained: {marker}")
     if wait:
         problem = wait_until_idle(directory, timeout, say=lambda text: click.echo(text, err=True))
         if problem:
-            click.echo(f"runner: error: {problem}", err=True)
-            sys.exit(1)
+            fail(problem, 1)
         click.echo("no job runs on this host")
 
 
@@ -247,8 +241,7 @@ def undrain(name: str | None, every: bool) -> None:
     try:
         removed = remove_marker(directory, name, every=every)
     except (RunnerError, OSError) as err:
-        click.echo(f"runner: error: cannot undrain: {err}", err=True)
-        sys.exit(2)
+        fail(f"cannot undrain: {err}")
     left = markers(directory)
     click.echo(f"removed: {', '.join(n or 'maintenance' for n in removed) or 'nothing'}")
     if left:

@@ -6,13 +6,12 @@ from typing import Any
 
 import click
 
+from bencher_runner.cli.common import CONTEXT, fail
 from bencher_runner.cli.host_options import host_options, host_settings_from, vm_sandbox_option
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 from bencher_runner.cli.types import SafePath
 from bencher_runner.paths import cache_dir as cache_dir_for
 from bencher_runner.spec.errors import RunnerError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 @click.command(context_settings=CONTEXT)
@@ -36,8 +35,7 @@ def noise(
     try:
         host = host_settings_from(flags, backend=sandbox, allow_no_sandbox=False)
     except RunnerError as err:
-        click.echo(f"runner: error: {err}", err=True)
-        sys.exit(2)
+        fail(err)
     tuning = tuning_options_from(flags)
     cache = cache_dir_for(cache_dir)
     sys.exit(noise_command(runs=runs, as_json=as_json, cpu=cpu, cache=cache, tuning=tuning, host=host))

@@ -3,10 +3,11 @@
 
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
+from bencher_runner.cli.common import CONTEXT, fail
 from bencher_runner.cli.host_options import given_on_command_line, host_options, host_settings_from
 from bencher_runner.cli.tuning_options import tuning_options, tuning_options_from
 from bencher_runner.cli.types import SafePath, Text
@@ -23,15 +24,7 @@ from bencher_runner.spec.config import (
 )
 from bencher_runner.spec.errors import RunnerError
 
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-EXIT_USAGE = 2
 SECRET = Text(empty=False, spaces=False, controls=False, secret=True)
-
-
-def fail(err: RunnerError) -> NoReturn:
-    """A value the job cannot run with: one line, exit 2."""
-    click.echo(f"runner: error: {err}", err=True)
-    sys.exit(EXIT_USAGE)
 
 
 def _parse_env(values: tuple[str, ...]) -> dict[str, str]:
