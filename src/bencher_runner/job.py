@@ -41,7 +41,7 @@ from bencher_runner.sandbox.backend import Iteration, IterationStopped, JobConte
 from bencher_runner.sandbox.choose import make_sandbox
 from bencher_runner.spec.bmf import metric_report
 from bencher_runner.spec.config import RunConfig
-from bencher_runner.spec.errors import CanceledError, JobTimeoutError, RunnerError, SpecError
+from bencher_runner.spec.errors import JobTimeoutError, RunnerError, SpecError
 from bencher_runner.spec.launch import Launch, resolve_command, resolve_launch
 from bencher_runner.spec.results import IterationOutput, RunResult, SandboxInfo
 from bencher_runner.spec.units import MIB
@@ -120,10 +120,6 @@ class Job:
         finally:
             pin_process(os.getpid(), original)
 
-    def _check_cancel(self, during: str) -> None:
-        if self.cancel.is_set():
-            raise CanceledError(f"the job was canceled {during}")
-
     def _timed_out(self, what: str) -> JobTimeoutError:
         return JobTimeoutError(
             f"the job timed out after {self.config.job.timeout_s} s (the timeout covers the whole job: "
@@ -133,7 +129,7 @@ class Job:
 
     def _check_deadline(self, during: str) -> None:
         """A phase between the job's start and its iterations may not end past the deadline."""
-        self._check_cancel(during)
+        self.ctx.check_cancel(during)
         if time.monotonic() >= self.deadline:
             raise self._timed_out(during)
 

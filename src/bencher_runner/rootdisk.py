@@ -41,7 +41,7 @@ from bencher_runner.rootfs import (
     template_key,
 )
 from bencher_runner.sandbox.backend import JobContext
-from bencher_runner.spec.errors import CanceledError, ImageError
+from bencher_runner.spec.errors import ImageError
 from bencher_runner.spec.units import MIB
 from bencher_runner.staging import memory_allowance, memory_tree, out_of_space, remove_memory_tree
 
@@ -56,10 +56,6 @@ class RootDisks:
         t0 = time.monotonic()
         fn()
         self.ctx.timings[f"{name}_s"] = time.monotonic() - t0
-
-    def _check_cancel(self, during: str) -> None:
-        if self.ctx.cancel.is_set():
-            raise CanceledError(f"the job was canceled {during}")
 
     def template(self, work: Path, image: LocalImage) -> Template:
         """The image's root disk template: cached, else built (and cached)."""
@@ -130,7 +126,7 @@ class RootDisks:
             budget = self._budget(None)
             stats = unpack_layers(layers, tree, budget=budget, total=len(layers))
         self.ctx.timings["unpack_s"] = time.monotonic() - t0
-        self._check_cancel("while its image was unpacked")
+        self.ctx.check_cancel("while its image was unpacked")
         return tree, budget, stats
 
     def _warn_devices(self, devices: Sequence[str]) -> None:
@@ -310,7 +306,7 @@ class RootDisks:
             working_dir=image.config.config.working_dir or "/",
         )
         self.ctx.timings["incremental_s"] = time.monotonic() - t0
-        self._check_cancel("while its image was unpacked")
+        self.ctx.check_cancel("while its image was unpacked")
         self._warn_devices([*base.skipped_devices, *applied.stats.skipped_devices])
         template = templates.put(key, built, applied.passwd, applied.group)
         if applied.pristine:

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 from bencher_runner.host.cpus import CpuLayout
 from bencher_runner.spec.config import RunConfig
-from bencher_runner.spec.errors import RunnerError
+from bencher_runner.spec.errors import CanceledError, RunnerError
 from bencher_runner.spec.launch import Launch
 from bencher_runner.spec.results import IterationOutput, SandboxInfo
 
@@ -43,6 +43,10 @@ class JobContext:
     metadata: dict[str, object] = field(default_factory=dict)  # the result's "host": tuning, CPUs, root disk
     interference: list[dict[str, Any] | None] = field(default_factory=list)  # host/interference.py, per run
     fingerprint: dict[str, Any] | None = None  # host/fingerprint.py, once per job
+
+    def check_cancel(self, during: str) -> None:
+        if self.cancel.is_set():
+            raise CanceledError(f"the job was canceled {during}")
 
     def add_time(self, name: str, seconds: float) -> None:
         """Sum a phase over iterations."""
