@@ -8,9 +8,11 @@ quoted as ratios against a reference measured alongside, as shared/design/BENCHM
 1. cold image prep: what a cold ``runner run`` job does before boot with an empty blob cache and no
    root-disk template (pull from a loopback docker-registry, unpack, ``mkfs.ext4 -d`` of a 1024 MiB
    disk, the job's disk copy), against ``skopeo copy`` + ``umoci unpack`` + ``mkfs.ext4 -d`` on a
-   1024 MiB file. Goal <= 0.8. Each phase of both is reported.
-2. warm image prep (blobs and template cached: manifest read from the cache, template lookup, disk
-   copy) against the cold prep. Goal <= 0.05. Ours names the image by digest, as Bencher jobs do.
+   1024 MiB file. Goal <= 0.40. Each phase of both is reported.
+2. warm image prep (blobs and template cached: manifest read from the cache, template lookup, the
+   iteration's disk) against the cold prep, with the spare disk the daemon copied while idle (goal
+   <= 0.01) and with a copy of the template instead (a job's later iterations, or no idle time).
+   Ours names the image by digest, as Bencher jobs do.
 3. incremental image prep (issue #16): a second image, the realistic one plus a layer adding
    1 MiB, prepared on the cache the cold run left (its lower layer's root disk cached: pull of the
    manifest and the new layer, a copy of the cached disk with the new layer applied, the job's disk
@@ -60,12 +62,13 @@ from bencher_runner.job import Job
 from bencher_runner.oci.blobcache import image_cache_dir
 from bencher_runner.oci.source import open_image
 from bencher_runner.rootfs import TemplateCache, copy_disk, template_key
+from bencher_runner.sparedisk import SpareDisks
 from bencher_runner.spec.config import make_run_config
 
 DISK_MIB = 1024
 MKFS_REFERENCE = ["mkfs.ext4", "-F", "-m", "0", "-E", "nodiscard,lazy_itable_init=0,lazy_journal_init=0"]
-GOAL_COLD = 0.8
-GOAL_WARM = 0.05
+GOAL_COLD = 0.40
+GOAL_WARM = 0.01
 GOAL_INCREMENTAL = 0.15
 NEW_LAYER_MIB = 1
 GOAL_RSS_MIB = 120
@@ -150,19 +153,33 @@ def plus_layer_layout(realistic: Path, dest: Path) -> Path:
     return dest
 
 
-def ours_warm(ref: str, cache: Path, work: Path) -> Phases:
-    """A second job on the same image and disk size: manifest check (blobs cached), template, copy."""
+def ours_warm(ref: str, cache: Path, work: Path, *, spare: bool) -> Phases:
+    """A second job on the same image and disk size: manifest check (blobs cached), template, and the
+    iteration's disk: with ``spare``, the one the daemon copied while idle after the previous job
+    (sparedisk.py; that copy is not timed: no job waits for it), else a copy of the template (what an
+    iteration without a spare, e.g. a job's second one, does)."""
+    templates = TemplateCache(cache)
+    spares = SpareDisks(cache)
+    if spare:  # the daemon's idle time after the cold job
+        image = open_image(ref, cache_dir=image_cache_dir(cache), insecure=True)
+        known = templates.get(template_key(image.manifest_digest, DISK_MIB))
+        assert known is not None, "the template must be cached by the cold run"
+        spares.want(known, 1)
+        assert spares.refill() == 1
     watch = Stopwatch()
     mark = watch.mark
     image = open_image(ref, cache_dir=image_cache_dir(cache), insecure=True)
     mark("pull")
-    template = TemplateCache(cache).get(template_key(image.manifest_digest, DISK_MIB))
+    template = templates.get(template_key(image.manifest_digest, DISK_MIB))
     assert template is not None, "the template must be cached by the cold run"
     mark("template")
-    disk = work / "iter-warm" / "rootfs.ext4"
+    disk = work / f"iter-warm-{'spare' if spare else 'copy'}" / "rootfs.ext4"
     disk.parent.mkdir()
-    copy_disk(template.disk, disk)
-    mark("copy")
+    if spare:
+        assert spares.take(template.key, disk), "the spare disk must be there"
+    else:
+        copy_disk(template.disk, disk)
+    mark("spare" if spare else "copy")
     disk.unlink()
     return watch.done()
 
@@ -280,7 +297,7 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
             ref2 = f"http://{reg.host}/proj@{digest2}"
             gz_bytes, _ = layer_sizes(realistic)
 
-            cold, warm, refs, incremental, cold2 = [], [], [], [], []
+            cold, warm, warm_copy, refs, incremental, cold2 = [], [], [], [], [], []
             for i in range(repeat):
                 work = _scratch(tmp, "reference")
                 os.sync()  # both start with no dirty pages of the other's run to write back
@@ -289,7 +306,8 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
                 cache, work = _scratch(tmp, "cache"), _scratch(tmp, "work")
                 os.sync()
                 cold.append(ours_cold(ref, cache, work))
-                warm.append(ours_warm(ref, cache, work))
+                warm_copy.append(ours_warm(ref, cache, work, spare=False))
+                warm.append(ours_warm(ref, cache, work, spare=True))
                 work = _scratch(tmp, "work")
                 os.sync()
                 incremental.append(ours_cold(ref2, cache, work, built="incremental"))  # v1's disk cached
@@ -299,7 +317,7 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
                 print(
                     f"  run {i + 1}/{repeat}: reference {refs[-1]['total']:.2f} s ({_fmt(refs[-1])}); "
                     f"ours cold {cold[-1]['total']:.2f} s ({_fmt(cold[-1])}); "
-                    f"warm {warm[-1]['total']:.3f} s; "
+                    f"warm {warm[-1]['total']:.3f} s (with a copy {warm_copy[-1]['total']:.3f} s); "
                     f"+{NEW_LAYER_MIB} MiB layer: incremental {incremental[-1]['total']:.3f} s "
                     f"({_fmt(incremental[-1])}), cold {cold2[-1]['total']:.2f} s",
                     flush=True,
@@ -322,9 +340,9 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
                     rss[mode].append(rss_of(mode, f"http://{reg.host}/big:latest", work))
                     shutil.rmtree(work)
 
-    ref_m, cold_m, warm_m = _median(refs), _median(cold), _median(warm)
+    ref_m, cold_m, warm_m, warm_copy_m = _median(refs), _median(cold), _median(warm), _median(warm_copy)
     incr_m, cold2_m = _median(incremental), _median(cold2)
-    named = (("reference", ref_m), ("cold", cold_m), ("warm", warm_m))
+    named = (("reference", ref_m), ("cold", cold_m), ("warm", warm_m), ("warm_copy", warm_copy_m))
     for name, phases in (*named, ("incremental", incr_m), ("cold_plus_layer", cold2_m)):
         for k, v in phases.items():
             results[f"prep_{name}_{k}_s"] = v
@@ -340,8 +358,8 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
     results["prep_warm_over_cold"] = statistics.median(
         w["total"] / c["total"] for w, c in zip(warm, cold, strict=True)
     )
-    results["prep_warm_template_copy_over_cold"] = statistics.median(
-        (w["template"] + w["copy"]) / c["total"] for w, c in zip(warm, cold, strict=True)
+    results["prep_warm_copy_over_cold"] = statistics.median(
+        w["total"] / c["total"] for w, c in zip(warm_copy, cold, strict=True)
     )
     for mode, runs in rss.items():
         key = mode.replace("+", "_")
@@ -361,10 +379,12 @@ def run(repeat: int = 3, profile: Path | None = None) -> dict[str, float]:
     print(f"  reference: {_fmt(ref_m)} s")
     print(
         f"warm image prep: {warm_m['total'] * 1000:.0f} ms / cold {cold_m['total'] * 1000:.0f} ms = "
-        f"{results['prep_warm_over_cold']:.3f} (goal <= {GOAL_WARM}); template lookup + copy only: "
-        f"{results['prep_warm_template_copy_over_cold']:.3f}"
+        f"{results['prep_warm_over_cold']:.3f} (goal <= {GOAL_WARM}), with the spare disk copied while "
+        f"idle; with a copy of the template instead: {warm_copy_m['total'] * 1000:.0f} ms = "
+        f"{results['prep_warm_copy_over_cold']:.3f}"
     )
-    print(f"  warm: {', '.join(f'{k} {v * 1000:.0f} ms' for k, v in warm_m.items() if k != 'total')}")
+    for label, phases in (("warm", warm_m), ("with a copy", warm_copy_m)):
+        print(f"  {label}: {', '.join(f'{k} {v * 1000:.1f} ms' for k, v in phases.items() if k != 'total')}")
     print(
         f"incremental image prep (+{NEW_LAYER_MIB} MiB layer on the cached realistic image): "
         f"{incr_m['total'] * 1000:.0f} ms / cold prep of that image {cold2_m['total'] * 1000:.0f} ms = "

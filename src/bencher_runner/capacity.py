@@ -4,7 +4,8 @@ A job asking for more than the host has used to fail late and leave debris: `--d
 33.8 GB template before its copy failed, `--memory 999999999` was refused by QEMU only after unpack
 and mkfs. So before anything is written: the guest's memory against the host's RAM, the root and
 output disks against the free space of the filesystem that holds the work directory (with ext4's
-metadata and a margin), and the work path against what QEMU's -drive syntax can take.
+metadata and a margin; spare disks count as free), and the work path against what QEMU's -drive
+syntax can take.
 """
 
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 from bencher_runner.paths import work_root
 from bencher_runner.rootfs import free_bytes
 from bencher_runner.sandbox.outputdisk import output_disk_size
+from bencher_runner.sparedisk import SpareDisks
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import RootfsError, SpecError
 from bencher_runner.spec.units import MIB
@@ -43,6 +45,9 @@ def check_host_capacity(config: RunConfig, cache: Path, *, meminfo: Path = MEMIN
     output = output_disk_size(len(config.job.output_paths), config.host.max_output_bytes)
     need = disk + disk // METADATA_FRACTION + output + DISK_MARGIN
     free, where = free_bytes(work)
+    spares = SpareDisks(cache)
+    if free is not None and free_bytes(spares.root)[1] == where:
+        free += spares.allocated_bytes()  # spare disks are this job's, or dropped before it needs room
     if free is not None and need > free:
         raise RootfsError(
             f"the job needs about {need // MIB} MiB free on the filesystem of {work} (a "

@@ -39,6 +39,7 @@ from bencher_runner.rootdisk import RootDisks
 from bencher_runner.rootfs import copy_disk
 from bencher_runner.sandbox.backend import Iteration, IterationStopped, JobContext, RootKind, Sandbox, Session
 from bencher_runner.sandbox.choose import make_sandbox
+from bencher_runner.sparedisk import SpareDisks
 from bencher_runner.spec.bmf import metric_report
 from bencher_runner.spec.config import RunConfig
 from bencher_runner.spec.errors import JobTimeoutError, RunnerError, SpecError
@@ -72,6 +73,7 @@ class Job:
         self.cancel = cancel or threading.Event()
         self.ctx = JobContext(config, cache, self.cancel, warn=self.reporter.warn, phase=self.reporter.phase)
         self.disks = RootDisks(self.ctx)
+        self.spares = SpareDisks(cache)
         self.make_sandbox = sandbox
         self.results: list[IterationOutput] = []
         self.info: SandboxInfo | None = None
@@ -194,9 +196,12 @@ class Job:
 
     def _run_in(self, work: Path, image: LocalImage, sandbox: Sandbox) -> RunnerError | None:
         t0 = time.monotonic()
+        spare_key = None
         if sandbox.root_kind == "disk":
             template = self.disks.template(work, image)
-            root, passwd, group = template.disk, template.passwd, template.group
+            root, passwd, group, spare_key = template.disk, template.passwd, template.group, template.key
+            self.spares.keep_only(template.key)  # another image's spares: dropped before we need space
+            self.spares.want(template, self.config.job.iterations)
             self.ctx.timings["rootfs_s"] = time.monotonic() - t0
             self._check_deadline("while its root disk was prepared")
         else:
@@ -204,9 +209,11 @@ class Job:
             self._check_deadline("while its image was unpacked")
         launch = self._launch(image, passwd, group)
         with sandbox.session(work, launch) as session:
-            return self._iterations(work, root, sandbox.root_kind, session)
+            return self._iterations(work, root, sandbox.root_kind, session, spare_key)
 
-    def _iterations(self, work: Path, root: Path, kind: RootKind, session: Session) -> RunnerError | None:
+    def _iterations(
+        self, work: Path, root: Path, kind: RootKind, session: Session, spare_key: str | None
+    ) -> RunnerError | None:
         """The one iteration loop: each runs on its own copy of the root; the job stops at the first
         failure (a non-zero exit unless allowed, a timeout, a cancel, a sandbox error)."""
         job = self.config.job
@@ -215,7 +222,7 @@ class Job:
             self._check_deadline(f"before {label} started")
             it_dir = work / f"iter-{index + 1}"
             last = index == job.iterations - 1
-            with self._iteration_root(root, kind, it_dir, last=last) as it_root:
+            with self._iteration_root(root, kind, it_dir, last=last, spare_key=spare_key) as it_root:
                 try:
                     run = session.run(Iteration(index, label, it_dir, it_root, self.deadline))
                 except IterationStopped as stop:
@@ -233,10 +240,13 @@ class Job:
         return None
 
     @contextlib.contextmanager
-    def _iteration_root(self, root: Path, kind: RootKind, it_dir: Path, *, last: bool) -> Iterator[Path]:
+    def _iteration_root(
+        self, root: Path, kind: RootKind, it_dir: Path, *, last: bool, spare_key: str | None
+    ) -> Iterator[Path]:
         """The iteration's own root: a copy of the template disk (the cached one stays read-only; the
-        copy, fully allocated, is freed as soon as the iteration ends), or of the unpacked tree (the
-        last iteration takes the tree itself), which is the iteration's directory."""
+        copy, fully allocated, is freed as soon as the iteration ends; a spare copied while the runner
+        was idle, sparedisk.py, when there is one), or of the unpacked tree (the last iteration takes
+        the tree itself), which is the iteration's directory."""
         if kind == "tree":
             if last:
                 root.rename(it_dir)
@@ -247,7 +257,12 @@ class Job:
         it_dir.mkdir()
         disk = it_dir / "rootfs.ext4"
         t0 = time.monotonic()
-        copy_disk(root, disk)
+        if spare_key is not None and self.spares.take(spare_key, disk):
+            root_disk = self.ctx.metadata.setdefault("root_disk", {})
+            assert isinstance(root_disk, dict)
+            root_disk["spare_disks_taken"] = int(root_disk.get("spare_disks_taken", 0)) + 1
+        else:
+            copy_disk(root, disk)
         self.ctx.add_time("disk_copy_s", time.monotonic() - t0)
         try:
             yield disk

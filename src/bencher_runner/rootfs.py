@@ -312,6 +312,7 @@ class Template:
     disk: Path
     passwd: str | None  # the image's /etc/passwd and /etc/group, for resolving its User at job time
     group: str | None
+    key: str  # template_key(): the image and the disk size it was built for
 
 
 def template_key(manifest_digest: str, disk_mib: int) -> str:
@@ -330,7 +331,7 @@ class TemplateCache:
             os.utime(disk)  # LRU: last use
         except (OSError, ValueError):
             return None
-        return Template(disk, doc.get("passwd"), doc.get("group"))
+        return Template(disk, doc.get("passwd"), doc.get("group"), key)
 
     def put(self, key: str, built: Path, passwd: str | None, group: str | None) -> Template:
         """Move a freshly built (sparse, unallocated) disk into the cache, atomically; on failure
@@ -348,7 +349,7 @@ class TemplateCache:
                 disk.unlink(missing_ok=True)
             raise
         self.prune()
-        return Template(disk, passwd, group)
+        return Template(disk, passwd, group, key)
 
     def prune(self, keep: int = MAX_TEMPLATES) -> None:
         disks = sorted(self.root.glob("*.ext4"), key=lambda p: p.stat().st_mtime, reverse=True)

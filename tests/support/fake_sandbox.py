@@ -6,6 +6,7 @@ handed and that root's size, the deadline, the launch) so tests can check the or
 """
 
 import contextlib
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ class Record:
     sessions_closed: int = 0
     launch: Launch | None = None
     roots: list[tuple[Path, int]] = field(default_factory=list)  # (path, size or -1 for a tree)
+    root_disks: list[tuple[str, int]] = field(default_factory=list)  # a disk's (sha256, allocated bytes)
     deadlines: list[float] = field(default_factory=list)
     iterations: list[Iteration] = field(default_factory=list)
 
@@ -73,6 +75,9 @@ class FakeSession:
         record.iterations.append(it)
         record.deadlines.append(it.deadline)
         record.roots.append((it.root, it.root.stat().st_size if it.root.is_file() else -1))
+        if it.root.is_file():
+            digest = hashlib.sha256(it.root.read_bytes()).hexdigest()
+            record.root_disks.append((digest, it.root.stat().st_blocks * 512))
         step = self.sandbox.script[it.index]
         kind, _, arg = step.partition(":")
         partial = IterationOutput(124, b"partial out", b"partial err")

@@ -15,6 +15,7 @@ from bencher_runner.fakeserver import default_config, default_spec
 from bencher_runner.job import run_job
 from bencher_runner.rootfs import free_bytes, mount_point
 from bencher_runner.sandbox.outputdisk import MAX_OUTPUT_LIMIT, output_disk_size
+from bencher_runner.sparedisk import SpareDisks
 from bencher_runner.spec.config import DEFAULT_MAX_DISK_MIB, HostSettings, RunConfig, make_run_config
 from bencher_runner.spec.errors import RootfsError, SpecError
 from bencher_runner.spec.jobspec import build_config_from_job, parse_job
@@ -57,6 +58,19 @@ def test_the_disks_must_fit_in_the_free_space(tmp_path: Path, free_space: Any) -
     assert "4096 MiB root disk" in text and f"{need(cfg) // MIB} MiB free" in text
     assert str(tmp_path / "work") in text and "--disk" in text and "--cache-dir" in text
     assert "\n" not in text
+
+
+def test_spare_disks_count_as_free_space(tmp_path: Path, free_space: Any) -> None:
+    cfg = config(disk_mib=64)
+    spare = SpareDisks(tmp_path).root / "sha256-aa-64M-v1.x.ext4"
+    spare.parent.mkdir(parents=True)
+    with spare.open("wb") as f:
+        os.posix_fallocate(f.fileno(), 0, 64 * MIB)  # what a refill leaves: fully allocated
+    free_space(need(cfg) - 32 * MIB)
+    check_host_capacity(cfg, tmp_path)  # the spare is this job's, or dropped before it needs room
+    spare.unlink()
+    with pytest.raises(RootfsError):
+        check_host_capacity(cfg, tmp_path)
 
 
 def test_the_output_disk_counts_too(tmp_path: Path, free_space: Any) -> None:

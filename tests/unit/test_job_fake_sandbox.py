@@ -14,6 +14,7 @@ import pytest
 from bencher_runner.job import run_job
 from bencher_runner.paths import work_root
 from bencher_runner.sandbox.backend import JobContext
+from bencher_runner.sparedisk import SpareDisks
 from bencher_runner.spec.config import make_run_config
 from bencher_runner.spec.results import RunResult
 from tests.support.fake_sandbox import FakeSandbox, Record
@@ -38,7 +39,8 @@ def run(image: str, cache: Path, script: list[str], **fields: Any) -> tuple[RunR
     kind = fields.pop("root_kind", "disk")
     prepare_error = fields.pop("prepare_error", None)
     fields.setdefault("iterations", len(script))
-    config = make_run_config(image=image, disk_mib=DISK_MIB, **fields)
+    fields.setdefault("disk_mib", DISK_MIB)
+    config = make_run_config(image=image, **fields)
 
     def sandbox(ctx: JobContext) -> FakeSandbox:
         return FakeSandbox(ctx, script, record, root_kind=kind, prepare_error=prepare_error)
@@ -158,3 +160,23 @@ def test_a_full_work_filesystem_is_one_line(
     assert result.error == "the job failed on this host: OSError: [Errno 28] No space left on device"
     assert record.sessions_closed == 1
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_spare_disk_made_while_idle_is_taken_instead_of_a_copy(image: str, tmp_path: Path) -> None:
+    first, record = run(image, tmp_path, ["ok", "ok"])
+    assert first.metadata["root_disk"] == {"built": "full", "layers": 1}  # no spare was made yet
+    copied = record.root_disks[0]
+    assert SpareDisks(tmp_path).refill() == 2  # the daemon's idle time: as many as the job had iterations
+    second, record = run(image, tmp_path, ["ok", "ok", "ok"])
+    assert second.metadata["root_disk"] == {"built": "template", "spare_disks_taken": 2}
+    assert record.root_disks == [copied] * 3  # the same bytes, fully allocated, whichever way it came
+    assert SpareDisks(tmp_path).count(None) == 0
+
+
+def test_a_job_on_another_image_drops_the_spares_first(image: str, tmp_path: Path) -> None:
+    run(image, tmp_path, ["ok"])
+    spares = SpareDisks(tmp_path)
+    spares.refill()
+    result, _ = run(image, tmp_path, ["ok"], disk_mib=DISK_MIB * 2)  # another template: another key
+    assert result.status == "completed" and result.metadata["root_disk"] == {"built": "full", "layers": 1}
+    assert spares.count(None) == 0

@@ -117,7 +117,7 @@ def kernel_show(cache_dir: Path | None) -> None:
 
 @main.group(context_settings=CONTEXT)
 def cache() -> None:
-    """Inspect and prune the image blob cache and the cached root disks of layer chains."""
+    """Inspect and prune the image blob cache, the cached root disks of layer chains and spare disks."""
 
 
 @cache.command("ls", context_settings=CONTEXT)
@@ -129,9 +129,11 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
 
     from bencher_runner.layercache import ChainCache
     from bencher_runner.oci.blobcache import image_cache_dir, list_cache
+    from bencher_runner.sparedisk import SpareDisks
 
     entries = list_cache(image_cache_dir(_cache(cache_dir)))
     chains = ChainCache(_cache(cache_dir)).entries()
+    spares = SpareDisks(_cache(cache_dir))
     if as_json:
         doc = [
             {"kind": "blob", "digest": e.digest, "size": e.size, "last_used": e.last_used.isoformat()}
@@ -148,6 +150,8 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
             }
             for c in chains
         ]
+        if spares.count(None):
+            doc.append({"kind": "spare-disks", "count": spares.count(None), "size": spares.allocated_bytes()})
         click.echo(json.dumps(doc))
         return
     for e in entries:
@@ -161,6 +165,7 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
     click.echo(
         f"{len(chains)} cached root disks of layer chains, {sum(c.allocated for c in chains) / 2**20:.1f} MiB"
     )
+    click.echo(f"{spares.count(None)} spare root disks, {spares.allocated_bytes() / 2**20:.1f} MiB")
 
 
 @cache.command("prune", context_settings=CONTEXT)
@@ -180,6 +185,7 @@ def cache_prune(
     """Remove cached blobs and root disks of layer chains, least recently used first."""
     from bencher_runner.layercache import MAX_CHAIN_BYTES, ChainCache
     from bencher_runner.oci.blobcache import image_cache_dir, prune_cache
+    from bencher_runner.sparedisk import SpareDisks
 
     if prune_all == (max_size is not None):
         raise click.UsageError("give exactly one of --max-size MiB or --all")
@@ -199,6 +205,10 @@ def cache_prune(
         f"removed {len(pruned.removed)} layer-chain disks ({pruned.freed_bytes / 2**20:.1f} MiB); "
         f"kept {pruned.kept_count} ({pruned.kept_bytes / 2**20:.1f} MiB)"
     )
+    spares = SpareDisks(_cache(cache_dir))  # copies made while idle: always safe to drop
+    count, size = spares.count(None), spares.allocated_bytes()
+    spares.drop()
+    click.echo(f"removed {count} spare root disks ({size / 2**20:.1f} MiB)")
 
 
 @main.command(context_settings=CONTEXT)

@@ -150,17 +150,29 @@ class DaemonSettings:
 
 
 def default_executor(cache: Path, tuning: TuningOptions | None = None) -> Executor:
-    """The real executor: `job.run_job` with the cache dir (imported lazily: it pulls in the VM stack)."""
+    """The real executor: `job.run_job` with the cache dir (imported lazily: it pulls in the VM stack).
+
+    Between jobs it copies spare root disks of the last job's template (sparedisk.py) under the host's
+    job lock; the next job stops that refill before it starts."""
+    from bencher_runner.sparedisk import RefillThread
+
+    def idle_lock(stop: threading.Event) -> contextlib.AbstractContextManager[None]:
+        return host_job_lock(wait=True, on_wait=log.debug, warn=log.debug, cancel=stop)
+
+    refill = RefillThread(cache, idle_lock)
 
     def run(config: RunConfig, cancel: threading.Event) -> RunResult:
         from bencher_runner.job import LogReporter, run_job
 
+        refill.stop()  # returns once no copy runs: none runs beside this job
         reporter = LogReporter()
         try:  # one job at a time on the host: a local `runner run` finishes first
             with host_job_lock(wait=True, on_wait=reporter.phase, warn=reporter.warn, cancel=cancel):
                 return run_job(config, cache=cache, cancel=cancel, tuning=tuning, reporter=reporter)
         except HostBusyError as err:
             return _crash_result(err)
+        finally:
+            refill.start()  # the lock is released: it copies while the result goes out and after
 
     return run
 

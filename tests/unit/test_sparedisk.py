@@ -1,0 +1,132 @@
+"""Spare root disks (sparedisk.py): copied from the last job's template while idle, taken by rename."""
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bencher_runner import sparedisk
+from bencher_runner.rootfs import Template
+from bencher_runner.sparedisk import RefillThread, SpareDisks
+from bencher_runner.spec.units import MIB
+
+
+def template(tmp_path: Path, key: str = "sha256-aa-8M-v1", mib: int = 8) -> Template:
+    """A sparse 'template': a few data extents with holes between them."""
+    disk = tmp_path / f"{key}.ext4"
+    with disk.open("wb") as f:
+        f.truncate(mib * MIB)
+        for at in (0, 3 * MIB, mib * MIB - 4096):
+            f.seek(at)
+            f.write(hashlib.sha256(str(at).encode()).digest() * 128)
+    return Template(disk, None, None, key)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_refill_makes_the_wanted_count_of_fully_allocated_copies(tmp_path: Path) -> None:
+    spares, t = SpareDisks(tmp_path / "cache"), template(tmp_path)
+    spares.want(t, 3)
+    assert spares.refill() == 3 and spares.count(t.key) == 3
+    assert spares.refill() == 0  # already there
+    for spare in spares.root.glob("*.ext4"):
+        assert digest(spare) == digest(t.disk)
+        assert spare.stat().st_blocks * 512 >= 8 * MIB  # allocated: the guest cannot over-commit the host
+    assert spares.allocated_bytes() >= 3 * 8 * MIB
+
+
+def test_taking_moves_a_spare_once(tmp_path: Path) -> None:
+    spares, t = SpareDisks(tmp_path / "cache"), template(tmp_path)
+    spares.want(t, 1)
+    spares.refill()
+    first, second = tmp_path / "a.ext4", tmp_path / "b.ext4"
+    assert spares.take(t.key, first) and digest(first) == digest(t.disk)
+    assert not spares.take(t.key, second) and not second.exists()
+    assert not spares.take("sha256-other-8M-v1", second)
+
+
+def test_a_job_on_another_image_drops_the_spares(tmp_path: Path) -> None:
+    spares, a, b = SpareDisks(tmp_path / "cache"), template(tmp_path), template(tmp_path, "sha256-bb-8M-v1")
+    spares.want(a, 2)
+    spares.refill()
+    spares.keep_only(b.key)
+    assert spares.count(None) == 0 and spares.allocated_bytes() == 0
+    spares.want(b, 1)  # the refill after that job: b's spares
+    spares.refill()
+    assert spares.count(b.key) == 1
+    spares.want(a, 1)  # a refill for a drops b's first
+    spares.refill()
+    assert spares.count(a.key) == 1 and spares.count(b.key) == 0
+
+
+def test_a_refill_keeps_within_its_bounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spares, t = SpareDisks(tmp_path / "cache"), template(tmp_path)
+    spares.want(t, 10)
+    monkeypatch.setattr(sparedisk, "MAX_SPARE_BYTES", 2 * 8 * MIB + MIB)
+    assert spares.refill() == 2  # a third would pass MAX_SPARE_BYTES
+    spares.drop()
+    monkeypatch.setattr(sparedisk, "MAX_SPARE_BYTES", 1 << 40)
+    free = (
+        sparedisk.KEEP_FREE_BYTES + 8 * MIB
+    )  # room for one spare above the floor; each spare takes its part
+    monkeypatch.setattr(sparedisk, "free_bytes", lambda path: (free - spares.allocated_bytes(), path))
+    assert spares.refill() == 1  # the second would leave less than KEEP_FREE_BYTES free
+    monkeypatch.setattr(sparedisk, "free_bytes", lambda path: (sparedisk.KEEP_FREE_BYTES, path))
+    spares.drop()
+    assert spares.refill() == 0
+
+
+def test_a_killed_refills_partial_copy_is_removed_and_a_missing_template_is_no_error(tmp_path: Path) -> None:
+    spares, t = SpareDisks(tmp_path / "cache"), template(tmp_path)
+    spares.want(t, 1)
+    partial = spares.root / f"{t.key}.dead.tmp"
+    partial.write_bytes(b"half")
+    assert spares.refill() == 1 and not partial.exists() and spares.count(t.key) == 1
+    t.disk.unlink()  # the template was pruned
+    spares.drop()
+    assert spares.refill() == 0 and spares.count(None) == 0
+    (spares.root / sparedisk.WANTED).write_text("{not json")
+    assert spares.wanted() is None and spares.refill() == 0
+
+
+def test_a_refill_stops_between_copies(tmp_path: Path) -> None:
+    spares, t = SpareDisks(tmp_path / "cache"), template(tmp_path)
+    spares.want(t, 5)
+    stop = threading.Event()
+    stop.set()
+    assert spares.refill(stop) == 0
+
+
+def test_the_refill_thread_waits_for_the_host_lock_and_stop_ends_that_wait(tmp_path: Path) -> None:
+    t = template(tmp_path)
+    held = threading.Event()
+    entered = threading.Event()
+
+    @contextmanager
+    def host_lock(stop: threading.Event) -> Iterator[None]:
+        while held.is_set():  # another job holds the host: wait, unless stopped
+            if stop.wait(0.01):
+                raise RuntimeError("stopped while waiting")
+        entered.set()
+        yield
+
+    refill = RefillThread(tmp_path / "cache", host_lock)
+    refill.spares.want(t, 2)
+    held.set()
+    refill.start()
+    time.sleep(0.1)
+    refill.stop()  # returns although the lock never came free
+    assert not entered.is_set() and refill.spares.count(t.key) == 0
+    held.clear()
+    refill.start()
+    deadline = time.monotonic() + 30
+    while refill.spares.count(t.key) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refill.stop()
+    assert entered.is_set() and refill.spares.count(t.key) == 2
