@@ -130,3 +130,32 @@ def test_the_refill_thread_waits_for_the_host_lock_and_stop_ends_that_wait(tmp_p
         time.sleep(0.01)
     refill.stop()
     assert entered.is_set() and refill.spares.count(t.key) == 2
+
+
+def test_the_daemons_executor_refills_between_jobs_and_stops_before_the_next(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bencher_runner import job as job_module
+    from bencher_runner.daemon.driver import default_executor
+    from bencher_runner.spec.config import make_run_config
+    from bencher_runner.spec.results import RunResult
+
+    cache = tmp_path / "cache"
+    t = template(tmp_path)
+    seen: list[tuple[int, bool]] = []
+
+    def fake_run_job(config: object, *, cache: Path, **_: object) -> RunResult:
+        spares = SpareDisks(cache)
+        seen.append((spares.count(t.key), any(spares.root.glob("*.tmp"))))  # no copy runs beside a job
+        spares.want(t, 2)  # what job.py records once the template is known
+        return RunResult(status="completed", results=[], sandbox=None)
+
+    monkeypatch.setattr(job_module, "run_job", fake_run_job)
+    executor = default_executor(cache)
+    config = make_run_config(image="/nonexistent:latest")
+    executor(config, threading.Event())  # nothing wanted yet
+    deadline = time.monotonic() + 30
+    while SpareDisks(cache).count(t.key) < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the refill runs after the job, while the daemon is idle
+    executor(config, threading.Event())
+    assert seen == [(0, False), (2, False)]
