@@ -210,6 +210,26 @@ def test_warm_job_reuses_the_root_disk_template(make_image: Any) -> None:
     assert "building 96 MiB" in other_size.stderr
 
 
+def test_a_spare_disk_made_while_idle_boots_fresh(make_image: Any) -> None:
+    import secrets
+
+    from bencher_runner.paths import cache_dir
+    from bencher_runner.sparedisk import SpareDisks
+
+    unique = Entry("unique", data=secrets.token_bytes(16))  # its own template key: no other test's spares
+    image = make_image({"Env": ["PATH=/bin"]}, ([unique],))
+    script = "ls /marker 2>/dev/null || echo fresh; echo x > /marker"
+    first = runner("--image", image, "--json", "--disk", "128", "--", "/bin/sh", "-c", script)
+    assert first.returncode == 0, first.stderr
+    spares = SpareDisks(cache_dir())
+    assert spares.refill() == 1  # what the daemon does while idle after that job
+    second = runner("--image", image, "--json", "--disk", "128", "--", "/bin/sh", "-c", script)
+    assert second.returncode == 0, second.stderr
+    assert [r["stdout"] for r in first.doc["results"] + second.doc["results"]] == ["fresh\n"] * 2
+    assert second.doc["host"]["root_disk"] == {"built": "template", "spare_disks_taken": 1}
+    assert spares.count(None) == 0
+
+
 def test_runner_affinity_is_restored_after_a_job(plain_image: str) -> None:
     import os
 
