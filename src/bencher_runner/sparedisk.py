@@ -28,6 +28,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bencher_runner.atomicfile import write_atomic
-from bencher_runner.rootfs import Template, copy_disk, free_bytes
+from bencher_runner.rootfs import Template, TemplateCache, copy_disk, free_bytes
 from bencher_runner.spec.errors import RunnerError
 from bencher_runner.spec.units import MIB
 
@@ -45,6 +46,9 @@ MAX_SPARE_BYTES = 8192 * MIB
 KEEP_FREE_BYTES = 4096 * MIB  # left free after a refill: a job of another image, logs, the preflight
 WANTED = "wanted.json"
 LOCK = ".lock"
+
+
+KEY = re.compile(r"[a-z0-9]+-[0-9a-f]{32,128}-[0-9]+M-v[0-9]+")  # rootfs.template_key's shape
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class Wanted:
 class SpareDisks:
     def __init__(self, cache: Path) -> None:
         self.root = cache / "spare-disks"
+        self.templates = TemplateCache(cache)
 
     def _spares(self, key: str | None = None) -> list[Path]:
         pattern = f"{key}.*.ext4" if key else "*.ext4"
@@ -88,7 +93,8 @@ class SpareDisks:
                 spare.unlink(missing_ok=True)
 
     def drop(self) -> None:
-        for spare in self._spares():
+        """Remove every spare, and a copy a refill has under way (that refill then makes no spare)."""
+        for spare in [*self._spares(), *(self.root.glob("*.tmp") if self.root.is_dir() else [])]:
             spare.unlink(missing_ok=True)
 
     def allocated_bytes(self) -> int:
@@ -101,15 +107,19 @@ class SpareDisks:
     def want(self, template: Template, count: int) -> None:
         """Record that the next job would like ``count`` spares of ``template`` (made by ``refill``)."""
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-        doc = {"key": template.key, "disk": str(template.disk), "count": count}
+        doc = {"key": template.key, "count": count}
         write_atomic(self.root / WANTED, json.dumps(doc) + "\n", durable=False)
 
     def wanted(self) -> Wanted | None:
+        """The recorded wish; the template's path is the cache's own for the key, never a stored one."""
         try:
             doc = json.loads((self.root / WANTED).read_text())
-            return Wanted(str(doc["key"]), Path(doc["disk"]), int(doc["count"]))
+            key, count = str(doc["key"]), int(doc["count"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        if not KEY.fullmatch(key):
+            return None
+        return Wanted(key, self.templates.root / f"{key}.ext4", count)
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -146,7 +156,10 @@ class SpareDisks:
                 except (OSError, RunnerError) as err:
                     log.debug("no spare root disk: %s", err)
                     break  # e.g. the template was pruned meanwhile, or no room: no spare, no harm
-                os.rename(tmp, self.root / f"{name}.ext4")
+                try:
+                    os.rename(tmp, self.root / f"{name}.ext4")
+                except FileNotFoundError:  # `runner cache prune` dropped it meanwhile
+                    break
                 made += 1
         return made
 

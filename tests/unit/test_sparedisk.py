@@ -10,14 +10,18 @@ from pathlib import Path
 import pytest
 
 from bencher_runner import sparedisk
-from bencher_runner.rootfs import Template
+from bencher_runner.rootfs import Template, TemplateCache
 from bencher_runner.sparedisk import RefillThread, SpareDisks
 from bencher_runner.spec.units import MIB
 
+A_KEY = "sha256-" + "a" * 64 + "-8M-v1"
+B_KEY = "sha256-" + "b" * 64 + "-8M-v1"
 
-def template(tmp_path: Path, key: str = "sha256-aa-8M-v1", mib: int = 8) -> Template:
-    """A sparse 'template': a few data extents with holes between them."""
-    disk = tmp_path / f"{key}.ext4"
+
+def template(tmp_path: Path, key: str = A_KEY, mib: int = 8) -> Template:
+    """A sparse 'template' in the cache's template dir: a few data extents with holes between them."""
+    disk = TemplateCache(tmp_path / "cache").root / f"{key}.ext4"
+    disk.parent.mkdir(parents=True, exist_ok=True)
     with disk.open("wb") as f:
         f.truncate(mib * MIB)
         for at in (0, 3 * MIB, mib * MIB - 4096):
@@ -48,11 +52,11 @@ def test_taking_moves_a_spare_once(tmp_path: Path) -> None:
     first, second = tmp_path / "a.ext4", tmp_path / "b.ext4"
     assert spares.take(t.key, first) and digest(first) == digest(t.disk)
     assert not spares.take(t.key, second) and not second.exists()
-    assert not spares.take("sha256-other-8M-v1", second)
+    assert not spares.take(B_KEY, second)
 
 
 def test_a_job_on_another_image_drops_the_spares(tmp_path: Path) -> None:
-    spares, a, b = SpareDisks(tmp_path / "cache"), template(tmp_path), template(tmp_path, "sha256-bb-8M-v1")
+    spares, a, b = SpareDisks(tmp_path / "cache"), template(tmp_path), template(tmp_path, B_KEY)
     spares.want(a, 2)
     spares.refill()
     spares.keep_only(b.key)
@@ -93,6 +97,17 @@ def test_a_killed_refills_partial_copy_is_removed_and_a_missing_template_is_no_e
     assert spares.refill() == 0 and spares.count(None) == 0
     (spares.root / sparedisk.WANTED).write_text("{not json")
     assert spares.wanted() is None and spares.refill() == 0
+    (spares.root / sparedisk.WANTED).write_text('{"key": "../../etc/shadow", "count": 1}')
+    assert spares.wanted() is None  # the template is the cache's own file for a well-formed key
+
+
+def test_prune_drops_spares_and_a_copy_under_way(tmp_path: Path) -> None:
+    spares, t = SpareDisks(tmp_path / "cache"), template(tmp_path)
+    spares.want(t, 1)
+    spares.refill()
+    (spares.root / f"{t.key}.busy.tmp").write_bytes(b"half")
+    spares.drop()
+    assert not list(spares.root.glob("*.ext4")) and not list(spares.root.glob("*.tmp"))
 
 
 def test_a_refill_stops_between_copies(tmp_path: Path) -> None:
