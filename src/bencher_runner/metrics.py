@@ -148,17 +148,22 @@ def reconnect() -> None:
         _metrics.reconnects.inc()
 
 
-def _dir_bytes(path: Path) -> int:
+def _dir_bytes(path: Path, *, own_only: bool = False) -> int:
+    """Allocated bytes under ``path``; ``own_only``: not counting hard links (a chain base that is a
+    link to a template is the template's bytes)."""
     total = 0
     for dirpath, _, filenames in os.walk(path):
         for name in filenames:
             with contextlib.suppress(OSError):  # removed while we walk
-                total += os.lstat(os.path.join(dirpath, name)).st_blocks * 512
+                st = os.lstat(os.path.join(dirpath, name))
+                if not (own_only and st.st_nlink > 1):
+                    total += st.st_blocks * 512
     return total
 
 
 class _CacheSize:
-    """Bytes on disk of the blob cache and the root-disk templates, measured when scraped."""
+    """Bytes on disk of the blob cache, the root-disk templates, the layer-chain disks and the spare
+    disks, measured when scraped."""
 
     def __init__(self, cache: Path) -> None:
         self.cache = cache
@@ -166,11 +171,15 @@ class _CacheSize:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
+        from bencher_runner.layercache import chain_cache_dir
         from bencher_runner.oci.blobcache import image_cache_dir
+        from bencher_runner.sparedisk import SpareDisks
 
         family = GaugeMetricFamily(f"{PREFIX}_cache_bytes", "Bytes on disk in each cache.", labels=["cache"])
         family.add_metric(["blob"], _dir_bytes(image_cache_dir(self.cache)))
         family.add_metric(["template"], _dir_bytes(self.cache / "rootfs"))
+        family.add_metric(["chain"], _dir_bytes(chain_cache_dir(self.cache), own_only=True))
+        family.add_metric(["spare"], _dir_bytes(SpareDisks(self.cache).root))
         yield family
 
 
