@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import logging
+import os
 import re
 import socket
 import ssl
@@ -199,6 +201,20 @@ class _Breaker:
         self._closed.set()
 
 
+@functools.lru_cache(maxsize=8)
+def tls_context(verify: bool | str, cert_file: str | None, cert_dir: str | None) -> ssl.SSLContext:
+    """httpx's TLS context for ``verify`` (True: SSL_CERT_FILE, SSL_CERT_DIR or certifi's bundle; a
+    path: that CA file or directory), made once per process: loading a CA bundle takes about 30 ms,
+    which the daemon would otherwise pay at every job's pull (half of a new commit's pull of one small
+    layer). The variables are part of the key, so a change to them is honoured."""
+    del cert_file, cert_dir  # read by create_ssl_context itself
+    if isinstance(verify, str):
+        if os.path.isdir(verify):
+            return ssl.create_default_context(capath=verify)
+        return ssl.create_default_context(cafile=verify)
+    return httpx.create_ssl_context(verify=verify)
+
+
 class RegistryClient:
     """Pulls manifests and blobs of one repository. Thread-safe: layers may be fetched in parallel."""
 
@@ -246,11 +262,13 @@ class RegistryClient:
 
     @property
     def _client(self) -> httpx.Client:
-        """Made on first use: a pull whose blobs are all cached never pays for the TLS context
-        (loading the CA bundle takes about 25 ms, most of a warm job's image step)."""
+        """Made on first use: a pull whose blobs are all cached never pays for the TLS context."""
         with self._client_lock:
             if self._client_ is None:
-                self._client_ = httpx.Client(**self._client_options)
+                options = dict(self._client_options)
+                verify = options.pop("verify")
+                env = os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+                self._client_ = httpx.Client(**options, verify=tls_context(verify, *env))
             return self._client_
 
     def close(self) -> None:
