@@ -4,7 +4,7 @@ import pytest
 
 from bencher_runner.sandbox.accel import choose_accel
 from bencher_runner.sandbox.qemu import qemu_argv
-from bencher_runner.sandbox.vm import VmSpec, guest_cmdline, host_tsc_khz
+from bencher_runner.sandbox.vm import GUEST_CMDLINE, VmSpec, guest_cmdline, host_tsc_khz
 from bencher_runner.spec.errors import SandboxError
 
 
@@ -71,6 +71,14 @@ def test_tcg_gets_the_tsc_frequency_kvm_does_not() -> None:
     assert "tsc_early_khz=2600000" in guest_cmdline("tcg", 2600000)
     assert "tsc_early_khz" not in guest_cmdline("kvm", 2600000)
     assert "tsc_early_khz" not in guest_cmdline("tcg", None)
+
+
+def test_only_the_lean_kernel_under_tcg_skips_the_timer_checks() -> None:
+    line = guest_cmdline("tcg", 2600000, lean=True)
+    assert line.endswith(" tsc_early_khz=2600000 no_timer_check noapictimer")
+    assert "noapictimer" not in guest_cmdline("tcg", 2600000)  # the cloud kernel's line is unchanged
+    assert "noapictimer" not in guest_cmdline("kvm", 2600000, lean=True)  # KVM: TSC deadline, no check
+    assert guest_cmdline("kvm", None, lean=True) == GUEST_CMDLINE
 
 
 def test_network_adds_one_virtio_nic() -> None:

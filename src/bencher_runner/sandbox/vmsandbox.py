@@ -213,7 +213,8 @@ class VmSession:
             vcpus=job.vcpus,
             memory_mib=job.memory_mib,
             accel=accel.accel,
-            cmdline=guest_cmdline(accel.accel, read_host_tsc_khz()),  # Firecracker swaps reboot=t for =k
+            # Firecracker swaps reboot=t for =k; the lean kernel under TCG skips two timer checks
+            cmdline=guest_cmdline(accel.accel, read_host_tsc_khz(), lean=bundle.kind == "lean"),
             network=self.plan if job.network else None,
             acpi=bundle.acpi,  # the lean kernel has none: QEMU names its devices on the command line
         )
