@@ -65,7 +65,8 @@ def hand_qemu(tmp: Path) -> float:
     vmlinux = extract_vmlinux(bundle.kernel, bundle.kernel.parent / "vmlinux")  # what the runner boots
     spec = VmSpec(
         kernel=vmlinux, initrd=initrd, rootfs=rootfs, output_disk=out, serial_log=tmp / "serial.log",
-        vcpus=1, memory_mib=512, accel="tcg", cmdline=guest_cmdline("tcg", read_host_tsc_khz()),
+        vcpus=1, memory_mib=512, accel="tcg",
+        cmdline=guest_cmdline("tcg", read_host_tsc_khz(), lean=bundle.kind == "lean"),  # the runner's line
     )  # fmt: skip
     elapsed = timed(qemu_argv(shutil.which("qemu-system-x86_64") or "qemu-system-x86_64", spec))
     report = read_output_disk(out, max_output=1 << 20, requested=())
