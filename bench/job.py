@@ -67,6 +67,7 @@ def hand_qemu(tmp: Path) -> float:
         kernel=vmlinux, initrd=initrd, rootfs=rootfs, output_disk=out, serial_log=tmp / "serial.log",
         vcpus=1, memory_mib=512, accel="tcg",
         cmdline=guest_cmdline("tcg", read_host_tsc_khz(), lean=bundle.kind == "lean"),  # the runner's line
+        acpi=bundle.acpi,  # the lean kernel has no ACPI: QEMU names its devices on the command line
     )  # fmt: skip
     elapsed = timed(qemu_argv(shutil.which("qemu-system-x86_64") or "qemu-system-x86_64", spec))
     report = read_output_disk(out, max_output=1 << 20, requested=())
