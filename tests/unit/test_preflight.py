@@ -1,6 +1,8 @@
 """HostPreflight: the check before every `ready` that keeps a host from claiming jobs it cannot run."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -104,13 +106,30 @@ def test_a_drained_host_is_paused_not_failing(tmp_path: Path) -> None:
 def test_a_local_job_holding_the_job_lock_pauses(tmp_path: Path) -> None:
     fake_bundle(tmp_path)
     run = tmp_path / "run"
-    with job_lock(run):
+    hold = (
+        "import pathlib, time\nfrom bencher_runner.host.maintenance import job_lock\n"
+        f"with job_lock(pathlib.Path({str(run)!r})):\n    print('held', flush=True)\n    time.sleep(60)"
+    )
+    local = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert local.stdout is not None and local.stdout.readline() == "held\n"
         verdict = HostPreflight(tmp_path, TCG, run_dir=run)()
+    finally:
+        local.kill()
+        local.wait()
     assert verdict.problem is None and verdict.reasons == (
         {"kind": "maintenance", "marker": False, "lock": True},
     )
-    assert f"pid {os.getpid()}" in verdict.pause[0]
+    assert f"pid {local.pid}" in verdict.pause[0]
     assert HostPreflight(tmp_path, TCG, run_dir=run)().pause == ()
+
+
+def test_the_daemons_own_spare_disk_refill_does_not_pause_it(tmp_path: Path) -> None:
+    fake_bundle(tmp_path)
+    run = tmp_path / "run"
+    with job_lock(run):  # held by this process while idle: its refill, which the next job stops
+        verdict = HostPreflight(tmp_path, TCG, run_dir=run)()
+    assert verdict.problem is None and verdict.pause == ()
 
 
 def test_a_health_pause_pauses_and_a_failing_disk_is_logged_once(

@@ -82,6 +82,8 @@ class HostPreflight:
         directory = self.run_dir
         drained = markers(directory)
         holder = job_lock_holder(directory)
+        if holder == f"pid {os.getpid()}":  # idle, this daemon holds it only to copy spare disks
+            holder = None  # (sparedisk.py), which the next job stops before it starts
         pause: list[str] = []
         reasons: list[Message] = []
         if drained:
