@@ -87,10 +87,14 @@ class SpareDisks:
         return False
 
     def keep_only(self, key: str) -> None:
-        """Drop the spares of every other template (before this job needs the space)."""
+        """Drop the spares of every other template (before this job needs the space); one that cannot
+        be removed stays (the capacity check then finds less room, as without spares)."""
         for spare in self._spares():
             if not spare.name.startswith(f"{key}."):
-                spare.unlink(missing_ok=True)
+                try:
+                    spare.unlink(missing_ok=True)
+                except OSError as err:
+                    log.debug("spare root disk %s not removed: %s", spare, err)
 
     def drop(self) -> None:
         """Remove every spare, and a copy a refill has under way (that refill then makes no spare)."""
@@ -105,10 +109,14 @@ class SpareDisks:
         return total
 
     def want(self, template: Template, count: int) -> None:
-        """Record that the next job would like ``count`` spares of ``template`` (made by ``refill``)."""
-        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        """Record that the next job would like ``count`` spares of ``template`` (made by ``refill``).
+        A wish that cannot be written (e.g. a full disk) costs the next job a copy, never this job."""
         doc = {"key": template.key, "count": count}
-        write_atomic(self.root / WANTED, json.dumps(doc) + "\n", durable=False)
+        try:
+            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_atomic(self.root / WANTED, json.dumps(doc) + "\n", durable=False)
+        except OSError as err:
+            log.debug("no spare root disks wanted: %s", err)
 
     def wanted(self) -> Wanted | None:
         """The recorded wish; the template's path is the cache's own for the key, never a stored one."""

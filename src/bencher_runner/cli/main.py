@@ -134,6 +134,7 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
     entries = list_cache(image_cache_dir(_cache(cache_dir)))
     chains = ChainCache(_cache(cache_dir)).entries()
     spares = SpareDisks(_cache(cache_dir))
+    spare_count, spare_bytes = spares.count(None), spares.allocated_bytes()
     if as_json:
         doc = [
             {"kind": "blob", "digest": e.digest, "size": e.size, "last_used": e.last_used.isoformat()}
@@ -150,8 +151,8 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
             }
             for c in chains
         ]
-        if spares.count(None):
-            doc.append({"kind": "spare-disks", "count": spares.count(None), "size": spares.allocated_bytes()})
+        if spare_count:
+            doc.append({"kind": "spare-disks", "count": spare_count, "size": spare_bytes})
         click.echo(json.dumps(doc))
         return
     for e in entries:
@@ -165,7 +166,7 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
     click.echo(
         f"{len(chains)} cached root disks of layer chains, {sum(c.allocated for c in chains) / 2**20:.1f} MiB"
     )
-    click.echo(f"{spares.count(None)} spare root disks, {spares.allocated_bytes() / 2**20:.1f} MiB")
+    click.echo(f"{spare_count} spare root disks, {spare_bytes / 2**20:.1f} MiB")
 
 
 @cache.command("prune", context_settings=CONTEXT)
