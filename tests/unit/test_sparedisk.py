@@ -183,4 +183,4 @@ def test_a_wish_that_cannot_be_written_costs_no_job(tmp_path: Path) -> None:
     spares, t = SpareDisks(cache), template(tmp_path)
     spares.want(t, 1)  # no exception: the next job copies instead
     spares.keep_only(t.key)
-
+    assert spares.wanted() is None
