@@ -54,7 +54,8 @@ async def test_daemon_runs_a_bencher_job_from_a_token_registry(
     tmp_path: Path, registry: Registry, auth_registry: Registry
 ) -> None:
     # pushed to the open registry; auth_registry serves the same storage behind token auth
-    digest = push_benchmark(tmp_path, registry, "echo from the daemon; echo metric >&2")
+    # runs >= 3 s in the guest, so heartbeats flow (1 s apart) however fast the guest kernel boots
+    digest = push_benchmark(tmp_path, registry, "sleep 3; echo from the daemon; echo metric >&2")
     server = FakeBencher(key=KEY, heartbeat_timeout=30.0, grace_period=60.0)
     await server.start()
     executor = default_executor(cache_dir())
